@@ -1,0 +1,1 @@
+"""Model code: silent (logs, never prints) and raising typed errors from ``easyref_cli.errors``."""
