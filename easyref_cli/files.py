@@ -1,0 +1,567 @@
+"""Files in and out: reference groups, image loading, hashing, PNG metadata, the manifest.
+
+Torch-free (DESIGN §4): ``easyref generate --dry-run`` and every validation step import this
+module without paying for torch. Everything here raises typed errors from
+:mod:`easyref_cli.errors` and never prints.
+
+The generation *record* is the dict stored in every PNG (``easyref`` chunk, JSON) and rendered as
+the A1111 ``parameters`` chunk. Its keys (see :func:`easyref_cli.plan.job_record`, which builds
+the planning part; the runner adds the rest):
+
+=================  =====================================================================
+``schema``         record layout version (int)
+``job_id``         stable job hash; ``group``, ``prompt_id``, ``index``, ``output``
+``prompt``         the generation prompt; ``negative_prompt`` (may be ``""``)
+``caption``        text given to the MLLM after the instruction (``""`` for ``ref_text: none``)
+``instruction``    the MLLM instruction
+``seed``, ``steps``, ``guidance``, ``scale``, ``width``, ``height``, ``scheduler``
+``base_model``, ``mllm``, ``adapter``   model ids or local paths; ``adapter_sha256`` (runner)
+``references``     list of ``{"path": str, "sha256": str}`` in encoding order
+``preset``         preset name or path given, or ``None``
+``version``        easyref-cli version; runner adds ``versions``, ``attention``, ``timings``...
+=================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from easyref_cli import __version__
+from easyref_cli.errors import InputError, JobError, UsageError
+
+#: File extensions (lower case) that count as reference images.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+#: The job log inside the output directory (DESIGN §6).
+MANIFEST_NAME = "manifest.jsonl"
+#: PNG text chunk names.
+PARAMETERS_CHUNK = "parameters"
+RECORD_CHUNK = "easyref"
+
+_HASH_BLOCK = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Group:
+    """One set of reference images, encoded together.
+
+    ``images`` are in natural order (the order the MLLM sees them); ``ignored`` lists the entries of
+    the directory that are not used (hidden files, non-images, sub-directories) for ``-v``.
+    """
+
+    name: str
+    path: Path
+    images: tuple[Path, ...]
+    ignored: tuple[Path, ...] = ()
+
+
+def natural_key(s: str) -> tuple:
+    """Sort key that orders embedded numbers by value: ``img2`` < ``img10``.
+
+    Text parts compare case-insensitively; the original string breaks ties (``img01`` vs ``img1``)
+    so the order is total and deterministic.
+    """
+    parts = re.split(r"(\d+)", str(s))
+    key = tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts))
+    return (key, str(s))
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a non-hidden regular file with an image extension (case-insensitive)."""
+    return (
+        not path.name.startswith(".")
+        and path.suffix.lower() in IMAGE_EXTENSIONS
+        and path.is_file()
+    )
+
+
+def _list_dir(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir(), key=lambda p: natural_key(p.name))
+    except OSError as e:
+        raise UsageError(f"cannot read directory {path}: {e.strerror or e}") from None
+
+
+def _scan_group(path: Path, name: str) -> Group | None:
+    """The group held directly in ``path``, or None when it holds no images."""
+    images: list[Path] = []
+    ignored: list[Path] = []
+    for entry in _list_dir(path):
+        (images if is_image_file(entry) else ignored).append(entry)
+    if not images:
+        return None
+    return Group(name=name, path=path, images=tuple(images), ignored=tuple(ignored))
+
+
+def _dir_name(path: Path) -> str:
+    name = path.name
+    if name in ("", ".", ".."):
+        name = path.resolve().name
+    return name
+
+
+def find_groups(paths: Sequence[Path]) -> list[Group]:
+    """Turn GROUPS arguments into reference groups.
+
+    A directory holding images is one group named after the directory (its sub-directories are
+    then ignored). A directory holding no images is a parent: each non-hidden sub-directory that
+    holds images is a group named after the sub-directory; sub-directories without images are
+    skipped (and named in the error when no group at all is found). Groups keep the argument order
+    and are naturally sorted within a parent; images are naturally sorted; hidden entries skipped.
+
+    Raises:
+        UsageError: missing path, not a directory, no images found, or two groups with one name.
+    """
+    groups: list[Group] = []
+    if not paths:
+        raise UsageError("no reference group directories given")
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise UsageError(f"group directory not found: {path}")
+        if not path.is_dir():
+            raise UsageError(
+                f"not a directory: {path} (each GROUP is a directory of reference images, "
+                "or a directory of such directories)"
+            )
+        group = _scan_group(path, _dir_name(path))
+        if group is not None:
+            groups.append(group)
+            continue
+        subdirs = [p for p in _list_dir(path) if p.is_dir() and not p.name.startswith(".")]
+        found = [g for g in (_scan_group(d, d.name) for d in subdirs) if g is not None]
+        if not found:
+            exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+            detail = (
+                f" or its sub-directories ({', '.join(d.name for d in subdirs)})" if subdirs else ""
+            )
+            raise UsageError(f"no images found in {path}{detail} (looked for {exts})")
+        groups.extend(found)
+    seen: dict[str, Path] = {}
+    for g in groups:
+        if g.name in seen:
+            raise UsageError(
+                f"two reference groups are named {g.name!r}: {seen[g.name]} and {g.path} "
+                "(group names must be unique; rename one directory)"
+            )
+        seen[g.name] = g.path
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _strict_truncation() -> Iterator[None]:
+    """Make truncated files raise even if some other library flipped the global switch."""
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    Alpha is dropped as the official code's ``convert("RGB")`` does (DESIGN §2 rule 2: the
+    checkpoint was trained that way). High bit-depth modes are *scaled* to 8 bits, never clipped:
+    ``I;16*`` from 0..65535; ``I`` from 0..65535 when any value exceeds 255 (else used as is);
+    ``F`` from 0..1 when all values lie there, else clipped to 0..255.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        import numpy as np
+
+        arr = np.asarray(image)
+        if mode == "F":
+            arr = arr.astype(np.float64)
+            arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+            if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+                arr = arr * 255.0
+            out = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        else:
+            arr = arr.astype(np.int64)
+            if mode.startswith("I;16") or (arr.size and arr.max() > 255):
+                arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535
+            out = np.clip(arr, 0, 255).astype(np.uint8)
+        return Image.fromarray(out, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open, fully decode, apply EXIF orientation and return an RGB image.
+
+    Truncated files raise (``ImageFile.LOAD_TRUNCATED_IMAGES`` is forced False while loading).
+    Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` × 2) are refused;
+    large ordinary photos (6000×6000) load.
+
+    Raises:
+        InputError: naming the file and the reason (unreadable, not an image, truncated or
+            corrupt, decompression bomb, unsupported mode).
+    """
+    path = Path(path)
+    try:
+        with _strict_truncation(), Image.open(path) as im:
+            im.load()
+            # exif_transpose returns a detached copy, so the result outlives the open file.
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as e:
+        raise InputError(
+            f"cannot use reference image {path}: too many pixels ({e}); refusing a possible "
+            "decompression bomb"
+        ) from None
+    except UnidentifiedImageError:
+        raise InputError(
+            f"cannot use reference image {path}: not an image Pillow can read "
+            "(wrong extension or corrupt file)"
+        ) from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise InputError(f"cannot read reference image {path}: {e.strerror or e}") from None
+    except (OSError, SyntaxError, EOFError, ValueError) as e:
+        reason = str(e) or type(e).__name__
+        if "truncated" in reason.lower():
+            reason = f"the file is truncated or incomplete ({reason})"
+        raise InputError(f"cannot use reference image {path}: {reason}") from None
+
+
+def load_group_images(group: Group) -> list[Image.Image]:
+    """Load every image of a group with :func:`load_image` (in group order)."""
+    return [load_image(p) for p in group.images]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hashing
+# ----------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks. Raises InputError when unreadable."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                h.update(block)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    return h.hexdigest()
+
+
+def group_content_hash(group: Group) -> str:
+    """Hex sha256 over the sorted ``(file name, file sha256)`` pairs of a group.
+
+    Depends on contents and names only (not mtimes or the directory's location), so it is a
+    stable cache key for the group's encoding.
+    """
+    pairs = sorted((p.name, sha256_file(p)) for p in group.images)
+    payload = json.dumps(pairs, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# PNG metadata
+# ----------------------------------------------------------------------------------------------
+
+#: A1111 sampler names for our scheduler keys.
+A1111_SAMPLERS = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "lms": "LMS",
+}
+
+
+def _a1111_quote(value: Any) -> str:
+    text = str(value)
+    if any(c in text for c in ",:\n\""):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def format_parameters(record: Mapping[str, Any]) -> str:
+    """The A1111-style ``parameters`` text for a record.
+
+    Line 1 the prompt, line 2 ``Negative prompt: ...`` (omitted when empty), line 3 the
+    comma-separated ``Key: value`` settings. Keys missing from the record are left out; values
+    with ``,``, ``:`` or newlines are JSON-quoted as A1111 does.
+    """
+    lines = [str(record.get("prompt", ""))]
+    negative = record.get("negative_prompt")
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    fields: list[tuple[str, Any]] = [
+        ("Steps", record.get("steps")),
+        ("Sampler", A1111_SAMPLERS.get(record.get("scheduler"), record.get("scheduler"))),
+        ("CFG scale", record.get("guidance")),
+        ("Seed", record.get("seed")),
+    ]
+    if record.get("width") is not None and record.get("height") is not None:
+        fields.append(("Size", f"{record['width']}x{record['height']}"))
+    fields += [
+        ("Model", record.get("base_model")),
+        ("EasyRef scale", record.get("scale")),
+        ("EasyRef adapter", record.get("adapter")),
+    ]
+    if record.get("adapter_sha256"):
+        fields.append(("EasyRef adapter hash", str(record["adapter_sha256"])[:10]))
+    if record.get("references") is not None:
+        fields.append(("EasyRef references", len(record["references"])))
+    fields.append(("Version", f"easyref-cli {record.get('version') or __version__}"))
+    lines.append(", ".join(f"{k}: {_a1111_quote(v)}" for k, v in fields if v is not None))
+    return "\n".join(lines)
+
+
+def _open_exclusive_temp(directory: Path, final_name: str) -> tuple[int, Path]:
+    for _ in range(100):
+        tmp = directory / f".{final_name}.{secrets.token_hex(6)}.tmp"
+        try:
+            # 0o666 & ~umask, unlike mkstemp's 0o600: the final file gets normal permissions.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise JobError(f"cannot create a temporary file in {directory}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # Windows, or a filesystem that does not allow it: best effort.
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_png_atomic(path: Path, image: Image.Image, *, record: Mapping[str, Any]) -> None:
+    """Write ``image`` as a PNG carrying ``parameters`` and ``easyref`` text chunks, atomically.
+
+    The bytes go to ``.NAME.<random>.tmp`` in the target directory, are fsynced, then
+    ``os.replace``d onto ``path``: the final name only ever holds a complete file. Parent
+    directories are created; the temp file is removed on any error (including KeyboardInterrupt).
+
+    Raises:
+        JobError: the file cannot be written (disk full, permissions...).
+    """
+    path = Path(path)
+    info = PngInfo()
+    # add_text falls back to iTXt (UTF-8) when the text is not latin-1.
+    info.add_text(PARAMETERS_CHUNK, format_parameters(record))
+    info.add_itxt(RECORD_CHUNK, json.dumps(dict(record), sort_keys=True, ensure_ascii=False))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise JobError(f"cannot create output directory {path.parent}: {e.strerror or e}") from None
+    fd, tmp = _open_exclusive_temp(path.parent, path.name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise JobError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_png_record(path: Path) -> dict:
+    """The ``easyref`` record stored in a PNG written by :func:`write_png_atomic`.
+
+    Raises:
+        InputError: naming the file when it is unreadable, not a PNG, has no ``easyref`` chunk,
+            or the chunk is not a JSON object.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise InputError(f"{path} is not a PNG image (it is {im.format or 'unknown'})")
+            text = dict(getattr(im, "text", {}) or {})
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError(f"{path} is not an image") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    raw = text.get(RECORD_CHUNK)
+    if raw is None:
+        raise InputError(
+            f"{path} has no {RECORD_CHUNK!r} metadata chunk (was it made by easyref generate?)"
+        )
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: the {RECORD_CHUNK!r} chunk is not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: the {RECORD_CHUNK!r} chunk is not a JSON object")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest
+# ----------------------------------------------------------------------------------------------
+
+
+def _parse_line(line: bytes) -> dict | None:
+    try:
+        value = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop an incomplete or garbled last line left by a crash, so appends start clean.
+
+    A last line that parses but lacks its newline gets the newline instead.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(path, "rb+") as f:
+        # Find the start of the last non-empty line, reading backwards in blocks.
+        end = size
+        f.seek(end - 1)
+        ends_with_newline = f.read(1) == b"\n"
+        search_end = end - 1 if ends_with_newline else end
+        start = 0
+        pos = search_end
+        while pos > 0:
+            block_start = max(0, pos - 65536)
+            f.seek(block_start)
+            block = f.read(pos - block_start)
+            idx = block.rfind(b"\n")
+            if idx >= 0:
+                start = block_start + idx + 1
+                break
+            pos = block_start
+        f.seek(start)
+        last = f.read(search_end - start)
+        if not last.strip():
+            return
+        if _parse_line(last.strip()) is None:
+            f.truncate(start)
+        elif not ends_with_newline:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class ManifestWriter:
+    """Append-only writer for ``manifest.jsonl``: one JSON object per line, durable per line.
+
+    Use as a context manager. Opening repairs a torn last line left by a crash (see
+    :func:`read_manifest`), then appends; each :meth:`write` flushes and fsyncs.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = None
+
+    def open(self) -> ManifestWriter:
+        """Open for appending (creating parent directories)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _repair_tail(self.path)
+            self._file = open(self.path, "a", encoding="utf-8", newline="\n")
+        except OSError as e:
+            raise UsageError(f"cannot open manifest {self.path}: {e.strerror or e}") from None
+        return self
+
+    def write(self, entry: Mapping[str, Any]) -> None:
+        """Append one entry as a JSON line, then flush and fsync."""
+        if self._file is None:
+            raise RuntimeError("ManifestWriter is not open")
+        line = json.dumps(dict(entry), ensure_ascii=False, sort_keys=True, default=str)
+        self._file.write(line + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> ManifestWriter:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """All entries of a manifest, in file order; ``[]`` when the file does not exist.
+
+    A garbled *last* line (a write torn by a crash) is ignored; a garbled earlier line raises.
+
+    Raises:
+        UsageError: naming the file and the line number of a garbled line, or when unreadable.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise UsageError(f"cannot read manifest {path}: {e.strerror or e}") from None
+    numbered = [(i + 1, ln.strip()) for i, ln in enumerate(data.split(b"\n"))]
+    numbered = [(n, ln) for n, ln in numbered if ln]
+    entries: list[dict] = []
+    for k, (lineno, line) in enumerate(numbered):
+        entry = _parse_line(line)
+        if entry is None:
+            if k == len(numbered) - 1:
+                break
+            raise UsageError(
+                f"{path}:{lineno}: garbled manifest line (not a JSON object); fix or delete that "
+                "line, or delete the manifest to rebuild it from the images"
+            )
+        entries.append(entry)
+    return entries
+
+
+def latest_status(entries: Sequence[Mapping[str, Any]]) -> dict[str, dict]:
+    """The last entry per ``job_id`` (later lines win); entries without a job id are skipped."""
+    latest: dict[str, dict] = {}
+    for entry in entries:
+        job_id = entry.get("job_id")
+        if job_id is not None:
+            latest[str(job_id)] = dict(entry)
+    return latest

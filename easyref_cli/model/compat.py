@@ -1,0 +1,61 @@
+"""Every call whose spelling depends on the transformers / diffusers version lives here.
+
+Tested range: transformers 5.17 – 5.24 (``pyproject.toml`` pins ``<5.40``, where the
+``past_key_values`` → ``cache`` rename of ``Qwen2VLTextModel.forward`` becomes final).
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+
+@lru_cache(maxsize=None)
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword under which ``module.forward`` takes a KV cache (``cache`` from 5.24, else ``past_key_values``)."""
+    params = _forward_params(type(module))
+    if "cache" in params:
+        return {"cache": cache}
+    return {"past_key_values": cache}
+
+
+def vision_features(visual: torch.nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """Run the Qwen2-VL vision tower once over all images; return merged patch features ``(tokens, hidden)``.
+
+    The tower's attention is block-diagonal per image (``cu_seqlens``), so one batched call equals
+    the official per-image loop.
+    """
+    out = visual(pixel_values.to(dtype=next(visual.parameters()).dtype), grid_thw=grid_thw)
+    if isinstance(out, torch.Tensor):  # older transformers returned the merged features directly
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None:
+        raise TypeError(f"unexpected vision tower output {type(out).__name__}")
+    return pooled
+
+
+def split_qwen2vl(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Return ``(vision tower, text model)`` of a loaded ``Qwen2VLForConditionalGeneration``."""
+    inner = getattr(model, "model", model)
+    visual = getattr(inner, "visual", None)
+    language_model = getattr(inner, "language_model", None)
+    if visual is None or language_model is None:
+        raise TypeError(f"{type(model).__name__} does not look like a transformers 5.x Qwen2-VL model")
+    return visual, language_model
+
+
+def text_config(config: Any) -> Any:
+    return getattr(config, "text_config", config)
+
+
+def mrope_section(config: Any) -> list[int] | None:
+    tc = text_config(config)
+    params = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
+    return params.get("mrope_section")

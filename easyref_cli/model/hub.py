@@ -1,0 +1,85 @@
+"""Turn ``--base-model/--mllm/--adapter`` values (local paths or hub ids) into local paths.
+
+Hub ids resolve through the normal Hugging Face cache (``HF_HOME``/``HF_HUB_CACHE``); with
+``HF_HUB_OFFLINE=1`` or no network, only what is already cached is used, and a miss is a
+:class:`ModelError` that says how to point at local folders instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from easyref_cli.errors import ModelError
+
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
+
+
+def is_repo_id(spec: str) -> bool:
+    return bool(_REPO_ID.match(spec)) and not Path(spec).exists()
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _snapshot(repo_id: str, option: str, allow_patterns=None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=allow_patterns))
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and friends)
+        pass
+    if not _offline():
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+        except Exception as exc:  # noqa: BLE001 - network errors vary
+            reason = f"download failed: {type(exc).__name__}"
+    else:
+        reason = "HF_HUB_OFFLINE is set"
+    raise ModelError(
+        f"{repo_id} is not in the Hugging Face cache and cannot be fetched ({reason}). "
+        f"Download it on a connected machine (`hf download {repo_id} --local-dir DIR`), copy DIR here "
+        f"and pass {option} DIR — or try `--model tiny` for an offline smoke run."
+    )
+
+
+def resolve_folder(spec: str, option: str) -> Path:
+    """A model folder: an existing local path, or a hub repo id resolved through the cache."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if is_repo_id(spec):
+        return _snapshot(spec, option)
+    raise ModelError(f"{option} {spec}: no such folder (and not a hub id like owner/name)")
+
+
+def resolve_checkpoint(spec: str, option: str = "--adapter") -> Path:
+    """An adapter file: a local file, ``owner/name`` (its single checkpoint file) or ``owner/name/file``."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        return _single_checkpoint(path, spec, option)
+    parts = spec.split("/")
+    if len(parts) >= 3 and is_repo_id("/".join(parts[:2])):
+        repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        folder = _snapshot(repo, option, allow_patterns=[filename])
+        if not (folder / filename).is_file():
+            raise ModelError(f"{repo} has no file {filename}")
+        return folder / filename
+    if is_repo_id(spec):
+        return _single_checkpoint(_snapshot(spec, option), spec, option)
+    raise ModelError(f"{option} {spec}: no such file (and not a hub id like owner/name[/file])")
+
+
+def _single_checkpoint(folder: Path, spec: str, option: str) -> Path:
+    files = sorted(p for p in folder.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
+    if len(files) == 1:
+        return files[0]
+    if not files:
+        raise ModelError(f"{spec} holds no checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})")
+    names = ", ".join(str(p.relative_to(folder)) for p in files)
+    raise ModelError(f"{spec} holds several checkpoints ({names}); pass {option} {spec}/<file>")

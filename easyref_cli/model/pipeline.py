@@ -1,0 +1,292 @@
+"""SDXL + EasyRef: load from model folders, encode references, generate.
+
+Shaped like a diffusers pipeline: one ``__call__`` of numbered steps, and reference embeddings can
+be passed precomputed (``ref_embeds``) so a batch tool encodes each group once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from easyref_cli.constants import INSTRUCTION
+from easyref_cli.errors import ModelError, UsageError
+from easyref_cli.model import adapter as adapter_mod
+from easyref_cli.model.checkpoint import EasyRefCheckpoint, load_checkpoint
+from easyref_cli.model.encoder import ReferenceEncoder
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RefEmbeds:
+    """Conditional and unconditional reference tokens, each ``(num_tokens, cross_attention_dim)``."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to generate. Batched requests must share steps, size and guidance."""
+
+    prompt: str
+    ref_embeds: RefEmbeds
+    seed: int
+    negative_prompt: str = ""
+    steps: int = 30
+    guidance: float = 5.0
+    scale: float = 1.0
+    width: int = 1024
+    height: int = 1024
+
+    def batch_key(self) -> tuple:
+        return (self.steps, self.guidance, self.scale, self.width, self.height)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtypes(dtype: str | None, device: str) -> tuple[torch.dtype, torch.dtype]:
+    """``(sdxl dtype, encoder dtype)``. Default: fp16 SDXL + bf16 Qwen2-VL on GPUs (as the official code), fp32 on CPU."""
+    if dtype is None or dtype == "auto":
+        if str(device).startswith("cpu"):
+            return torch.float32, torch.float32
+        return torch.float16, torch.bfloat16
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype], DTYPES[dtype]
+
+
+def make_scheduler(name: str, config):
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(config, **extra)
+
+
+class EasyRefPipeline:
+    """An SDXL pipeline with EasyRef adapters installed, plus the reference encoder (loaded lazily)."""
+
+    def __init__(
+        self,
+        sdxl,
+        checkpoint: EasyRefCheckpoint,
+        *,
+        mllm_path: str | Path,
+        device: str,
+        sdxl_dtype: torch.dtype,
+        encoder_dtype: torch.dtype,
+        attention: adapter_mod.AttentionChoice,
+        bidirectional_final: bool = False,
+    ):
+        self.sdxl = sdxl
+        self.checkpoint = checkpoint
+        self.mllm_path = Path(mllm_path)
+        self.device = device
+        self.sdxl_dtype = sdxl_dtype
+        self.encoder_dtype = encoder_dtype
+        self.attention = attention
+        self.bidirectional_final = bidirectional_final
+        self._encoder: ReferenceEncoder | None = None
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str | Path,
+        mllm: str | Path,
+        adapter: str | Path | EasyRefCheckpoint,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        attention: str = "auto",
+        scheduler: str = "euler",
+        bidirectional_final: bool = False,
+    ) -> "EasyRefPipeline":
+        device = device or default_device()
+        sdxl_dtype, encoder_dtype = resolve_dtypes(dtype, device)
+        checkpoint = adapter if isinstance(adapter, EasyRefCheckpoint) else load_checkpoint(adapter)
+        sdxl = load_sdxl(base_model, sdxl_dtype)
+        sdxl.scheduler = make_scheduler(scheduler, sdxl.scheduler.config)
+        unet = sdxl.unet
+        checkpoint.check_unet(unet)
+        if checkpoint.unet_weights:
+            _load_unet_weights(unet, checkpoint)
+        if checkpoint.has_lora:
+            adapter_mod.merge_lora(unet, checkpoint.lora)
+        choice = adapter_mod.resolve_attention(attention, device, sdxl_dtype)
+        adapter_mod.install_adapter(
+            unet,
+            checkpoint.ip,
+            num_tokens=checkpoint.num_tokens,
+            cross_attention_dim=checkpoint.cross_attention_dim,
+            backend=choice.backend,
+        )
+        sdxl.to(device)
+        sdxl.set_progress_bar_config(disable=True)
+        return cls(
+            sdxl,
+            checkpoint,
+            mllm_path=mllm,
+            device=device,
+            sdxl_dtype=sdxl_dtype,
+            encoder_dtype=encoder_dtype,
+            attention=choice,
+            bidirectional_final=bidirectional_final,
+        )
+
+    @property
+    def encoder(self) -> ReferenceEncoder:
+        """The reference encoder, loaded on first use (a fully cached run never loads it)."""
+        if self._encoder is None:
+            self._encoder = ReferenceEncoder.from_pretrained(
+                self.mllm_path,
+                self.checkpoint,
+                device=self.device,
+                dtype=self.encoder_dtype,
+                bidirectional_final=self.bidirectional_final,
+            )
+        return self._encoder
+
+    def release_encoder(self) -> None:
+        """Free the MLLM before generating, so peak memory is max(MLLM, SDXL), not the sum."""
+        if self._encoder is not None:
+            self._encoder = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    # ---- encoding ------------------------------------------------------------------------------
+
+    def encode_references(self, images: Sequence, caption: str = "", instruction: str = INSTRUCTION) -> RefEmbeds:
+        enc = self.encoder
+        return RefEmbeds(cond=enc.encode(images, caption, instruction), uncond=enc.encode_uncond(instruction))
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        refs: Sequence | None = None,
+        ref_embeds: RefEmbeds | None = None,
+        negative_prompt: str = "",
+        seed: int = 0,
+        steps: int = 30,
+        guidance: float = 5.0,
+        scale: float = 1.0,
+        width: int = 1024,
+        height: int = 1024,
+        caption: str | None = None,
+        instruction: str = INSTRUCTION,
+    ):
+        """Generate one image. Pass ``refs`` (PIL images) or precomputed ``ref_embeds``."""
+        # 1. check inputs before any work
+        if (refs is None) == (ref_embeds is None):
+            raise UsageError("pass exactly one of refs= or ref_embeds=")
+        # 2. encode references (caption defaults to the prompt, as the official code)
+        if ref_embeds is None:
+            ref_embeds = self.encode_references(refs, prompt if caption is None else caption, instruction)
+        request = GenerationRequest(
+            prompt=prompt, ref_embeds=ref_embeds, seed=seed, negative_prompt=negative_prompt,
+            steps=steps, guidance=guidance, scale=scale, width=width, height=height,
+        )
+        return self.generate([request])[0]
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest], step_callback: Callable[[int, int], None] | None = None) -> list:
+        """Generate a batch of images sharing steps/size/guidance/scale. One CPU generator per image, so the
+        pixels of an image depend only on its own seed and settings, never on the batch it ran in."""
+        # 1. check inputs
+        if not requests:
+            return []
+        first = requests[0]
+        if any(r.batch_key() != first.batch_key() for r in requests):
+            raise UsageError("a batch must share steps, guidance, scale, width and height")
+        check_size(first.width, first.height)
+        pipe = self.sdxl
+        device = pipe.unet.device
+        # 2. text embeddings (CLIP, 77 tokens each)
+        prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            [r.prompt for r in requests],
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=[r.negative_prompt for r in requests] if any(r.negative_prompt for r in requests) else None,
+        )
+        # 3. context = [text ; reference tokens]; negative = [negative text ; uncond reference tokens]
+        cond = torch.stack([r.ref_embeds.cond for r in requests]).to(device=device, dtype=prompt_embeds.dtype)
+        uncond = torch.stack([r.ref_embeds.uncond for r in requests]).to(device=device, dtype=prompt_embeds.dtype)
+        prompt_embeds = torch.cat([prompt_embeds, cond], dim=1)
+        negative_embeds = torch.cat([negative_embeds, uncond], dim=1)
+        # 4. adapter scale
+        adapter_mod.set_scale(pipe.unet, first.scale)
+        # 5. one CPU generator per image
+        generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
+        callback = None
+        if step_callback is not None:
+
+            def callback(_pipe, step, _t, kwargs):
+                step_callback(step + 1, first.steps)
+                return kwargs
+
+        # 6. denoise + decode
+        out = pipe(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
+            pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=negative_pooled,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance,
+            width=first.width,
+            height=first.height,
+            generator=generators,
+            output_type="pil",
+            callback_on_step_end=callback,
+        )
+        return list(out.images)
+
+
+def check_size(width: int, height: int) -> None:
+    if width % 8 or height % 8 or width <= 0 or height <= 0:
+        raise UsageError(f"width and height must be positive multiples of 8, got {width}x{height}")
+
+
+def load_sdxl(base_model: str | Path, dtype: torch.dtype):
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(base_model)
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"{base_model} is not an SDXL pipeline folder (no model_index.json); pass --base-model with a local diffusers folder")
+    try:
+        return StableDiffusionXLPipeline.from_pretrained(str(path), torch_dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many types
+        raise ModelError(f"cannot load the SDXL pipeline from {base_model}: {exc}") from exc
+
+
+def _load_unet_weights(unet, checkpoint: EasyRefCheckpoint) -> None:
+    expected = unet.state_dict()
+    unknown = [k for k in checkpoint.unet_weights if k not in expected]
+    if unknown:
+        from easyref_cli.errors import CheckpointError
+
+        raise CheckpointError(f"{checkpoint.source}: unet weights the base model does not have: {unknown[:8]}")
+    unet.load_state_dict(checkpoint.unet_weights, strict=False)

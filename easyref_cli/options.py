@@ -1,0 +1,17 @@
+"""Shared ``Annotated`` option aliases. Defaults are ``None`` so "not given" stays visible to precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+MllmOpt = Annotated[str | None, typer.Option("--mllm", help="Qwen2-VL folder or hub id (default Qwen/Qwen2-VL-2B-Instruct).")]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="EasyRef checkpoint (.safetensors / DeepSpeed .pt) or hub id (default zongzhuofan/EasyRef).")]
+BaseModelOpt = Annotated[str | None, typer.Option("--base-model", help="SDXL diffusers folder or hub id (default stabilityai/stable-diffusion-xl-base-1.0).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, mps … (default: cuda if available).")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="auto (fp16 SDXL + bf16 Qwen2-VL on GPU, fp32 on CPU), float32, float16 or bfloat16.")]
+InstructionOpt = Annotated[str | None, typer.Option("--instruction", help="MLLM instruction (default: the one the public checkpoint was trained with).")]
+BidirectionalOpt = Annotated[bool, typer.Option("--bidirectional-final", help="Run the final MLLM layer bidirectionally (a deviation: the public checkpoint was trained causal).")]
+OutFileOpt = Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.", dir_okay=False)]
