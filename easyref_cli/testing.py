@@ -31,8 +31,8 @@ import random
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -243,6 +243,9 @@ def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
             },
             "rms_norm_eps": 1e-6,
             "max_position_embeddings": 4096,
+            # 0.1 instead of 0.02: activations near unit scale, as in trained models (with 0.02
+            # the hidden states are ~0.02 and the RMSNorm eps becomes visible).
+            "initializer_range": 0.1,
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
@@ -257,6 +260,7 @@ def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "in_channels": 3,
+            "initializer_range": 0.1,
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -269,7 +273,10 @@ def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     # The real Qwen2-VL preprocessor bounds (min_pixels 56², max_pixels 16384·28²).
-    Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 16384 * 28 * 28}).save_pretrained(path)
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 56 * 56, "longest_edge": 16384 * 28 * 28}
+    )
+    image_processor.save_pretrained(path)
     return path
 
 
@@ -394,11 +401,13 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_safetensors_folder(folder: Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors of a ``save_pretrained`` folder whose names start with ``prefix``.
+def _read_safetensors_folder(
+    folder: Path, keep: Callable[[str], bool] = lambda key: True
+) -> dict[str, torch.Tensor]:
+    """The tensors of a ``save_pretrained`` folder whose names pass ``keep``.
 
-    Handles one ``*.safetensors`` file or a sharded checkpoint with an index; reads only the
-    requested tensors (so a full-size random model needs no full load).
+    Handles one ``*.safetensors`` file or a sharded checkpoint with an index, and reads only the
+    kept tensors (so a full-size random model is never loaded whole).
     """
     from safetensors import safe_open
 
@@ -406,7 +415,7 @@ def _read_safetensors_folder(folder: Path, prefix: str = "") -> dict[str, torch.
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
         weight_map = json.loads(index[0].read_text())["weight_map"]
-        files = sorted({folder / name for key, name in weight_map.items() if key.startswith(prefix)})
+        files = sorted({folder / name for key, name in weight_map.items() if keep(key)})
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -415,7 +424,7 @@ def _read_safetensors_folder(folder: Path, prefix: str = "") -> dict[str, torch.
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
-                if key.startswith(prefix):
+                if keep(key):
                     tensors[key] = handle.get_tensor(key)
     return tensors
 
@@ -441,13 +450,15 @@ def _generator(seed: int, part: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed * 1009 + part)
 
 
-def _randn(shape, generator, std: float) -> torch.Tensor:
+def _randn(shape: tuple[int, ...], generator: torch.Generator, std: float) -> torch.Tensor:
     import torch
 
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32) * std
 
 
-def _perturb(tensor: torch.Tensor, generator, rel: float = 0.1, floor: float = 0.02) -> torch.Tensor:
+def _perturb(
+    tensor: torch.Tensor, generator: torch.Generator, rel: float = 0.1, floor: float = 0.02
+) -> torch.Tensor:
     """A float32 copy of ``tensor`` plus Gaussian noise of ``rel`` × its std (``floor`` for
     constant tensors such as norm weights or zero biases)."""
     base = tensor.detach().to("cpu").float()
@@ -504,8 +515,8 @@ def official_state_dict(
     * with ``multimodal_llm``: ``multimodal_llm.`` + the perturbed MLLM in 4.45 names
       (``visual.*``, ``model.embed_tokens``, ``model.layers.0 … n-2``, ``model.norm``,
       ``lm_head.weight``) — the last decoder layer is left out, as in the official trunk;
-    * ``adapter_modules.<i>.*`` duplicates of the UNet adapter/LoRA weights (the official training
-      code saved them; loaders must ignore them).
+    * ``adapter_modules.<i>.to_{k,v}_ip.weight``: duplicates of the first ``attn2``'s adapter
+      weights (the official training code saved such copies; loaders must ignore them).
     """
     import torch
     from transformers import AutoConfig
@@ -529,8 +540,13 @@ def official_state_dict(
 
     # Final layer: the official init copies the MLLM's last decoder layer (and its norm).
     g = _generator(seed, 2)
-    mllm = {_to_v445_name(k): v for k, v in _read_safetensors_folder(mllm_path).items()}
     layer_prefix = f"model.layers.{last}."
+
+    def wanted(key: str) -> bool:
+        name = _to_v445_name(key)
+        return multimodal_llm or name.startswith(layer_prefix) or name == "model.norm.weight"
+
+    mllm = {_to_v445_name(k): v for k, v in _read_safetensors_folder(mllm_path, wanted).items()}
     for key in sorted(k for k in mllm if k.startswith(layer_prefix)):
         state["mllm_final_layer.layers.0." + key[len(layer_prefix) :]] = _perturb(mllm[key], g)
     state["mllm_final_layer.norm.weight"] = _perturb(mllm["model.norm.weight"], g)
@@ -540,7 +556,14 @@ def official_state_dict(
     # to_k / to_v). The UNet weights are read from disk; the modules give names and shapes.
     g = _generator(seed, 3)
     attn2 = [(name, module) for name, module in attention if name.endswith("attn2.processor")]
-    unet_weights = _read_safetensors_folder(Path(base_model_path) / "unet")
+    wanted_unet = {
+        f"{name[: -len('.processor')]}.{proj}.weight"
+        for name, _ in attn2
+        for proj in ("to_k", "to_v")
+    }
+    unet_weights = _read_safetensors_folder(
+        Path(base_model_path) / "unet", wanted_unet.__contains__
+    )
     for name, module in attn2:
         base = name[: -len(".processor")]
         for proj in ("to_k", "to_v"):
@@ -569,11 +592,14 @@ def official_state_dict(
                 )
 
     # The official training code's `adapter_modules` ModuleList (unet.attn_processors.values())
-    # duplicated the processor weights under its own index.
-    for index, (name, _) in enumerate(attention):
-        prefix = f"unet.{name}."
-        for key in [k for k in state if k.startswith(prefix)]:
-            state[f"adapter_modules.{index}.{key[len(prefix):]}"] = state[key].clone()
+    # duplicated the processor weights under its own index; a couple of such keys (the first
+    # attn2's to_k_ip / to_v_ip) stand for them.
+    index, name = next(
+        (i, n) for i, (n, _) in enumerate(attention) if n.endswith("attn2.processor")
+    )
+    for proj in ("to_k_ip", "to_v_ip"):
+        duplicate = state[f"unet.{name}.{proj}.weight"].clone()
+        state[f"adapter_modules.{index}.{proj}.weight"] = duplicate
 
     # A fine-tuned MLLM, in transformers-4.45 names, without its last decoder layer.
     if multimodal_llm:
@@ -637,6 +663,13 @@ def _is_complete(root: Path) -> bool:
         return False
 
 
+def _is_foreign(folder: Path) -> bool:
+    """Whether ``folder`` holds something that is not a tiny-model cache (never overwritten)."""
+    if not folder.is_dir():
+        return folder.exists()
+    return not (folder / _MARKER_NAME).exists() and any(folder.iterdir())
+
+
 def ensure_tiny_models(cache_dir: Path) -> TinyModels:
     """The tiny models in ``cache_dir``, built there first if they are missing or stale.
 
@@ -649,11 +682,16 @@ def ensure_tiny_models(cache_dir: Path) -> TinyModels:
     cache_dir = Path(cache_dir)
     if _is_complete(cache_dir):
         return _layout(cache_dir)
+    if _is_foreign(cache_dir):
+        raise FileExistsError(
+            f"{cache_dir} exists and is not a tiny-model cache; choose an empty or new folder"
+        )
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
     try:
         build_tiny_models(tmp)
         (tmp / _MARKER_NAME).write_text(_BUILD_VERSION + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         if _is_complete(cache_dir):  # somebody finished while we were building
             return _layout(cache_dir)
         if (cache_dir / _MARKER_NAME).exists():  # stale version: move it out of the way
@@ -661,10 +699,6 @@ def ensure_tiny_models(cache_dir: Path) -> TinyModels:
             with contextlib.suppress(OSError):
                 os.replace(cache_dir, trash)
                 shutil.rmtree(trash, ignore_errors=True)
-        elif cache_dir.exists() and any(cache_dir.iterdir()):
-            raise FileExistsError(
-                f"{cache_dir} exists and is not a tiny-model cache; choose an empty or new folder"
-            )
         try:
             os.replace(tmp, cache_dir)
         except OSError:
@@ -686,25 +720,29 @@ def make_reference_images(
 ) -> list[Path]:
     """Write ``n`` deterministic PNGs ``ref_00.png``, ``ref_01.png``… into ``directory``.
 
-    Each is a grey background with a few coloured ellipses and rectangles (a shared style that
-    varies from image to image, like a reference group). ``size`` is (width, height).
+    Each is a grey background with a few coloured ellipses and rectangles. The colours come from
+    one palette per ``seed``, so the images share a "style" and differ in layout, like a
+    reference group. ``size`` is (width, height).
     """
     from PIL import Image, ImageDraw
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     width, height = size
+    group_rng = random.Random(seed)
+    palette = [tuple(group_rng.randint(0, 255) for _ in range(3)) for _ in range(4)]
     paths = []
     for index in range(n):
-        rng = random.Random(seed * 7919 + index)
+        rng = random.Random(seed * 7919 + index + 1)
         grey = rng.randint(96, 176)
         image = Image.new("RGB", (width, height), (grey, grey, grey))
         draw = ImageDraw.Draw(image)
         for shape in range(rng.randint(2, 4)):
-            x0, y0 = rng.randrange(0, max(1, width * 2 // 3)), rng.randrange(0, max(1, height * 2 // 3))
+            x0 = rng.randrange(0, max(1, width * 2 // 3))
+            y0 = rng.randrange(0, max(1, height * 2 // 3))
             x1 = min(width - 1, x0 + rng.randint(max(2, width // 6), max(3, width // 2)))
             y1 = min(height - 1, y0 + rng.randint(max(2, height // 6), max(3, height // 2)))
-            colour = (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
+            colour = rng.choice(palette)
             outline = tuple(c // 2 for c in colour)
             if shape % 2 == 0:
                 draw.ellipse((x0, y0, x1, y1), fill=colour, outline=outline)
@@ -731,8 +769,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
     models = build_tiny_models(args.out_dir, seed=args.seed)
-    for field in ("mllm", "base_model", "adapter", "adapter_lora", "adapter_mllm", "adapter_deepspeed"):
-        print(f"{field}: {getattr(models, field)}")
+    for field in fields(models):
+        if field.name != "root":
+            print(f"{field.name}: {getattr(models, field.name)}")
 
 
 if __name__ == "__main__":

@@ -257,11 +257,19 @@ def split_state_dict(flat: Mapping[str, torch.Tensor], *, source: str = "<state 
         sha256=sha256,
         image_proj=image_proj,
         final_layer=final_layer,
-        mllm=mllm_keys_445_to_5(groups["multimodal_llm."]),
+        mllm=_without_lm_head(mllm_keys_445_to_5(groups["multimodal_llm."]), source),
         ip=ip,
         lora=lora,
         unet_weights=unet_weights,
     )
+
+
+def _without_lm_head(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Drop ``lm_head.weight``: logits are never computed, and Qwen2-VL-2B ties it to ``embed_tokens``,
+    so loading it would silently overwrite the input embeddings."""
+    if sd.pop("lm_head.weight", None) is not None:
+        logger.debug("%s: ignoring multimodal_llm.lm_head.weight (no logits are computed)", source)
+    return sd
 
 
 def mllm_keys_445_to_5(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

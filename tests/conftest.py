@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random models built once per session, isolated user state, no hub access."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never touch the network or the user's caches from tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("easyref_home")
+    monkeypatch.setenv("EASYREF_HOME", str(home))
+    monkeypatch.delenv("EASYREF_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny Qwen2-VL + SDXL + official-layout checkpoints, built locally once per session."""
+    import torch
+
+    from easyref_cli.testing import build_tiny_models
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def ref_group(tmp_path_factory) -> Path:
+    from easyref_cli.testing import make_reference_images
+
+    folder = tmp_path_factory.mktemp("groups") / "cats"
+    folder.mkdir()
+    make_reference_images(folder, n=3, size=(64, 48))
+    return folder
