@@ -85,9 +85,7 @@ def natural_key(s: str) -> tuple:
 def is_image_file(path: Path) -> bool:
     """True for a non-hidden regular file with an image extension (case-insensitive)."""
     return (
-        not path.name.startswith(".")
-        and path.suffix.lower() in IMAGE_EXTENSIONS
-        and path.is_file()
+        not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
     )
 
 
@@ -298,7 +296,7 @@ A1111_SAMPLERS = {
 
 def _a1111_quote(value: Any) -> str:
     text = str(value)
-    if any(c in text for c in ",:\n\""):
+    if any(c in text for c in ',:\n"'):
         return json.dumps(text, ensure_ascii=False)
     return text
 
@@ -375,7 +373,8 @@ def write_png_atomic(path: Path, image: Image.Image, *, record: Mapping[str, Any
     info = PngInfo()
     # add_text falls back to iTXt (UTF-8) when the text is not latin-1.
     info.add_text(PARAMETERS_CHUNK, format_parameters(record))
-    info.add_itxt(RECORD_CHUNK, json.dumps(dict(record), sort_keys=True, ensure_ascii=False))
+    payload = json.dumps(dict(record), sort_keys=True, ensure_ascii=False, default=str)
+    info.add_itxt(RECORD_CHUNK, payload)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -445,7 +444,8 @@ def _parse_line(line: bytes) -> dict | None:
 def _repair_tail(path: Path) -> None:
     """Drop an incomplete or garbled last line left by a crash, so appends start clean.
 
-    A last line that parses but lacks its newline gets the newline instead.
+    Only the last non-blank line is looked at (as :func:`read_manifest` tolerates only that one);
+    if it parses but lacks its newline, the newline is added instead.
     """
     try:
         size = path.stat().st_size
@@ -454,31 +454,27 @@ def _repair_tail(path: Path) -> None:
     if size == 0:
         return
     with open(path, "rb+") as f:
-        # Find the start of the last non-empty line, reading backwards in blocks.
-        end = size
-        f.seek(end - 1)
-        ends_with_newline = f.read(1) == b"\n"
-        search_end = end - 1 if ends_with_newline else end
-        start = 0
-        pos = search_end
-        while pos > 0:
-            block_start = max(0, pos - 65536)
-            f.seek(block_start)
-            block = f.read(pos - block_start)
-            idx = block.rfind(b"\n")
-            if idx >= 0:
-                start = block_start + idx + 1
-                break
-            pos = block_start
-        f.seek(start)
-        last = f.read(search_end - start)
-        if not last.strip():
+        window = 65536
+        while True:
+            start = max(0, size - window)
+            f.seek(start)
+            tail = f.read(size - start)
+            content = tail.rstrip()  # ASCII whitespace only: NUL padding stays visible
+            newline = content.rfind(b"\n")
+            if start > 0 and (not content or newline < 0):
+                window *= 4  # the last line is longer than the window: look further back
+                continue
+            break
+        if not content:
             return
+        last = content[newline + 1 :]
         if _parse_line(last.strip()) is None:
-            f.truncate(start)
-        elif not ends_with_newline:
+            f.truncate(start + newline + 1)
+        elif not tail.endswith(b"\n"):
             f.seek(0, os.SEEK_END)
             f.write(b"\n")
+        else:
+            return
         f.flush()
         os.fsync(f.fileno())
 
