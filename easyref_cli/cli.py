@@ -21,12 +21,15 @@ from easyref_cli import __version__
 from easyref_cli.errors import EasyRefError
 from easyref_cli.options import (
     AdapterOpt,
+    BaseModelOpt,
     BidirectionalOpt,
     DeviceOpt,
     DtypeOpt,
     InstructionOpt,
     MllmOpt,
     OutFileOpt,
+    QuietOpt,
+    VerboseOpt,
 )
 
 app = typer.Typer(
@@ -73,14 +76,21 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    ctx: typer.Context,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging (-vv for debug).")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version.")] = False,
 ) -> None:
+    """Multi-reference image generation with EasyRef (SDXL + Qwen2-VL reference tokens).
+
+    Set EASYREF_DEBUG=1 for full tracebacks, EASYREF_HOME for where tiny models and caches live.
+    """
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    ctx.obj = {"verbose": verbose, "quiet": quiet}
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    if level > logging.DEBUG:
+        # transformers/diffusers configure their loggers on import, from these variables.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 @app.command()
@@ -95,12 +105,15 @@ def encode(
     device: DeviceOpt = None,
     instruction: InstructionOpt = None,
     bidirectional_final: BidirectionalOpt = False,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Encode one reference group into EasyRef condition tokens.
 
     Writes tensors ``cond`` and ``uncond`` of shape (64, cross_attention_dim) to a safetensors
     file, with model ids, hashes, instruction and caption in its metadata.
     """
+    _setup_logging(verbose, quiet)
     from easyref_cli.encode import encode_group
 
     result = encode_group(
@@ -115,6 +128,131 @@ def encode(
         bidirectional_final=bidirectional_final,
     )
     typer.echo(f"wrote {result.path}: cond {tuple(result.cond_shape)}, uncond {tuple(result.uncond_shape)}", err=True)
+
+
+@app.command(no_args_is_help=True)
+@handle_errors
+def generate(
+    groups: Annotated[list[Path] | None, typer.Argument(help="Group folders: a folder of images is one group; a folder of folders is many.", show_default=False)] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="YAML prompt file (defaults: + prompts:).", rich_help_panel="Input")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="One prompt (instead of --prompts).", rich_help_panel="Input")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (required).", rich_help_panel="Input", show_default=False)] = ...,
+    from_image: Annotated[Path | None, typer.Option("--from-image", help="Regenerate the image an easyref PNG records.", rich_help_panel="Input")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="Built-in preset name (see `easyref presets list`) or a YAML file.", rich_help_panel="Settings")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps. Default: 30.", rich_help_panel="Settings")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale. Default: 5.0.", rich_help_panel="Settings")] = None,
+    scale: Annotated[float | None, typer.Option("--scale", help="Reference (adapter) strength. Default: 1.0.", rich_help_panel="Settings")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Image width, multiple of 8. Default: 1024.", rich_help_panel="Settings")] = None,
+    height: Annotated[int | None, typer.Option("--height", help="Image height, multiple of 8. Default: 1024.", rich_help_panel="Settings")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="First seed [0]; image i of a prompt uses seed+i.", rich_help_panel="Settings")] = None,
+    images_per_prompt: Annotated[int | None, typer.Option("--images-per-prompt", "-n", help="Images per prompt and group. Default: 1.", rich_help_panel="Settings")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt. Default: empty.", rich_help_panel="Settings")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help="euler, euler_a, dpmpp_2m, ddim, pndm or lms. Default: euler.", rich_help_panel="Settings")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per UNet batch (same pixels as batch 1). Default: 1.", rich_help_panel="Settings")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="'tiny': random tiny models built locally, for an offline smoke run (noise pictures).", rich_help_panel="Models")] = None,
+    base_model: BaseModelOpt = None,
+    mllm: MllmOpt = None,
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    attention: Annotated[str | None, typer.Option("--attention", help="auto (xformers if a real probe call works, else PyTorch SDPA), sdpa or xformers.", rich_help_panel="Runtime")] = None,
+    name_template: Annotated[str | None, typer.Option("--name-template", help="Output names from {group} {prompt_id} {seed} {index} {preset}. Default: {group}/{prompt_id}_{seed}.png.", rich_help_panel="Output")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Regenerate images that already exist (default: skip them, i.e. resume).", rich_help_panel="Output")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (jobs, outputs, which exist) and stop. Loads no model.", rich_help_panel="Output")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed job.", rich_help_panel="Output")] = False,
+    json_lines: Annotated[bool, typer.Option("--json", help="Print manifest lines (JSON) to stdout; logs stay on stderr.", rich_help_panel="Output")] = False,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate images for reference GROUPS × prompts × seeds into OUT.
+
+    Settings precedence, lowest to highest: built-in defaults < --preset < the prompt file's `defaults:` < command-line flags < fields of an individual prompt.
+
+    Outputs go to OUT/{group}/{prompt_id}_{seed}.png with full provenance in PNG text chunks; OUT/manifest.jsonl gets one line per job. Rerunning the same command skips finished images (resume).
+
+    Exit codes: 0 ok, 1 some jobs failed, 2 usage/config/model error, 130 interrupted.
+    """
+    _setup_logging(verbose, quiet)
+    from easyref_cli.generate import generate as run_generate
+
+    options = {
+        "steps": steps, "guidance": guidance, "scale": scale, "width": width, "height": height,
+        "seed": seed, "images_per_prompt": images_per_prompt, "negative_prompt": negative_prompt,
+        "scheduler": scheduler, "batch_size": batch_size,
+    }
+    code = run_generate(
+        dry_run=dry_run,
+        json_lines=json_lines,
+        progress=not quiet,
+        groups=groups or [],
+        out_dir=out,
+        prompts_file=prompts,
+        prompt=prompt,
+        from_image=from_image,
+        preset=preset,
+        options=options,
+        model=model,
+        base_model=base_model,
+        mllm=mllm,
+        adapter=adapter,
+        device=device,
+        dtype=dtype,
+        attention=attention,
+        name_template=name_template,
+        overwrite=overwrite,
+        fail_fast=fail_fast,
+    )
+    raise typer.Exit(code=code)
+
+
+@app.command()
+@handle_errors
+def inspect(
+    image: Annotated[Path, typer.Argument(help="A PNG written by easyref.")],
+    parameters: Annotated[bool, typer.Option("--parameters", help="Print the A1111 'parameters' text instead of the JSON record.")] = False,
+) -> None:
+    """Print the provenance record stored in an easyref PNG."""
+    import json
+
+    from easyref_cli import files
+
+    record = files.read_png_record(image)
+    typer.echo(files.format_parameters(record) if parameters else json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True))
+
+
+presets_app = typer.Typer(help="List and show presets (built-in and user YAML files).", no_args_is_help=True)
+app.add_typer(presets_app, name="presets")
+
+
+@presets_app.command("list")
+@handle_errors
+def presets_list() -> None:
+    """List built-in presets."""
+    from easyref_cli.presets import list_presets
+
+    for info in list_presets():
+        typer.echo(f"{info.name:<12} {info.description}")
+
+
+@presets_app.command("show")
+@handle_errors
+def presets_show(name: Annotated[str, typer.Argument(help="Preset name or YAML path.")]) -> None:
+    """Print a preset's YAML (with its comments)."""
+    from easyref_cli.presets import find_preset, load_preset
+
+    load_preset(name)  # validates
+    typer.echo(find_preset(name).read_text(encoding="utf-8").rstrip())
+
+
+@app.command()
+@handle_errors
+def doctor(
+    device: DeviceOpt = None,
+) -> None:
+    """Versions, devices, dtype support, the attention-backend probe, which default models resolve locally."""
+    from easyref_cli.doctor import report
+
+    typer.echo(report(device=device))
 
 
 def main() -> None:

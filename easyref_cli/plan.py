@@ -911,8 +911,12 @@ def build_plan(
     overwrite: bool = False,
     fail_fast: bool = False,
     name_template: str | None = None,
+    model_defaults: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Validate everything and expand groups × prompts × seeds into a :class:`Plan`.
+
+    ``model_defaults`` replace built-in defaults for a model family (``--model tiny`` uses a
+    64² size); they rank with the built-ins, below the preset.
 
     Settings precedence: built-in < preset < prompt-file ``defaults`` < ``cli`` < per-prompt
     fields (``None`` = not given). ``cli`` holds generation options (keys of
@@ -965,7 +969,7 @@ def build_plan(
             )
 
     # 4. Resolve settings per prompt (the one precedence function) and expand seeds.
-    base = resolve_settings(BUILTIN_DEFAULTS, preset_options, prompt_file.defaults, cli_options)
+    base = resolve_settings(BUILTIN_DEFAULTS, model_defaults, preset_options, prompt_file.defaults, cli_options)
     prompt_ids = assign_prompt_ids(prompt_file.prompts)
     expanded: list[tuple[PromptSpec, str, dict[str, Any], tuple[int, ...]]] = []
     for spec, prompt_id in zip(prompt_file.prompts, prompt_ids, strict=True):

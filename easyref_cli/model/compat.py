@@ -59,3 +59,21 @@ def mrope_section(config: Any) -> list[int] | None:
     tc = text_config(config)
     params = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
     return params.get("mrope_section")
+
+
+def quiet_loading() -> None:
+    """No per-file "Loading weights" bars from transformers/diffusers: we draw our own progress."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+
+
+def diffusers_from_pretrained(cls, path: str, dtype: torch.dtype, **kwargs):
+    """``cls.from_pretrained`` with a dtype, under either spelling (``dtype`` from diffusers 0.37, ``torch_dtype`` before)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return cls.from_pretrained(path, torch_dtype=dtype, **kwargs)

@@ -197,6 +197,7 @@ class ReferenceEncoder(nn.Module):
 
         mllm_path = Path(mllm_path)
         _check_mllm_dir(mllm_path)
+        compat.quiet_loading()
         try:
             tokenizer = AutoTokenizer.from_pretrained(mllm_path)
         except Exception as exc:  # noqa: BLE001 - transformers raises many types here

@@ -11,11 +11,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from easyref_cli.constants import INSTRUCTION
-from easyref_cli.errors import ModelError, UsageError
+from easyref_cli.errors import JobError, ModelError, UsageError
 from easyref_cli.model import adapter as adapter_mod
+from easyref_cli.model import compat
 from easyref_cli.model.checkpoint import EasyRefCheckpoint, load_checkpoint
 from easyref_cli.model.encoder import ReferenceEncoder
 
@@ -106,6 +108,7 @@ class EasyRefPipeline:
         self.attention = attention
         self.bidirectional_final = bidirectional_final
         self._encoder: ReferenceEncoder | None = None
+        self._scheduler_name = "euler"
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -126,7 +129,8 @@ class EasyRefPipeline:
         sdxl_dtype, encoder_dtype = resolve_dtypes(dtype, device)
         checkpoint = adapter if isinstance(adapter, EasyRefCheckpoint) else load_checkpoint(adapter)
         sdxl = load_sdxl(base_model, sdxl_dtype)
-        sdxl.scheduler = make_scheduler(scheduler, sdxl.scheduler.config)
+        base_scheduler_config = sdxl.scheduler.config
+        sdxl.scheduler = make_scheduler(scheduler, base_scheduler_config)
         unet = sdxl.unet
         checkpoint.check_unet(unet)
         if checkpoint.unet_weights:
@@ -143,7 +147,7 @@ class EasyRefPipeline:
         )
         sdxl.to(device)
         sdxl.set_progress_bar_config(disable=True)
-        return cls(
+        pipe = cls(
             sdxl,
             checkpoint,
             mllm_path=mllm,
@@ -153,6 +157,15 @@ class EasyRefPipeline:
             attention=choice,
             bidirectional_final=bidirectional_final,
         )
+        pipe._base_scheduler_config = base_scheduler_config
+        pipe._scheduler_name = scheduler
+        return pipe
+
+    def set_scheduler(self, name: str) -> None:
+        """Switch the sampler (built from the base model's own scheduler config)."""
+        if name != self._scheduler_name:
+            self.sdxl.scheduler = make_scheduler(name, self._base_scheduler_config)
+            self._scheduler_name = name
 
     @property
     def encoder(self) -> ReferenceEncoder:
@@ -259,10 +272,17 @@ class EasyRefPipeline:
             width=first.width,
             height=first.height,
             generator=generators,
-            output_type="pil",
+            output_type="np",
             callback_on_step_end=callback,
         )
-        return list(out.images)
+        arrays = out.images
+        bad = [r.seed for r, a in zip(requests, arrays) if not np.isfinite(a).all()]
+        if bad:
+            raise JobError(
+                f"the image for seed(s) {bad} has NaN/inf pixels (numerical overflow; "
+                "try --dtype float32 or bfloat16)"
+            )
+        return pipe.image_processor.numpy_to_pil(arrays)
 
 
 def check_size(width: int, height: int) -> None:
@@ -276,8 +296,9 @@ def load_sdxl(base_model: str | Path, dtype: torch.dtype):
     path = Path(base_model)
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{base_model} is not an SDXL pipeline folder (no model_index.json); pass --base-model with a local diffusers folder")
+    compat.quiet_loading()
     try:
-        return StableDiffusionXLPipeline.from_pretrained(str(path), torch_dtype=dtype)
+        return compat.diffusers_from_pretrained(StableDiffusionXLPipeline, str(path), dtype)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many types
         raise ModelError(f"cannot load the SDXL pipeline from {base_model}: {exc}") from exc
 

@@ -1,0 +1,63 @@
+"""``easyref doctor``: a paste-into-an-issue report of the environment."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+
+def _default_models_locally() -> list[str]:
+    from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, DEFAULT_MLLM
+
+    lines = []
+    try:
+        from huggingface_hub import snapshot_download
+    except Exception as exc:  # noqa: BLE001
+        return [f"  huggingface_hub unavailable: {exc}"]
+    for option, repo in (("--base-model", DEFAULT_BASE_MODEL), ("--mllm", DEFAULT_MLLM), ("--adapter", DEFAULT_ADAPTER)):
+        try:
+            path = snapshot_download(repo, local_files_only=True)
+            lines.append(f"  {option:<13} {repo}: cached at {path}")
+        except Exception:  # noqa: BLE001 - not cached
+            lines.append(f"  {option:<13} {repo}: NOT in the local Hugging Face cache")
+    return lines
+
+
+def report(device: str | None = None) -> str:
+    import torch
+
+    from easyref_cli.generate import easyref_home
+    from easyref_cli.model.adapter import probe_xformers
+    from easyref_cli.model.pipeline import default_device
+    from easyref_cli.runner import package_versions
+
+    device = device or default_device()
+    lines = ["easyref doctor", f"  python        {sys.version.split()[0]} ({platform.platform()})"]
+    lines += [f"  {name:<13} {ver}" for name, ver in package_versions().items()]
+    lines.append("devices:")
+    lines.append(f"  cpu           {torch.get_num_threads()} threads")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"  cuda:{i:<8} {p.name}, {p.total_memory / 2**30:.1f} GiB, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+    else:
+        lines.append("  cuda          not available")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        lines.append("  mps           available")
+    lines.append(f"dtype support on {device}:")
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        try:
+            x = torch.ones(4, 4, device=device, dtype=dt)
+            (x @ x).sum().item()
+            ok = "ok"
+        except Exception as exc:  # noqa: BLE001
+            ok = f"no ({type(exc).__name__})"
+        lines.append(f"  {str(dt).removeprefix('torch.'):<13} {ok}")
+    probe_dtype = torch.float32 if device.startswith("cpu") else torch.float16
+    ok, reason = probe_xformers(device, probe_dtype)
+    lines.append("attention:")
+    lines.append(f"  --attention auto → {'xformers' if ok else 'sdpa'} ({reason})")
+    lines.append("default models:")
+    lines += _default_models_locally()
+    lines.append(f"easyref home    {easyref_home()}")
+    return "\n".join(lines)

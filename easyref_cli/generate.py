@@ -1,0 +1,156 @@
+"""``easyref generate``: options → Plan → (dry-run listing | run). Torch-free at import.
+
+Kept out of ``cli.py`` so tests reach it without Typer, and so ``--dry-run`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from easyref_cli import files
+from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, DEFAULT_MLLM
+from easyref_cli.errors import UsageError
+from easyref_cli.plan import Plan, build_plan, plan_from_record
+
+logger = logging.getLogger(__name__)
+
+#: ``--model`` families. ``tiny``: random tiny models built locally (pictures are noise).
+MODEL_CHOICES = ("tiny",)
+TINY_DEFAULTS = {"width": 64, "height": 64, "steps": 4}
+TINY_NOTICE = (
+    "--model tiny: tiny RANDOM models built locally for a smoke run — the pipeline is real, "
+    "the pictures are noise."
+)
+
+
+def easyref_home() -> Path:
+    """User state (tiny models, condition cache): ``$EASYREF_HOME`` or ``~/.cache/easyref``."""
+    env = os.environ.get("EASYREF_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "easyref"
+
+
+def tiny_model_paths() -> tuple[str, str, str]:
+    """Build (once) and return ``(base_model, mllm, adapter)`` of the tiny smoke models."""
+    from easyref_cli.testing import ensure_tiny_models
+
+    tiny = ensure_tiny_models(easyref_home() / "tiny-models")
+    return str(tiny.base_model), str(tiny.mllm), str(tiny.adapter_lora)
+
+
+def make_plan(
+    *,
+    groups: Sequence[Path],
+    out_dir: Path,
+    prompts_file: Path | None,
+    prompt: str | None,
+    from_image: Path | None,
+    preset: str | None,
+    options: Mapping[str, Any],
+    model: str | None,
+    base_model: str | None,
+    mllm: str | None,
+    adapter: str | None,
+    device: str | None,
+    dtype: str | None,
+    attention: str | None,
+    name_template: str | None,
+    overwrite: bool,
+    fail_fast: bool,
+) -> Plan:
+    """Every usage/config check happens here, before any model loads."""
+    model_defaults: Mapping[str, Any] | None = None
+    if model is not None:
+        if model not in MODEL_CHOICES:
+            raise UsageError(f"--model must be one of {', '.join(MODEL_CHOICES)}, got {model!r}")
+        if any(v is not None for v in (base_model, mllm, adapter)):
+            raise UsageError("--model tiny replaces --base-model/--mllm/--adapter; give one or the other")
+        base_model, mllm, adapter = tiny_model_paths()
+        model_defaults = TINY_DEFAULTS
+    if from_image is not None:
+        if groups or prompts_file or prompt:
+            raise UsageError("--from-image regenerates one recorded image: give no GROUPS, --prompts or --prompt")
+        record = files.read_png_record(Path(from_image))
+        return plan_from_record(
+            record,
+            out_dir=out_dir,
+            source=str(from_image),
+            base_model=base_model,
+            mllm=mllm,
+            adapter=adapter,
+            device=device,
+            dtype=dtype,
+            attention=attention or "auto",
+            batch_size=int(options.get("batch_size") or 1),
+            overwrite=overwrite,
+            fail_fast=fail_fast,
+            name_template=name_template,
+        )
+    if not groups:
+        raise UsageError("give at least one GROUPS folder (or --from-image IMAGE.png)")
+    plan = build_plan(
+        groups=groups,
+        out_dir=out_dir,
+        prompts_file=prompts_file,
+        prompt=prompt,
+        preset=preset,
+        cli=options,
+        base_model=base_model or DEFAULT_BASE_MODEL,
+        mllm=mllm or DEFAULT_MLLM,
+        adapter=adapter or DEFAULT_ADAPTER,
+        device=device,
+        dtype=dtype,
+        attention=attention or "auto",
+        overwrite=overwrite,
+        fail_fast=fail_fast,
+        name_template=name_template,
+        model_defaults=model_defaults,
+    )
+    for group in plan.groups:
+        for path in group.ignored:
+            logger.info("group %s: ignoring %s (hidden or not an image)", group.name, path)
+    return plan
+
+
+def generate(
+    *,
+    dry_run: bool = False,
+    json_lines: bool = False,
+    progress: bool = True,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+    **plan_kwargs: Any,
+) -> int:
+    """Plan, then either describe (``dry_run``) or run. Returns the exit code."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    plan = make_plan(**plan_kwargs)
+    if plan_kwargs.get("model") == "tiny" and progress:
+        print(TINY_NOTICE, file=stderr)
+    if dry_run:
+        if json_lines:
+            import json
+
+            for job in plan.jobs:
+                entry = job.to_dict()
+                entry["exists"] = plan.output_path(job).exists()
+                stdout.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        else:
+            stdout.write(plan.describe() + "\n")
+        return 0
+
+    from easyref_cli import runner
+
+    summary = runner.run_plan(plan, progress=progress, json_out=stdout if json_lines else None)
+    if progress or summary.failed or summary.interrupted:
+        print(summary.line(), file=stderr)
+        for err in summary.errors[:20]:
+            print(f"  failed: {err}", file=stderr)
+    return summary.exit_code

@@ -1,0 +1,330 @@
+"""Execute a :class:`~easyref_cli.plan.Plan`: encode phase, generate phase, per-job error policy.
+
+Data flows one way: plan → encode → generate → write.
+
+* Finished outputs are skipped (resume) unless ``plan.overwrite``; a run with nothing left to do
+  loads no model at all.
+* Phase 1 encodes every condition the pending jobs need — each (group, caption, instruction)
+  once — then releases the MLLM, so peak memory is max(MLLM, SDXL), not the sum.
+* Phase 2 generates in batches of jobs that share size/steps/guidance/scale/scheduler; each image
+  has its own CPU generator, so batching never changes pixels.
+* A job that fails (unreadable reference, NaNs, out of memory) is recorded in the manifest and the
+  run goes on (``fail_fast`` stops it). SIGINT/SIGTERM finish the image in flight, flush the
+  manifest and stop; a second signal aborts at once. Nothing partial is ever written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from easyref_cli import __version__, files
+from easyref_cli.errors import EasyRefError, InputError, JobError
+from easyref_cli.plan import Job, Plan, job_record, reference_entries
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    ok: int = 0
+    skipped: int = 0
+    failed: int = 0
+    interrupted: bool = False
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
+
+    def line(self) -> str:
+        rate = self.ok / self.seconds if self.seconds > 0 and self.ok else 0.0
+        text = f"{self.ok} done, {self.skipped} skipped, {self.failed} failed in {self.seconds:.1f}s ({rate:.2f} images/s)"
+        return text + (" — interrupted; rerun the same command to finish" if self.interrupted else "")
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM: the runner stops after the image in flight."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+
+
+@contextmanager
+def _graceful_signals(stop: _Stop) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, _frame):
+        if stop.requested:  # second signal: abort now (the in-flight image is discarded)
+            raise KeyboardInterrupt
+        stop.requested, stop.signum = True, signum
+        logger.warning("stopping after the current image (signal again to abort now)")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _batches(jobs: Sequence[Job], size: int) -> Iterator[list[Job]]:
+    """Consecutive jobs sharing everything a batch must share, at most ``size`` at a time."""
+    batch: list[Job] = []
+    for job in jobs:
+        key = (job.steps, job.guidance, job.scale, job.width, job.height, job.scheduler)
+        if batch and (len(batch) >= size or key != (batch[0].steps, batch[0].guidance, batch[0].scale, batch[0].width, batch[0].height, batch[0].scheduler)):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"easyref-cli": __version__}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "xformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def load_pipeline(plan: Plan):
+    """Resolve model ids to local paths (HF cache) and build the pipeline. Raises ModelError."""
+    from easyref_cli.model import hub
+    from easyref_cli.model.pipeline import EasyRefPipeline
+
+    return EasyRefPipeline.from_pretrained(
+        hub.resolve_folder(plan.base_model, "--base-model"),
+        hub.resolve_folder(plan.mllm, "--mllm"),
+        hub.resolve_checkpoint(plan.adapter),
+        device=plan.device,
+        dtype=plan.dtype,
+        attention=plan.attention,
+    )
+
+
+class Runner:
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        progress: bool = True,
+        json_out: IO[str] | None = None,
+        pipeline_factory: Callable[[Plan], Any] = load_pipeline,
+    ):
+        self.plan = plan
+        self.progress = progress
+        self.json_out = json_out
+        self.pipeline_factory = pipeline_factory
+        self.summary = RunSummary(total=len(plan.jobs))
+        self.stop = _Stop()
+        self._manifest: files.ManifestWriter | None = None
+
+    # ---- manifest ------------------------------------------------------------------------------
+
+    def _log(self, job: Job, status: str, **extra: Any) -> None:
+        entry = {
+            "job_id": job.job_id,
+            "status": status,
+            "path": str(self.plan.output_path(job)),
+            "group": job.group.name,
+            "prompt_id": job.prompt_id,
+            "seed": job.seed,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
+        }
+        assert self._manifest is not None
+        self._manifest.write(entry)
+        if self.json_out is not None:
+            self.json_out.write(json.dumps(entry, ensure_ascii=False, sort_keys=True, default=str) + "\n")
+            self.json_out.flush()
+        if status == "ok":
+            self.summary.ok += 1
+        elif status == "skipped":
+            self.summary.skipped += 1
+        elif status == "error":
+            self.summary.failed += 1
+            self.summary.errors.append(f"{job.group.name}/{job.prompt_id} seed {job.seed}: {extra.get('error')}")
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        message = str(exc) if isinstance(exc, EasyRefError) else f"{type(exc).__name__}: {exc}"
+        logger.error("job %s (%s/%s seed %s) failed: %s", job.job_id, job.group.name, job.prompt_id, job.seed, message)
+        self._log(job, "error", error=message)
+        if self.plan.fail_fast:
+            self.stop.requested = True
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        start = time.perf_counter()
+        plan = self.plan
+        pending = plan.pending()
+        pending_ids = {j.job_id for j in pending}
+        try:
+            with files.ManifestWriter(plan.out_dir / files.MANIFEST_NAME) as manifest, _graceful_signals(self.stop):
+                self._manifest = manifest
+                for job in plan.jobs:
+                    if job.job_id not in pending_ids:
+                        self._log(job, "skipped", reason="output exists")
+                if pending:
+                    self._run_pending(pending)
+        except KeyboardInterrupt:
+            self.summary.interrupted = True
+        finally:
+            self._manifest = None
+            self.summary.seconds = time.perf_counter() - start
+        if self.stop.requested and self.stop.signum is not None:
+            self.summary.interrupted = True
+        return self.summary
+
+    def _run_pending(self, pending: list[Job]) -> None:
+        from tqdm.auto import tqdm
+
+        pipe = self.pipeline_factory(self.plan)
+        base_record = {
+            "adapter_sha256": pipe.checkpoint.sha256,
+            "versions": package_versions(),
+            "attention": {"backend": pipe.attention.backend, "requested": pipe.attention.requested, "reason": pipe.attention.reason},
+            "device": str(pipe.device),
+            "dtype": {"sdxl": str(pipe.sdxl_dtype).removeprefix("torch."), "mllm": str(pipe.encoder_dtype).removeprefix("torch.")},
+        }
+        # Phase 1: encode each (group, caption, instruction) once.
+        conditions, encode_seconds, references, ready = self._encode_phase(pipe, pending, tqdm)
+        pipe.release_encoder()
+        # Phase 2: generate.
+        bar = tqdm(total=len(ready), desc="images", unit="img", disable=not self.progress, file=sys.stderr)
+        step_bar = tqdm(total=0, desc="steps", unit="step", leave=False, disable=not self.progress, file=sys.stderr, position=1)
+        try:
+            for batch in _batches(ready, self.plan.batch_size):
+                if self.stop.requested:
+                    break
+                self._generate_batch(pipe, batch, conditions, encode_seconds, references, base_record, step_bar)
+                bar.update(len(batch))
+        finally:
+            step_bar.close()
+            bar.close()
+
+    def _encode_phase(self, pipe, pending: list[Job], tqdm):
+        conditions: dict[tuple, Any] = {}
+        encode_seconds: dict[tuple, float] = {}
+        references: dict[str, list[dict[str, str]]] = {}
+        ready: list[Job] = []
+        by_group: dict[str, list[Job]] = {}
+        for job in pending:
+            by_group.setdefault(job.group.name, []).append(job)
+        bar = tqdm(total=len(by_group), desc="encoding groups", unit="group", disable=not self.progress, file=sys.stderr)
+        try:
+            for name, jobs in by_group.items():
+                if self.stop.requested:
+                    break
+                group = jobs[0].group
+                try:
+                    images = files.load_group_images(group)
+                    references[name] = reference_entries(group)
+                except InputError as exc:
+                    for job in jobs:
+                        self._fail(job, exc)
+                    continue
+                for job in jobs:
+                    key = (name, job.caption, job.instruction)
+                    if key in conditions:
+                        ready.append(job)
+                        continue
+                    try:
+                        t0 = time.perf_counter()
+                        conditions[key] = pipe.encode_references(images, job.caption, job.instruction)
+                        encode_seconds[key] = time.perf_counter() - t0
+                        ready.append(job)
+                    except EasyRefError as exc:
+                        self._fail(job, exc)
+                bar.update(1)
+        finally:
+            bar.close()
+        return conditions, encode_seconds, references, ready
+
+    def _generate_batch(self, pipe, batch, conditions, encode_seconds, references, base_record, step_bar) -> None:
+        from easyref_cli.model.pipeline import GenerationRequest
+
+        requests = [
+            GenerationRequest(
+                prompt=j.prompt,
+                ref_embeds=conditions[(j.group.name, j.caption, j.instruction)],
+                seed=j.seed,
+                negative_prompt=j.negative_prompt,
+                steps=j.steps,
+                guidance=j.guidance,
+                scale=j.scale,
+                width=j.width,
+                height=j.height,
+            )
+            for j in batch
+        ]
+
+        def on_step(step: int, total: int) -> None:
+            if step_bar.total != total:
+                step_bar.reset(total=total)
+            step_bar.n = step
+            step_bar.refresh()
+
+        t0 = time.perf_counter()
+        try:
+            pipe.set_scheduler(batch[0].scheduler)
+            images = pipe.generate(requests, step_callback=on_step)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - OOM, NaNs, anything: recorded per job, the run goes on
+            for job in batch:
+                self._fail(job, _job_error(exc))
+            return
+        per_image = (time.perf_counter() - t0) / len(batch)
+        for job, image in zip(batch, images, strict=True):
+            record = job_record(job, self.plan, references=references[job.group.name])
+            record.update(base_record)
+            record["timings"] = {
+                "encode_s": round(encode_seconds.get((job.group.name, job.caption, job.instruction), 0.0), 4),
+                "generate_s": round(per_image, 4),
+                "batch_size": len(batch),
+            }
+            try:
+                files.write_png_atomic(self.plan.output_path(job), image, record=record)
+            except EasyRefError as exc:
+                self._fail(job, exc)
+                continue
+            self._log(job, "ok")
+
+
+def _job_error(exc: BaseException) -> JobError:
+    if isinstance(exc, JobError):
+        return exc
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "out of memory" in text.lower():
+        return JobError(f"out of memory: {text} (try --batch-size 1, a smaller size or --dtype float16)")
+    return JobError(f"{type(exc).__name__}: {text}")
+
+
+def run_plan(plan: Plan, **kwargs: Any) -> RunSummary:
+    """Run ``plan`` (see :class:`Runner`); returns a summary whose ``exit_code`` the CLI uses."""
+    return Runner(plan, **kwargs).run()
