@@ -124,6 +124,10 @@ def generate(
     dry_run: bool = False,
     json_lines: bool = False,
     progress: bool = True,
+    cache_dir: Path | None = None,
+    no_cache: bool = False,
+    compile: bool = False,
+    offload: str | None = None,
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
     **plan_kwargs: Any,
@@ -148,7 +152,12 @@ def generate(
 
     from easyref_cli import runner
 
-    summary = runner.run_plan(plan, progress=progress, json_out=stdout if json_lines else None)
+    options = runner.RunOptions(
+        cache_dir=None if no_cache else (cache_dir or easyref_home() / "conditions"),
+        compile=compile,
+        offload=offload or "none",
+    )
+    summary = runner.run_plan(plan, progress=progress, json_out=stdout if json_lines else None, options=options)
     if progress or summary.failed or summary.interrupted:
         print(summary.line(), file=stderr)
         for err in summary.errors[:20]:

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,19 +111,56 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def load_pipeline(plan: Plan):
-    """Resolve model ids to local paths (HF cache) and build the pipeline. Raises ModelError."""
+@dataclass(frozen=True)
+class ResolvedModels:
+    base_model: Path
+    mllm: Path
+    adapter: Path
+
+
+def resolve_models(plan: Plan) -> ResolvedModels:
+    """Model ids → local paths (Hugging Face cache for hub ids). Raises ModelError with guidance."""
     from easyref_cli.model import hub
+
+    return ResolvedModels(
+        base_model=hub.resolve_folder(plan.base_model, "--base-model"),
+        mllm=hub.resolve_folder(plan.mllm, "--mllm"),
+        adapter=hub.resolve_checkpoint(plan.adapter),
+    )
+
+
+def load_pipeline(plan: Plan, models: ResolvedModels, checkpoint, options: "RunOptions"):
+    """Phase 2's model: SDXL with the adapter installed and LoRA merged (the MLLM is not loaded)."""
     from easyref_cli.model.pipeline import EasyRefPipeline
 
     return EasyRefPipeline.from_pretrained(
-        hub.resolve_folder(plan.base_model, "--base-model"),
-        hub.resolve_folder(plan.mllm, "--mllm"),
-        hub.resolve_checkpoint(plan.adapter),
+        models.base_model,
+        models.mllm,
+        checkpoint,
         device=plan.device,
         dtype=plan.dtype,
         attention=plan.attention,
+        compile=options.compile,
+        offload=options.offload,
     )
+
+
+def load_encoder(plan: Plan, models: ResolvedModels, checkpoint):
+    """Phase 1's model: the reference encoder (Qwen2-VL trunk + final layer + projector)."""
+    from easyref_cli.model.encoder import ReferenceEncoder
+    from easyref_cli.model.pipeline import default_device, resolve_dtypes
+
+    device = plan.device or default_device()
+    return ReferenceEncoder.from_pretrained(models.mllm, checkpoint, device=device, dtype=resolve_dtypes(plan.dtype, device)[1])
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (never what to generate: nothing here changes pixels)."""
+
+    cache_dir: Path | None = None  # condition cache; None disables it
+    compile: bool = False
+    offload: str = "none"
 
 
 class Runner:
@@ -133,12 +170,12 @@ class Runner:
         *,
         progress: bool = True,
         json_out: IO[str] | None = None,
-        pipeline_factory: Callable[[Plan], Any] = load_pipeline,
+        options: RunOptions | None = None,
     ):
         self.plan = plan
         self.progress = progress
         self.json_out = json_out
-        self.pipeline_factory = pipeline_factory
+        self.options = options or RunOptions()
         self.summary = RunSummary(total=len(plan.jobs))
         self.stop = _Stop()
         self._manifest: files.ManifestWriter | None = None
@@ -203,18 +240,24 @@ class Runner:
     def _run_pending(self, pending: list[Job]) -> None:
         from tqdm.auto import tqdm
 
-        pipe = self.pipeline_factory(self.plan)
+        from easyref_cli.model.checkpoint import load_checkpoint
+
+        models = resolve_models(self.plan)
+        checkpoint = load_checkpoint(models.adapter)
+        # Phase 1: every condition the pending jobs need (cache, else the MLLM; released afterwards).
+        conditions, encode_seconds, references, ready = self._encode_phase(pending, models, checkpoint, tqdm)
+        if not ready or self.stop.requested:
+            return
+        # Phase 2: SDXL only.
+        pipe = load_pipeline(self.plan, models, checkpoint, self.options)
         base_record = {
-            "adapter_sha256": pipe.checkpoint.sha256,
+            "adapter_sha256": checkpoint.sha256,
             "versions": package_versions(),
             "attention": {"backend": pipe.attention.backend, "requested": pipe.attention.requested, "reason": pipe.attention.reason},
             "device": str(pipe.device),
             "dtype": {"sdxl": str(pipe.sdxl_dtype).removeprefix("torch."), "mllm": str(pipe.encoder_dtype).removeprefix("torch.")},
+            "compile": pipe.compiled,
         }
-        # Phase 1: encode each (group, caption, instruction) once.
-        conditions, encode_seconds, references, ready = self._encode_phase(pipe, pending, tqdm)
-        pipe.release_encoder()
-        # Phase 2: generate.
         bar = tqdm(total=len(ready), desc="images", unit="img", disable=not self.progress, file=sys.stderr)
         step_bar = tqdm(total=0, desc="steps", unit="step", leave=False, disable=not self.progress, file=sys.stderr, position=1)
         try:
@@ -227,7 +270,46 @@ class Runner:
             step_bar.close()
             bar.close()
 
-    def _encode_phase(self, pipe, pending: list[Job], tqdm):
+    def _encode_phase(self, pending: list[Job], models: ResolvedModels, checkpoint, tqdm):
+        """Each (group, caption, instruction) once: from the condition cache, else prefix-reusing encodes.
+
+        The MLLM is loaded only on the first cache miss and released before returning.
+        """
+        from easyref_cli.conditions import ConditionCache, condition_key
+        from easyref_cli.model.hub import folder_fingerprint
+        from easyref_cli.model.pipeline import RefEmbeds, default_device, resolve_dtypes
+
+        plan = self.plan
+        device = plan.device or default_device()
+        encoder_dtype = resolve_dtypes(plan.dtype, device)[1]
+        cache = ConditionCache(self.options.cache_dir)
+        model_key = {
+            "mllm": folder_fingerprint(models.mllm),
+            "adapter": checkpoint.sha256,
+            "final": "causal",
+            "dtype": str(encoder_dtype),
+            "device_type": str(device).split(":")[0],
+        }
+        encoder = None
+
+        def get_encoder():
+            nonlocal encoder
+            if encoder is None:
+                encoder = load_encoder(plan, models, checkpoint)
+            return encoder
+
+        uncond: dict[str, Any] = {}
+
+        def uncond_for(instruction: str):
+            if instruction not in uncond:
+                key = condition_key(kind="uncond", instruction=instruction, **model_key)
+                tokens = cache.get(key)
+                if tokens is None:
+                    tokens = get_encoder().encode_uncond(instruction)
+                    cache.put(key, tokens, {"kind": "uncond", "instruction": instruction})
+                uncond[instruction] = tokens
+            return uncond[instruction]
+
         conditions: dict[tuple, Any] = {}
         encode_seconds: dict[tuple, float] = {}
         references: dict[str, list[dict[str, str]]] = {}
@@ -242,12 +324,13 @@ class Runner:
                     break
                 group = jobs[0].group
                 try:
-                    images = files.load_group_images(group)
                     references[name] = reference_entries(group)
                 except InputError as exc:
                     for job in jobs:
                         self._fail(job, exc)
                     continue
+                group_hash = condition_key(files=[(Path(r["path"]).name, r["sha256"]) for r in references[name]])
+                images, prefixes = None, {}
                 for job in jobs:
                     key = (name, job.caption, job.instruction)
                     if key in conditions:
@@ -255,14 +338,33 @@ class Runner:
                         continue
                     try:
                         t0 = time.perf_counter()
-                        conditions[key] = pipe.encode_references(images, job.caption, job.instruction)
+                        disk_key = condition_key(kind="cond", group=group_hash, caption=job.caption, instruction=job.instruction, **model_key)
+                        cond = cache.get(disk_key)
+                        if cond is None:
+                            if images is None:
+                                images = files.load_group_images(group)  # InputError names the file
+                            enc = get_encoder()
+                            if job.instruction not in prefixes:
+                                prefixes[job.instruction] = enc.encode_prefix(images, job.instruction)
+                            cond = enc.encode_caption(prefixes[job.instruction], job.caption)
+                            cache.put(disk_key, cond, {"kind": "cond", "group": name, "caption": job.caption})
+                        conditions[key] = RefEmbeds(cond=cond, uncond=uncond_for(job.instruction))
                         encode_seconds[key] = time.perf_counter() - t0
                         ready.append(job)
                     except EasyRefError as exc:
+                        if isinstance(exc, InputError):  # the group's images are unusable: fail all its jobs
+                            for other in jobs:
+                                if other.job_id not in {j.job_id for j in ready}:
+                                    self._fail(other, exc)
+                            break
                         self._fail(job, exc)
                 bar.update(1)
         finally:
             bar.close()
+            if encoder is not None:
+                del encoder
+                _free_memory()
+        logger.info("condition cache: %d hits, %d misses", cache.hits, cache.misses)
         return conditions, encode_seconds, references, ready
 
     def _generate_batch(self, pipe, batch, conditions, encode_seconds, references, base_record, step_bar) -> None:
@@ -316,6 +418,19 @@ class Runner:
             self._log(job, "ok")
 
 
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
 def _job_error(exc: BaseException) -> JobError:
     if isinstance(exc, JobError):
         return exc
@@ -325,6 +440,6 @@ def _job_error(exc: BaseException) -> JobError:
     return JobError(f"{type(exc).__name__}: {text}")
 
 
-def run_plan(plan: Plan, **kwargs: Any) -> RunSummary:
+def run_plan(plan: Plan, **kwargs: Any) -> RunSummary:  # noqa: D103
     """Run ``plan`` (see :class:`Runner`); returns a summary whose ``exit_code`` the CLI uses."""
     return Runner(plan, **kwargs).run()

@@ -12,7 +12,8 @@ before ``to_out``. ``attn1`` keeps a stock processor. LoRA is merged into the ba
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,11 @@ class EasyRefAttnProcessor(nn.Module):
         self.backend = backend
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        # Reference K/V reuse across denoising steps (see reference_kv_cache): the 64 reference tokens
+        # are constant for a whole generation, so their projections are computed once, not per step.
+        self.cache_kv = False
+        self._kv_source: torch.Tensor | None = None
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         kernel = _KERNELS[self.backend]
@@ -91,8 +97,13 @@ class EasyRefAttnProcessor(nn.Module):
         q = split_heads(query)
         out = kernel(q, split_heads(attn.to_k(text)), split_heads(attn.to_v(text)), attention_mask)
         if self.scale != 0:
-            ip = kernel(q, split_heads(self.to_k_ip(refs)), split_heads(self.to_v_ip(refs)))
-            out = out + self.scale * ip
+            if self.cache_kv and self._kv is not None and self._kv_source is encoder_hidden_states:
+                ip_k, ip_v = self._kv
+            else:
+                ip_k, ip_v = split_heads(self.to_k_ip(refs)), split_heads(self.to_v_ip(refs))
+                if self.cache_kv:  # holding the source tensor keeps the identity check sound
+                    self._kv_source, self._kv = encoder_hidden_states, (ip_k, ip_v)
+            out = out + self.scale * kernel(q, ip_k, ip_v)
         hidden_states = out.reshape(batch, -1, heads * head_dim).to(query.dtype)
 
         hidden_states = attn.to_out[0](hidden_states)
@@ -130,6 +141,23 @@ def install_adapter(
         proc.to_v_ip.weight.data.copy_(weights["to_v_ip"])
         processors[name] = proc.to(device=ref.device, dtype=ref.dtype)
     unet.set_attn_processor(processors)
+
+
+@contextmanager
+def reference_kv_cache(unet: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within one denoising loop, compute each ``attn2``'s reference K/V once and reuse it every step.
+
+    The pipeline builds the context tensor once before the loop, so every step passes the same
+    tensor object; the cache is dropped on exit so nothing leaks into the next generation.
+    """
+    procs = [p for p in unet.attn_processors.values() if isinstance(p, EasyRefAttnProcessor)]
+    for p in procs:
+        p.cache_kv, p._kv_source, p._kv = enabled, None, None
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.cache_kv, p._kv_source, p._kv = False, None, None
 
 
 def set_scale(unet: nn.Module, scale: float) -> None:

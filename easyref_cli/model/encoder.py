@@ -319,13 +319,77 @@ class ReferenceEncoder(nn.Module):
         return x[:, -self.num_tokens :]
 
     @torch.inference_mode()
-    def encode(self, images: Sequence, caption: str = "", instruction: str = INSTRUCTION) -> torch.Tensor:
-        """Condition tokens ``(num_tokens, cross_attention_dim)`` for one group and caption."""
+    def encode_full(self, images: Sequence, caption: str = "", instruction: str = INSTRUCTION) -> torch.Tensor:
+        """The whole prompt in one pass (no prefix reuse). The reference path for tests and the fallback."""
         batch = self.prepare_images(images)
         input_ids = self.tokenize(batch.token_counts, caption, instruction)
         embeds = self.embed(input_ids, self.image_features(batch))
         hidden = self.trunk(embeds)
         return self.projector(self.final(hidden))[0]
+
+    # ---- prefix reuse (DESIGN §5): images + instruction once per group, then per caption only the suffix
+
+    @torch.inference_mode()
+    def encode_prefix(self, images: Sequence, instruction: str = INSTRUCTION) -> PrefixState:
+        """Run system + images + instruction once: keep the trunk's and the final layer's K/V for it.
+
+        Valid because the trunk and the final layer are causal over these positions and the caption comes
+        after them (the final layer's K/V are projections of its input, so they hold for the
+        bidirectional option too).
+        """
+        batch = self.prepare_images(images)
+        text = build_prompt(batch.token_counts, "", instruction)
+        prefix_text = text[: len(text) - len(ASSISTANT_SUFFIX)]
+        ids = self.tokenizer(prefix_text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        embeds = self.embed(ids, self.image_features(batch))
+        n = embeds.shape[1]
+        trunk_kv, final_kv = PrefixKV(), PrefixKV()
+        hidden = self._layers(self.language_model.layers, embeds, 0, trunk_kv, causal=True)
+        hidden = self.language_model.norm(hidden)
+        self._layers(self.final_layer.layers, hidden, 0, final_kv, causal=True)
+        trunk_kv.freeze()
+        final_kv.freeze()
+        return PrefixState(
+            images=list(images), instruction=instruction, token_counts=batch.token_counts,
+            input_ids=ids, length=n, trunk_kv=trunk_kv, final_kv=final_kv,
+        )
+
+    @torch.inference_mode()
+    def encode_caption(self, prefix: PrefixState, caption: str) -> torch.Tensor:
+        """Condition tokens for ``caption`` reusing ``prefix``: only the caption suffix runs through the trunk.
+
+        Falls back to :meth:`encode_full` when the tokenizer does not split ``prefix + caption`` as
+        ``tokens(prefix) + tokens(caption)``.
+        """
+        suffix_ids = self.tokenizer(caption + ASSISTANT_SUFFIX, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        full_ids = self.tokenize(prefix.token_counts, caption, prefix.instruction)
+        if not torch.equal(full_ids, torch.cat([prefix.input_ids, suffix_ids], dim=1)):
+            logger.debug("tokenizer merges across the caption boundary of %r: full encode", caption)
+            return self.encode_full(prefix.images, caption, prefix.instruction)
+        start = prefix.length
+        embeds = self.language_model.embed_tokens(suffix_ids.to(self.device))
+        hidden = self._layers(self.language_model.layers, embeds, start, prefix.trunk_kv, causal=True)
+        hidden = self.language_model.norm(hidden)
+        refs = self.final_layer.reference_tokens.to(hidden.dtype).unsqueeze(0)
+        x = torch.cat([hidden, refs], dim=1)
+        x = self._layers(self.final_layer.layers, x, start, prefix.final_kv, causal=not self.bidirectional_final)
+        x = self.final_layer.norm(x)[:, -self.num_tokens :]
+        return self.projector(x)[0]
+
+    def _layers(self, layers, x: torch.Tensor, start: int, kv: "PrefixKV", *, causal: bool) -> torch.Tensor:
+        """Decoder layers over positions ``start … start+len-1`` attending to ``kv``'s cached prefix, with an
+        explicit mask (SDPA's own ``is_causal`` is top-left aligned, wrong once a prefix is cached)."""
+        q_len = x.shape[1]
+        positions = sequential_positions(start, q_len, x.shape[0], x.device)
+        position_embeddings = self.language_model.rotary_emb(x, positions)
+        mask = attention_mask(q_len, start, x.dtype, x.device, causal=causal)
+        for layer in layers:
+            x = layer(x, attention_mask=mask, position_embeddings=position_embeddings, **compat.cache_kwargs(layer, kv))
+        return x
+
+    def encode(self, images: Sequence, caption: str = "", instruction: str = INSTRUCTION) -> torch.Tensor:
+        """Condition tokens ``(num_tokens, cross_attention_dim)`` for one group and caption."""
+        return self.encode_caption(self.encode_prefix(images, instruction), caption)
 
     def encode_uncond(self, instruction: str = INSTRUCTION) -> torch.Tensor:
         """Rule 6: one black 512² image, the instruction and an empty caption. Cached per instruction."""
@@ -333,6 +397,53 @@ class ReferenceEncoder(nn.Module):
         if key not in self._uncond_cache:
             self._uncond_cache[key] = self.encode([black_image()], "", instruction)
         return self._uncond_cache[key]
+
+
+class PrefixKV:
+    """A minimal KV cache for one prefix, shared read-only by every caption of a group.
+
+    While recording it stores each layer's K/V; once frozen, ``update`` returns ``prefix ⊕ new`` and
+    stores nothing, so one prefix serves any number of captions without copies or cropping.
+    """
+
+    def __init__(self) -> None:
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._frozen = False
+
+    def freeze(self) -> None:
+        self._frozen = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not self._frozen:
+            self._kv[layer_idx] = (key_states, value_states)
+            return key_states, value_states
+        k, v = self._kv[layer_idx]
+        return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv[layer_idx][0].shape[-2] if layer_idx in self._kv else 0
+
+
+@dataclass
+class PrefixState:
+    """What :meth:`ReferenceEncoder.encode_prefix` keeps for a group: reused by every caption."""
+
+    images: list
+    instruction: str
+    token_counts: tuple[int, ...]
+    input_ids: torch.Tensor
+    length: int
+    trunk_kv: PrefixKV
+    final_kv: PrefixKV
+
+
+def attention_mask(q_len: int, past: int, dtype: torch.dtype, device, *, causal: bool) -> torch.Tensor:
+    """Additive ``(1, 1, q_len, past + q_len)`` mask: query ``i`` (at position ``past + i``) sees keys ``≤ past + i``."""
+    mask = torch.zeros(q_len, past + q_len, dtype=dtype, device=device)
+    if causal:
+        blocked = torch.ones(q_len, past + q_len, dtype=torch.bool, device=device).triu(past + 1)
+        mask.masked_fill_(blocked, torch.finfo(dtype).min)
+    return mask[None, None]
 
 
 def sequential_positions(start: int, length: int, batch: int, device) -> torch.Tensor:

@@ -83,3 +83,23 @@ def _single_checkpoint(folder: Path, spec: str, option: str) -> Path:
         raise ModelError(f"{spec} holds no checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})")
     names = ", ".join(str(p.relative_to(folder)) for p in files)
     raise ModelError(f"{spec} holds several checkpoints ({names}); pass {option} {spec}/<file>")
+
+
+def folder_fingerprint(path: Path) -> str:
+    """A cheap identity for a model folder: its config and the names and sizes of its weight files.
+
+    Hashing multi-GB weights on every run would cost more than the encode it protects; a hub
+    snapshot's files are content-addressed anyway, and a retrained local folder changes sizes or
+    config in practice. Used in condition-cache keys.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    path = Path(path)
+    for cfg in ("config.json", "preprocessor_config.json", "tokenizer.json"):
+        f = path / cfg
+        if f.is_file():
+            h.update(cfg.encode() + b"\0" + f.read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()

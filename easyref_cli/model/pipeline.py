@@ -109,6 +109,9 @@ class EasyRefPipeline:
         self.bidirectional_final = bidirectional_final
         self._encoder: ReferenceEncoder | None = None
         self._scheduler_name = "euler"
+        self._base_scheduler_config = sdxl.scheduler.config
+        self.compiled: dict = {"enabled": False, "reason": "not requested"}
+        self.offload = "none"
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -124,6 +127,8 @@ class EasyRefPipeline:
         attention: str = "auto",
         scheduler: str = "euler",
         bidirectional_final: bool = False,
+        compile: bool = False,
+        offload: str = "none",
     ) -> "EasyRefPipeline":
         device = device or default_device()
         sdxl_dtype, encoder_dtype = resolve_dtypes(dtype, device)
@@ -145,7 +150,8 @@ class EasyRefPipeline:
             cross_attention_dim=checkpoint.cross_attention_dim,
             backend=choice.backend,
         )
-        sdxl.to(device)
+        placement = place_pipeline(sdxl, device, offload)
+        compiled = compile_unet(sdxl, device) if compile else {"enabled": False, "reason": "not requested"}
         sdxl.set_progress_bar_config(disable=True)
         pipe = cls(
             sdxl,
@@ -159,6 +165,8 @@ class EasyRefPipeline:
         )
         pipe._base_scheduler_config = base_scheduler_config
         pipe._scheduler_name = scheduler
+        pipe.compiled = compiled
+        pipe.offload = placement
         return pipe
 
     def set_scheduler(self, name: str) -> None:
@@ -236,7 +244,7 @@ class EasyRefPipeline:
             raise UsageError("a batch must share steps, guidance, scale, width and height")
         check_size(first.width, first.height)
         pipe = self.sdxl
-        device = pipe.unet.device
+        device = pipe._execution_device  # honours CPU offload hooks
         # 2. text embeddings (CLIP, 77 tokens each)
         prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
             [r.prompt for r in requests],
@@ -261,8 +269,22 @@ class EasyRefPipeline:
                 step_callback(step + 1, first.steps)
                 return kwargs
 
-        # 6. denoise + decode
-        out = pipe(
+        # 6. denoise + decode (reference K/V computed once per image, not once per step)
+        with adapter_mod.reference_kv_cache(pipe.unet, enabled=not self.compiled["enabled"]):
+            out = self._denoise(
+                prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback
+            )
+        arrays = out.images
+        bad = [r.seed for r, a in zip(requests, arrays) if not np.isfinite(a).all()]
+        if bad:
+            raise JobError(
+                f"the image for seed(s) {bad} has NaN/inf pixels (numerical overflow; "
+                "try --dtype float32 or bfloat16)"
+            )
+        return pipe.image_processor.numpy_to_pil(arrays)
+
+    def _denoise(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback):
+        return self.sdxl(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
             pooled_prompt_embeds=pooled,
@@ -275,14 +297,41 @@ class EasyRefPipeline:
             output_type="np",
             callback_on_step_end=callback,
         )
-        arrays = out.images
-        bad = [r.seed for r, a in zip(requests, arrays) if not np.isfinite(a).all()]
-        if bad:
-            raise JobError(
-                f"the image for seed(s) {bad} has NaN/inf pixels (numerical overflow; "
-                "try --dtype float32 or bfloat16)"
-            )
-        return pipe.image_processor.numpy_to_pil(arrays)
+
+
+OFFLOAD_CHOICES = ("none", "model", "sequential")
+
+
+def place_pipeline(sdxl, device: str, offload: str) -> str:
+    """Move SDXL to ``device``, or set up accelerate CPU offload for small GPUs. Returns what was done."""
+    if offload not in OFFLOAD_CHOICES:
+        raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
+    if offload != "none" and str(device).startswith("cpu"):
+        logger.warning("--offload %s has no effect on the CPU; ignoring it", offload)
+        offload = "none"
+    if offload == "model":
+        sdxl.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        sdxl.enable_sequential_cpu_offload(device=device)
+    else:
+        sdxl.to(device)
+    return offload
+
+
+def compile_unet(sdxl, device: str) -> dict:
+    """``torch.compile`` the UNet where it pays off (CUDA); elsewhere fall back to eager and say why.
+
+    Shapes are static per batch key, so jobs of the same size/batch reuse one compiled graph.
+    """
+    if not str(device).startswith("cuda"):
+        logger.warning("--compile is only used on CUDA devices; running the UNet eagerly on %s", device)
+        return {"enabled": False, "reason": f"not supported on {device}"}
+    try:
+        sdxl.unet = torch.compile(sdxl.unet, mode="max-autotune-no-cudagraphs", fullgraph=False, dynamic=False)
+    except Exception as exc:  # noqa: BLE001 - backend missing etc.
+        logger.warning("torch.compile failed (%s); running eagerly", exc)
+        return {"enabled": False, "reason": f"torch.compile failed: {type(exc).__name__}"}
+    return {"enabled": True, "reason": "torch.compile (max-autotune-no-cudagraphs)"}
 
 
 def check_size(width: int, height: int) -> None:
