@@ -8,17 +8,13 @@ Exit codes: 0 ok, 1 some jobs failed, 2 usage/config/model error before work, 13
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from easyref_cli import __version__
-from easyref_cli.errors import EasyRefError
+from easyref_cli.clitools import handle_errors, setup_logging
 from easyref_cli.options import (
     AdapterOpt,
     BaseModelOpt,
@@ -40,34 +36,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-EXIT_OK, EXIT_JOBS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def _debug() -> bool:
-    return os.environ.get("EASYREF_DEBUG", "").lower() in {"1", "true", "yes"}
-
-
-def handle_errors(func):
-    """The one place that turns exceptions into messages and exit codes (``EASYREF_DEBUG=1`` re-raises)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except EasyRefError as exc:
-            if _debug():
-                raise
-            typer.echo(f"Error: {exc}", err=True)
-            raise typer.Exit(code=exc.exit_code) from None
-        except KeyboardInterrupt:
-            if _debug():
-                raise
-            typer.echo("Interrupted.", err=True)
-            raise typer.Exit(code=EXIT_INTERRUPTED) from None
-
-    return wrapper
-
-
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"easyref-cli {__version__}")
@@ -82,15 +50,6 @@ def _root(
 
     Set EASYREF_DEBUG=1 for full tracebacks, EASYREF_HOME for where tiny models and caches live.
     """
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    if level > logging.DEBUG:
-        # transformers/diffusers configure their loggers on import, from these variables.
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 @app.command()
@@ -113,7 +72,7 @@ def encode(
     Writes tensors ``cond`` and ``uncond`` of shape (64, cross_attention_dim) to a safetensors
     file, with model ids, hashes, instruction and caption in its metadata.
     """
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     from easyref_cli.encode import encode_group
 
     result = encode_group(
@@ -176,7 +135,7 @@ def generate(
 
     Exit codes: 0 ok, 1 some jobs failed, 2 usage/config/model error, 130 interrupted.
     """
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet)
     from easyref_cli.generate import generate as run_generate
 
     options = {
