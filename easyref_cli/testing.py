@@ -207,13 +207,23 @@ def _build_qwen2_tokenizer():
     )
 
 
-def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
+def build_tiny_qwen2vl(
+    path: Path,
+    seed: int = 0,
+    *,
+    text_overrides: dict | None = None,
+    vision_overrides: dict | None = None,
+    vocab_size: int | None = None,
+) -> Path:
     """Build a tiny random ``Qwen2VLForConditionalGeneration`` folder at ``path``.
 
     Text model: hidden 64, 3 layers, 4 heads / 2 KV heads, M-RoPE sections (2, 3, 3), tied
     embeddings. Vision tower: depth 2, width 32, patch 14, merge 2 (its merger outputs 64).
     The folder holds ``config.json``, ``model.safetensors``, the tokenizer files and
     ``preprocessor_config.json``. Returns ``path``.
+
+    ``text_overrides`` / ``vision_overrides`` change config entries (benchmarks build mid-size or
+    full-size shapes this way); ``vocab_size`` pads the embedding (the tokenizer stays byte-level).
     """
     import torch
     from transformers import (
@@ -226,42 +236,46 @@ def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_qwen2_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2VL_SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // 64) * 64  # round up: the embedding covers every id
+    vocab_size = max(vocab_size or 0, -(-len(tokenizer) // 64) * 64)  # the embedding covers every id
 
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": [2, 3, 3],  # sums to head_dim / 2 = 8
+        },
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096,
+        # 0.1 instead of 0.02: activations near unit scale, as in trained models (with 0.02
+        # the hidden states are ~0.02 and the RMSNorm eps becomes visible).
+        "initializer_range": 0.1,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    vision_config = {
+        "depth": 2,
+        "embed_dim": 32,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "hidden_size": 64,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "initializer_range": 0.1,
+    }
+    text_config.update(text_overrides or {})
+    vision_config.update(vision_overrides or {})
     config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1000000.0,
-                "mrope_section": [2, 3, 3],  # sums to head_dim / 2 = 8
-            },
-            "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 4096,
-            # 0.1 instead of 0.02: activations near unit scale, as in trained models (with 0.02
-            # the hidden states are ~0.02 and the RMSNorm eps becomes visible).
-            "initializer_range": 0.1,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": 2,
-            "embed_dim": 32,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "hidden_size": 64,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "in_channels": 3,
-            "initializer_range": 0.1,
-        },
+        text_config=text_config,
+        vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
