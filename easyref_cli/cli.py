@@ -222,5 +222,11 @@ def doctor(
     typer.echo(report(device=device))
 
 
+from easyref_cli.eval.command import eval_command, report_command  # noqa: E402 - torch-free at import
+
+app.command("eval")(handle_errors(eval_command))
+app.command("report")(handle_errors(report_command))
+
+
 def main() -> None:
     app()
