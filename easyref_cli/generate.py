@@ -37,11 +37,13 @@ def easyref_home() -> Path:
     return Path(base) / "easyref"
 
 
-def tiny_model_paths() -> tuple[str, str, str]:
-    """Build (once) and return ``(base_model, mllm, adapter)`` of the tiny smoke models."""
-    from easyref_cli.testing import ensure_tiny_models
+def tiny_model_paths(*, build: bool = True) -> tuple[str, str, str]:
+    """``(base_model, mllm, adapter)`` of the tiny smoke models, built once unless ``build=False``
+    (a dry run only needs the paths)."""
+    from easyref_cli.testing import ensure_tiny_models, tiny_layout
 
-    tiny = ensure_tiny_models(easyref_home() / "tiny-models")
+    root = easyref_home() / "tiny-models"
+    tiny = ensure_tiny_models(root) if build else tiny_layout(root)
     return str(tiny.base_model), str(tiny.mllm), str(tiny.adapter_lora)
 
 
@@ -64,6 +66,7 @@ def make_plan(
     name_template: str | None,
     overwrite: bool,
     fail_fast: bool,
+    dry_run: bool = False,
 ) -> Plan:
     """Every usage/config check happens here, before any model loads."""
     model_defaults: Mapping[str, Any] | None = None
@@ -72,12 +75,16 @@ def make_plan(
             raise UsageError(f"--model must be one of {', '.join(MODEL_CHOICES)}, got {model!r}")
         if any(v is not None for v in (base_model, mllm, adapter)):
             raise UsageError("--model tiny replaces --base-model/--mllm/--adapter; give one or the other")
-        base_model, mllm, adapter = tiny_model_paths()
+        base_model, mllm, adapter = tiny_model_paths(build=not dry_run)
         model_defaults = TINY_DEFAULTS
     if from_image is not None:
-        if groups or prompts_file or prompt:
-            raise UsageError("--from-image regenerates one recorded image: give no GROUPS, --prompts or --prompt")
+        if groups or prompts_file or prompt or preset:
+            raise UsageError("--from-image regenerates one recorded image: give no GROUPS, --prompts, --prompt or --preset")
         record = files.read_png_record(Path(from_image))
+        given = sorted(k for k, v in options.items() if v is not None and k != "batch_size")
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UsageError(f"--from-image takes its settings from the image's record; {flags} cannot change them")
         return plan_from_record(
             record,
             out_dir=out_dir,
@@ -135,7 +142,7 @@ def generate(
     """Plan, then either describe (``dry_run``) or run. Returns the exit code."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    plan = make_plan(**plan_kwargs)
+    plan = make_plan(dry_run=dry_run, **plan_kwargs)
     if plan_kwargs.get("model") == "tiny" and progress:
         print(TINY_NOTICE, file=stderr)
     if dry_run:

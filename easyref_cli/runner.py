@@ -386,36 +386,49 @@ class Runner:
         ]
 
         def on_step(step: int, total: int) -> None:
-            if step_bar.total != total:
-                step_bar.reset(total=total)
+            if step == 1 or step_bar.total != total:
+                step_bar.reset(total=total)  # per image, so the rate shown is this image's
             step_bar.n = step
             step_bar.refresh()
 
+        from easyref_cli.model.pipeline import NonFiniteImages
+
         t0 = time.perf_counter()
+        failure: EasyRefError | None = None
         try:
             pipe.set_scheduler(batch[0].scheduler)
             images = pipe.generate(requests, step_callback=on_step)
         except KeyboardInterrupt:
             raise
-        except Exception as exc:  # noqa: BLE001 - OOM, NaNs, anything: recorded per job, the run goes on
+        except NonFiniteImages as exc:  # keep the batch's healthy images
+            images, failure = exc.images, exc
+        except Exception as exc:  # noqa: BLE001 - OOM, anything: recorded per job, the run goes on
             for job in batch:
                 self._fail(job, _job_error(exc))
             return
         per_image = (time.perf_counter() - t0) / len(batch)
         for job, image in zip(batch, images, strict=True):
+            if image is None:
+                self._fail(job, JobError(f"seed {job.seed}: {failure}"))
+                continue
+            # The PNG record holds no wall-clock times, so the same job always gives the same bytes;
+            # timings go to the manifest line.
             record = job_record(job, self.plan, references=references[job.group.name])
             record.update(base_record)
-            record["timings"] = {
-                "encode_s": round(encode_seconds.get((job.group.name, job.caption, job.instruction), 0.0), 4),
-                "generate_s": round(per_image, 4),
-                "batch_size": len(batch),
-            }
             try:
                 files.write_png_atomic(self.plan.output_path(job), image, record=record)
             except EasyRefError as exc:
                 self._fail(job, exc)
                 continue
-            self._log(job, "ok")
+            self._log(
+                job,
+                "ok",
+                timings={
+                    "encode_s": round(encode_seconds.get((job.group.name, job.caption, job.instruction), 0.0), 4),
+                    "generate_s": round(per_image, 4),
+                    "batch_size": len(batch),
+                },
+            )
 
 
 def _free_memory() -> None:

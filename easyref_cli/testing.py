@@ -125,7 +125,7 @@ class TinyModels:
     adapter_deepspeed: Path
 
 
-def _layout(root: Path) -> TinyModels:
+def tiny_layout(root: Path) -> TinyModels:
     """Where ``build_tiny_models`` puts each model under ``root``."""
     root = Path(root)
     adapters = root / "easyref"
@@ -648,7 +648,7 @@ def build_tiny_models(root: Path, seed: int = 0) -> TinyModels:
     """Build the tiny Qwen2-VL, the tiny SDXL and the four EasyRef checkpoints under ``root``."""
     import torch
 
-    layout = _layout(root)
+    layout = tiny_layout(root)
     layout.root.mkdir(parents=True, exist_ok=True)
     with _quiet_progress_bars():
         build_tiny_qwen2vl(layout.mllm, seed=seed)
@@ -695,7 +695,7 @@ def ensure_tiny_models(cache_dir: Path) -> TinyModels:
     """
     cache_dir = Path(cache_dir)
     if _is_complete(cache_dir):
-        return _layout(cache_dir)
+        return tiny_layout(cache_dir)
     if _is_foreign(cache_dir):
         raise FileExistsError(
             f"{cache_dir} exists and is not a tiny-model cache; choose an empty or new folder"
@@ -707,7 +707,7 @@ def ensure_tiny_models(cache_dir: Path) -> TinyModels:
         (tmp / _MARKER_NAME).write_text(_BUILD_VERSION + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         if _is_complete(cache_dir):  # somebody finished while we were building
-            return _layout(cache_dir)
+            return tiny_layout(cache_dir)
         if (cache_dir / _MARKER_NAME).exists():  # stale version: move it out of the way
             trash = cache_dir.with_name(f".{cache_dir.name}.old-{uuid.uuid4().hex[:8]}")
             with contextlib.suppress(OSError):
@@ -718,7 +718,7 @@ def ensure_tiny_models(cache_dir: Path) -> TinyModels:
         except OSError:
             if not _is_complete(cache_dir):  # not a lost race: a real failure
                 raise
-        return _layout(cache_dir)
+        return tiny_layout(cache_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

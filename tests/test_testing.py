@@ -216,7 +216,7 @@ def test_checkpoint_files(tiny):
 def test_ensure_tiny_models_is_idempotent(tmp_path):
     cache = tmp_path / "cache" / "tiny"
     first = ensure_tiny_models(cache)
-    assert first == testing._layout(cache)
+    assert first == testing.tiny_layout(cache)
     stamp = first.adapter.stat().st_mtime_ns
     weights = first.mllm / "model.safetensors"
     weights_stamp = weights.stat().st_mtime_ns
@@ -292,7 +292,7 @@ def test_module_main_builds_everything(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    expected = testing._layout(out)
+    expected = testing.tiny_layout(out)
     assert f"mllm: {expected.mllm}" in result.stdout
     assert f"adapter_deepspeed: {expected.adapter_deepspeed}" in result.stdout
     assert expected.adapter_mllm.is_file() and (expected.base_model / "unet").is_dir()

@@ -274,14 +274,10 @@ class EasyRefPipeline:
             out = self._denoise(
                 prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback
             )
-        arrays = out.images
-        bad = [r.seed for r, a in zip(requests, arrays) if not np.isfinite(a).all()]
-        if bad:
-            raise JobError(
-                f"the image for seed(s) {bad} has NaN/inf pixels (numerical overflow; "
-                "try --dtype float32 or bfloat16)"
-            )
-        return pipe.image_processor.numpy_to_pil(arrays)
+        images = [pipe.image_processor.numpy_to_pil(a[None])[0] if np.isfinite(a).all() else None for a in out.images]
+        if any(im is None for im in images):
+            raise NonFiniteImages(images, [r.seed for r, im in zip(requests, images) if im is None])
+        return images
 
     def _denoise(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback):
         return self.sdxl(
@@ -297,6 +293,17 @@ class EasyRefPipeline:
             output_type="np",
             callback_on_step_end=callback,
         )
+
+
+class NonFiniteImages(JobError):
+    """Some images of a batch came out NaN/inf; ``images`` holds the good ones (``None`` for the bad)."""
+
+    def __init__(self, images: list, bad_seeds: list[int]):
+        super().__init__(
+            f"the image for seed(s) {bad_seeds} has NaN/inf pixels (numerical overflow; try --dtype float32 or bfloat16)"
+        )
+        self.images = images
+        self.bad_seeds = bad_seeds
 
 
 OFFLOAD_CHOICES = ("none", "model", "sequential")
