@@ -107,7 +107,7 @@ def generate(
     images_per_prompt: Annotated[int | None, typer.Option("--images-per-prompt", "-n", help="Images per prompt and group. Default: 1.", rich_help_panel="Settings")] = None,
     negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt. Default: empty.", rich_help_panel="Settings")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="euler, euler_a, dpmpp_2m, ddim, pndm or lms. Default: euler.", rich_help_panel="Settings")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per UNet batch (same pixels as batch 1). Default: 1.", rich_help_panel="Settings")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per UNet batch (same seeds as batch 1; batched kernels may round a few pixels one level differently). Default: 1.", rich_help_panel="Settings")] = None,
     model: Annotated[str | None, typer.Option("--model", help="'tiny': random tiny models built locally, for an offline smoke run (noise pictures).", rich_help_panel="Models")] = None,
     base_model: BaseModelOpt = None,
     mllm: MllmOpt = None,
@@ -119,6 +119,7 @@ def generate(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the condition cache.", rich_help_panel="Runtime")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA only; falls back to eager elsewhere).", rich_help_panel="Runtime")] = False,
     offload: Annotated[str | None, typer.Option("--offload", help="none, model (accelerate model CPU offload) or sequential, for small GPUs. Default: none.", rich_help_panel="Runtime")] = None,
+    num_processes: Annotated[int | None, typer.Option("--num-processes", min=1, help="Run N processes on this node through `accelerate launch` (one per GPU); groups are sharded across them.", rich_help_panel="Runtime")] = None,
     name_template: Annotated[str | None, typer.Option("--name-template", help="Output names from {group} {prompt_id} {seed} {index} {preset}. Default: {group}/{prompt_id}_{seed}.png.", rich_help_panel="Output")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Regenerate images that already exist (default: skip them, i.e. resume).", rich_help_panel="Output")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (jobs, outputs, which exist) and stop. Loads no model.", rich_help_panel="Output")] = False,
@@ -151,6 +152,7 @@ def generate(
         no_cache=no_cache,
         compile=compile,
         offload=offload,
+        num_processes=num_processes,
         groups=groups or [],
         out_dir=out,
         prompts_file=prompts,
@@ -223,6 +225,9 @@ def doctor(
 
 
 from easyref_cli.eval.command import eval_command, report_command  # noqa: E402 - torch-free at import
+from easyref_cli.train.command import train_command  # noqa: E402 - torch-free at import
+
+app.command("train")(handle_errors(train_command))
 
 app.command("eval")(handle_errors(eval_command))
 app.command("report")(handle_errors(report_command))

@@ -135,6 +135,8 @@ def generate(
     no_cache: bool = False,
     compile: bool = False,
     offload: str | None = None,
+    num_processes: int | None = None,
+    argv: list[str] | None = None,
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
     **plan_kwargs: Any,
@@ -156,6 +158,14 @@ def generate(
         else:
             stdout.write(plan.describe() + "\n")
         return 0
+
+    if num_processes is not None and num_processes > 1:
+        from easyref_cli import distributed
+
+        if distributed.is_distributed():
+            raise UsageError("--num-processes is for a plain `easyref generate`; under accelerate launch, give accelerate --num_processes")
+        args = distributed.strip_option(sys.argv[1:] if argv is None else argv, "--num-processes")
+        return distributed.relaunch(num_processes, args)
 
     from easyref_cli import runner
 

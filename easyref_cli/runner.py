@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,11 +43,14 @@ class RunSummary:
     interrupted: bool = False
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    worker: bool = False  # a non-main process of a distributed run: the main one reports for all
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
+        if self.worker:  # a non-zero worker exit would make the launcher kill the others mid-run
+            return 0
         return 1 if self.failed else 0
 
     def line(self) -> str:
@@ -216,12 +219,53 @@ class Runner:
     # ---- the run -------------------------------------------------------------------------------
 
     def run(self) -> RunSummary:
+        from easyref_cli import distributed
+
         start = time.perf_counter()
-        plan = self.plan
+        full_plan = self.plan
+        procs = distributed.current(self.plan.device)
+        try:
+            if procs.count == 1:
+                self._run(self.plan, self.plan.out_dir / files.MANIFEST_NAME)
+                return self.summary
+            # Scale-out: whole groups per process, a manifest shard each, merged by the main process.
+            plan = replace(self.plan, jobs=tuple(distributed.shard_jobs(self.plan.jobs, procs.count, procs.index)), device=procs.device)
+            self.progress = self.progress and procs.is_main
+            if procs.is_main:
+                distributed.merge_shards(plan.out_dir)  # left behind by a crashed run
+            procs.wait()
+            self._run(plan, distributed.shard_path(plan.out_dir, procs.index))
+            procs.wait()
+            if procs.is_main:
+                merged = distributed.merge_shards(plan.out_dir, [j.job_id for j in full_plan.jobs])
+                self._summarise(merged, total=len(full_plan.jobs))
+            else:
+                self.summary.worker = True
+            return self.summary
+        finally:
+            procs.close()
+            self.summary.seconds = time.perf_counter() - start
+
+    def _summarise(self, entries: list[dict], total: int) -> None:
+        """The main process's summary covers every process's jobs (from the merged shards)."""
+        summary = RunSummary(total=total, interrupted=self.summary.interrupted)
+        for entry in entries:
+            status = entry.get("status")
+            if status == "ok":
+                summary.ok += 1
+            elif status == "skipped":
+                summary.skipped += 1
+            elif status == "error":
+                summary.failed += 1
+                summary.errors.append(f"{entry.get('group')}/{entry.get('prompt_id')} seed {entry.get('seed')}: {entry.get('error')}")
+        self.summary = summary
+
+    def _run(self, plan: Plan, manifest_path: Path) -> None:
         pending = plan.pending()
         pending_ids = {j.job_id for j in pending}
+        self.plan = plan
         try:
-            with files.ManifestWriter(plan.out_dir / files.MANIFEST_NAME) as manifest, _graceful_signals(self.stop):
+            with files.ManifestWriter(manifest_path) as manifest, _graceful_signals(self.stop):
                 self._manifest = manifest
                 for job in plan.jobs:
                     if job.job_id not in pending_ids:
@@ -232,10 +276,8 @@ class Runner:
             self.summary.interrupted = True
         finally:
             self._manifest = None
-            self.summary.seconds = time.perf_counter() - start
         if self.stop.requested and self.stop.signum is not None:
             self.summary.interrupted = True
-        return self.summary
 
     def _run_pending(self, pending: list[Job]) -> None:
         from tqdm.auto import tqdm
@@ -254,7 +296,7 @@ class Runner:
             "adapter_sha256": checkpoint.sha256,
             "versions": package_versions(),
             "attention": {"backend": pipe.attention.backend, "requested": pipe.attention.requested, "reason": pipe.attention.reason},
-            "device": str(pipe.device),
+            "device": str(pipe.device).split(":")[0],  # type only: records must not depend on which GPU/process
             "dtype": {"sdxl": str(pipe.sdxl_dtype).removeprefix("torch."), "mllm": str(pipe.encoder_dtype).removeprefix("torch.")},
             "compile": pipe.compiled,
         }

@@ -1,0 +1,154 @@
+"""Scale-out on accelerate: shard a plan by group across processes, merge manifest shards.
+
+``accelerate launch [--multi_gpu] --num_processes N -m easyref_cli generate …`` (or ``easyref generate
+--num-processes N …``, which runs exactly that) starts N copies of the command. Each builds the
+same plan, takes its share of the *groups* (so each group is encoded once, on one process;
+shares balanced by job count), writes its images and its own manifest shard, and the main
+process merges the shards into ``OUT/manifest.jsonl`` at the end, in plan order. Seeds and
+outputs do not depend on the process count: every image has its own CPU generator.
+
+Torch-free at import; accelerate is imported only when a distributed run is detected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from easyref_cli import files
+from easyref_cli.plan import Job
+
+logger = logging.getLogger(__name__)
+
+SHARD_GLOB = ".manifest.rank*.jsonl"
+
+
+def shard_path(out_dir: Path, index: int) -> Path:
+    return Path(out_dir) / f".manifest.rank{index}.jsonl"
+
+
+def is_distributed() -> bool:
+    """True inside a multi-process launch (torchrun/accelerate/MPI set these)."""
+    for var in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        try:
+            if int(os.environ.get(var, "1")) > 1:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+@dataclass
+class Processes:
+    """This process's place in the run. ``count == 1`` outside a distributed launch."""
+
+    index: int = 0
+    count: int = 1
+    device: str | None = None
+    _state: Any = field(default=None, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def wait(self) -> None:
+        if self._state is not None:
+            self._state.wait_for_everyone()
+
+    def close(self) -> None:
+        if self._state is not None:
+            self._state.destroy_process_group()  # without it gloo aborts the process at exit
+            self._state = None
+
+
+def current(device: str | None) -> Processes:
+    """Join the distributed run if there is one (``accelerate.PartialState``), else a single process."""
+    if not is_distributed():
+        return Processes()
+    import torch
+    from accelerate import PartialState
+
+    cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    chosen = "cpu" if cpu else (device if device not in (None, "cuda") else str(state.device))
+    return Processes(index=state.process_index, count=state.num_processes, device=chosen, _state=state)
+
+
+def shard_jobs(jobs: Sequence[Job], count: int, index: int) -> list[Job]:
+    """This process's jobs: whole groups, balanced by job count (largest group first to the
+    least-loaded process; ties by process index), deterministic for a given plan and count."""
+    if count <= 1:
+        return list(jobs)
+    by_group: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_group.setdefault(job.group.name, []).append(job)
+    loads = [0] * count
+    owner: dict[str, int] = {}
+    for name in sorted(by_group, key=lambda n: (-len(by_group[n]), list(by_group).index(n))):
+        target = min(range(count), key=lambda r: (loads[r], r))
+        owner[name] = target
+        loads[target] += len(by_group[name])
+    return [job for job in jobs if owner[job.group.name] == index]
+
+
+def merge_shards(out_dir: Path, job_order: Sequence[str] = ()) -> list[dict]:
+    """Append every manifest shard's lines to ``manifest.jsonl`` (plan order), then delete the shards.
+
+    Also picks up shards a crashed run left behind. Returns the merged entries.
+    """
+    out_dir = Path(out_dir)
+    shards = sorted(out_dir.glob(SHARD_GLOB))
+    if not shards:
+        return []
+    order = {job_id: i for i, job_id in enumerate(job_order)}
+    entries: list[tuple[int, int, int, dict]] = []
+    for rank, shard in enumerate(shards):
+        for line, entry in enumerate(files.read_manifest(shard)):
+            entries.append((order.get(str(entry.get("job_id")), len(order)), rank, line, entry))
+    entries.sort(key=lambda e: e[:3])
+    merged = [e[3] for e in entries]
+    with files.ManifestWriter(out_dir / files.MANIFEST_NAME) as manifest:
+        for entry in merged:
+            manifest.write(entry)
+    for shard in shards:
+        shard.unlink(missing_ok=True)
+    return merged
+
+
+def relaunch(num_processes: int, argv: Sequence[str]) -> int:
+    """``easyref generate --num-processes N …`` → the same command under ``accelerate launch`` on this node.
+
+    ``--multi_gpu`` selects torchrun's launcher, which also starts N CPU processes on a machine
+    without GPUs (accelerate's ``--cpu`` launcher needs MPI for that).
+    """
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "easyref_cli", *argv,
+    ]
+    logger.info("launching: %s", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def strip_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == option:
+            skip = True
+            continue
+        if arg.startswith(option + "="):
+            continue
+        out.append(arg)
+    return out
