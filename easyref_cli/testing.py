@@ -141,7 +141,7 @@ def tiny_layout(root: Path) -> TinyModels:
 
 
 @contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
+def quiet_progress_bars() -> Iterator[None]:
     """Silence transformers' and diffusers' tqdm bars while building; restore their state after."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
@@ -299,7 +299,7 @@ def build_tiny_qwen2vl(
 # --------------------------------------------------------------------------------------------
 
 
-def _build_clip_tokenizer(pad_token: str):
+def build_clip_tokenizer(pad_token: str):
     """A CLIP tokenizer over the byte alphabet (+ "</w>" variants), a few merges, BOS/EOS.
 
     Same layout as the real CLIP vocabulary (bytes, word-final bytes, merges, then
@@ -374,8 +374,8 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         latent_channels=4,
         sample_size=128,
     )
-    tokenizer = _build_clip_tokenizer(pad_token="<|endoftext|>")
-    tokenizer_2 = _build_clip_tokenizer(pad_token="!")
+    tokenizer = build_clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")
 
     def text_config(pad_token_id: int) -> CLIPTextConfig:
         return CLIPTextConfig(
@@ -650,7 +650,7 @@ def build_tiny_models(root: Path, seed: int = 0) -> TinyModels:
 
     layout = tiny_layout(root)
     layout.root.mkdir(parents=True, exist_ok=True)
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         build_tiny_qwen2vl(layout.mllm, seed=seed)
         build_tiny_sdxl(layout.base_model, seed=seed)
     common = {"seed": seed}

@@ -342,15 +342,10 @@ def find_dino(spec: str) -> ModelSource:
     return _find_model(spec, "--dino-model", DINO_MODEL_TYPES, _DINO_GUIDANCE)
 
 
-def _pooled(output: Any) -> Any:
-    """The projected embeddings from ``get_image_features``/``get_text_features``.
+def _pooled_output(output: Any) -> Any:
+    from easyref_cli.model.compat import pooled_output
 
-    transformers 5.x returns a ``BaseModelOutputWithPooling`` whose ``pooler_output`` holds the
-    projection; 4.x returned the tensor itself.
-    """
-    if hasattr(output, "pooler_output"):
-        return output.pooler_output
-    return output
+    return pooled_output(output)
 
 
 def _embed_images(
@@ -406,7 +401,7 @@ class ClipEmbedder:
         def forward(pixel_values):
             with torch.inference_mode():
                 px = pixel_values.to(self.device, dtype=self.model.dtype)
-                return _pooled(self.model.get_image_features(pixel_values=px))
+                return _pooled_output(self.model.get_image_features(pixel_values=px))
 
         return _embed_images(
             paths, processor=self.processor, forward=forward, batch_size=batch_size,
@@ -425,7 +420,7 @@ class ClipEmbedder:
                 chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
             with torch.inference_mode():
-                features = _pooled(self.model.get_text_features(
+                features = _pooled_output(self.model.get_text_features(
                     input_ids=tokens["input_ids"].to(self.device),
                     attention_mask=tokens["attention_mask"].to(self.device),
                 ))

@@ -31,10 +31,10 @@ def build_tiny_clip(path: Path, seed: int = 0) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from easyref_cli.testing import _build_clip_tokenizer, _quiet_progress_bars
+    from easyref_cli.testing import build_clip_tokenizer, quiet_progress_bars
 
     path = Path(path)
-    tokenizer = _build_clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer = build_clip_tokenizer(pad_token="<|endoftext|>")
     config = CLIPConfig(
         text_config={
             "vocab_size": 1000,
@@ -58,7 +58,7 @@ def build_tiny_clip(path: Path, seed: int = 0) -> Path:
         projection_dim=16,
     )
     torch.manual_seed(seed)
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         CLIPModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     CLIPImageProcessorPil(**_PROCESSOR_SIZES).save_pretrained(path)
@@ -70,7 +70,7 @@ def build_tiny_dinov2(path: Path, seed: int = 0) -> Path:
     import torch
     from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
 
-    from easyref_cli.testing import _quiet_progress_bars
+    from easyref_cli.testing import quiet_progress_bars
 
     path = Path(path)
     config = Dinov2Config(
@@ -78,7 +78,7 @@ def build_tiny_dinov2(path: Path, seed: int = 0) -> Path:
         num_attention_heads=4, mlp_ratio=2,
     )
     torch.manual_seed(seed)
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         Dinov2Model(config).save_pretrained(path)
     BitImageProcessorPil(
         **_PROCESSOR_SIZES, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
@@ -91,7 +91,7 @@ def build_tiny_dino_vit(path: Path, seed: int = 0) -> Path:
     import torch
     from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
 
-    from easyref_cli.testing import _quiet_progress_bars
+    from easyref_cli.testing import quiet_progress_bars
 
     path = Path(path)
     config = ViTConfig(
@@ -99,7 +99,7 @@ def build_tiny_dino_vit(path: Path, seed: int = 0) -> Path:
         num_attention_heads=4, intermediate_size=37,
     )
     torch.manual_seed(seed)
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         ViTModel(config, add_pooling_layer=False).save_pretrained(path)
     ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
     return path

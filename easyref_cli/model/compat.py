@@ -77,3 +77,18 @@ def diffusers_from_pretrained(cls, path: str, dtype: torch.dtype, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         return cls.from_pretrained(path, torch_dtype=dtype, **kwargs)
+
+
+def pooled_output(output):
+    """The projected embeddings from CLIP's ``get_image_features``/``get_text_features``: transformers
+    5.x returns a ``BaseModelOutputWithPooling`` whose ``pooler_output`` holds them, 4.x the tensor."""
+    return output.pooler_output if hasattr(output, "pooler_output") else output
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """transformers ≥ 5.24 ``activation_checkpointing_enable``; ``gradient_checkpointing_enable`` before."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

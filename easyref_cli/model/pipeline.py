@@ -262,12 +262,11 @@ class EasyRefPipeline:
         adapter_mod.set_scale(pipe.unet, first.scale)
         # 5. one CPU generator per image
         generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
-        callback = None
-        if step_callback is not None:
+        def on_step_end(_pipe, step, _t, kwargs):
+            step_callback(step + 1, first.steps)
+            return kwargs
 
-            def callback(_pipe, step, _t, kwargs):
-                step_callback(step + 1, first.steps)
-                return kwargs
+        callback = on_step_end if step_callback is not None else None
 
         # 6. denoise + decode (reference K/V computed once per image, not once per step)
         with adapter_mod.reference_kv_cache(pipe.unet, enabled=not self.compiled["enabled"]):

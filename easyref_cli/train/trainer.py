@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from easyref_cli.errors import CheckpointError, ModelError, UsageError
+from easyref_cli.model import compat
 from easyref_cli.model.checkpoint import EasyRefCheckpoint, load_checkpoint, save_checkpoint
 from easyref_cli.model.encoder import ImageBatch, ReferenceEncoder, ReferenceProjector
 from easyref_cli.train import DEFAULT_LORA_RANK, TrainConfig, TrainResult
@@ -379,8 +380,8 @@ class Trainer:
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if cfg.trains_mllm:
-                enable_activation_checkpointing(encoder.language_model)
-                enable_activation_checkpointing(encoder.visual)
+                compat.enable_activation_checkpointing(encoder.language_model)
+                compat.enable_activation_checkpointing(encoder.visual)
 
         self.model = EasyRefTrainModel(encoder, unet, train_mllm=cfg.trains_mllm).train()
         device = self.accelerator.device
@@ -728,15 +729,6 @@ class Trainer:
             return self._stop
         flag = torch.tensor([1.0 if self._stop else 0.0], device=acc.device)
         return bool(acc.reduce(flag, reduction="sum").item() > 0)
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """transformers ≥ 5.24 ``activation_checkpointing_enable``; the older ``gradient_checkpointing_enable`` before."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _logged_step(line: str) -> float:
