@@ -39,7 +39,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from easyref_cli import __version__
-from easyref_cli.errors import InputError, JobError, UsageError
+from easyref_cli.errors import EasyRefError, InputError, JobError, UsageError
 
 #: File extensions (lower case) that count as reference images.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -359,30 +359,25 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_png_atomic(path: Path, image: Image.Image, *, record: Mapping[str, Any]) -> None:
-    """Write ``image`` as a PNG carrying ``parameters`` and ``easyref`` text chunks, atomically.
+def write_bytes_atomic(path: Path, data: bytes, *, error: type[EasyRefError] = JobError) -> None:
+    """Write ``data`` to ``path`` so that the final name only ever holds a complete file.
 
     The bytes go to ``.NAME.<random>.tmp`` in the target directory, are fsynced, then
-    ``os.replace``d onto ``path``: the final name only ever holds a complete file. Parent
-    directories are created; the temp file is removed on any error (including KeyboardInterrupt).
+    ``os.replace``d onto ``path``. Parent directories are created; the temp file is removed on any
+    error (including KeyboardInterrupt).
 
     Raises:
-        JobError: the file cannot be written (disk full, permissions...).
+        error: naming the file when it cannot be written (disk full, permissions...).
     """
     path = Path(path)
-    info = PngInfo()
-    # add_text falls back to iTXt (UTF-8) when the text is not latin-1.
-    info.add_text(PARAMETERS_CHUNK, format_parameters(record))
-    payload = json.dumps(dict(record), sort_keys=True, ensure_ascii=False, default=str)
-    info.add_itxt(RECORD_CHUNK, payload)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise JobError(f"cannot create output directory {path.parent}: {e.strerror or e}") from None
+        raise error(f"cannot create output directory {path.parent}: {e.strerror or e}") from None
     fd, tmp = _open_exclusive_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -390,9 +385,28 @@ def write_png_atomic(path: Path, image: Image.Image, *, record: Mapping[str, Any
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise JobError(f"cannot write {path}: {e.strerror or e}") from None
+            raise error(f"cannot write {path}: {e.strerror or e}") from None
         raise
     _fsync_dir(path.parent)
+
+
+def write_png_atomic(path: Path, image: Image.Image, *, record: Mapping[str, Any]) -> None:
+    """Write ``image`` as a PNG carrying ``parameters`` and ``easyref`` text chunks, atomically
+    (:func:`write_bytes_atomic`).
+
+    Raises:
+        JobError: the file cannot be written (disk full, permissions...).
+    """
+    import io
+
+    info = PngInfo()
+    # add_text falls back to iTXt (UTF-8) when the text is not latin-1.
+    info.add_text(PARAMETERS_CHUNK, format_parameters(record))
+    payload = json.dumps(dict(record), sort_keys=True, ensure_ascii=False, default=str)
+    info.add_itxt(RECORD_CHUNK, payload)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def read_png_record(path: Path) -> dict:

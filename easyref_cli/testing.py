@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -418,29 +417,11 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
 def _read_safetensors_folder(
     folder: Path, keep: Callable[[str], bool] = lambda key: True
 ) -> dict[str, torch.Tensor]:
-    """The tensors of a ``save_pretrained`` folder whose names pass ``keep``.
+    """The tensors of a ``save_pretrained`` folder whose names pass ``keep`` (see
+    :func:`easyref_cli.model.checkpoint.read_folder_tensors`)."""
+    from easyref_cli.model.checkpoint import read_folder_tensors
 
-    Handles one ``*.safetensors`` file or a sharded checkpoint with an index, and reads only the
-    kept tensors (so a full-size random model is never loaded whole).
-    """
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    index = sorted(folder.glob("*.safetensors.index.json"))
-    if index:
-        weight_map = json.loads(index[0].read_text())["weight_map"]
-        files = sorted({folder / name for key, name in weight_map.items() if keep(key)})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {folder}")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if keep(key):
-                    tensors[key] = handle.get_tensor(key)
-    return tensors
+    return read_folder_tensors(folder, keep)
 
 
 def _to_v445_name(key: str) -> str:

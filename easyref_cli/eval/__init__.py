@@ -26,10 +26,7 @@ Layout of the results::
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,36 +240,15 @@ def distinct(paths: Iterable[Path]) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Atomic writes (the same temp-file + fsync + os.replace scheme as files.write_png_atomic)
+# Atomic writes (files.write_bytes_atomic)
 # ----------------------------------------------------------------------------------------------
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``.
+    """:func:`easyref_cli.files.write_bytes_atomic`; a write failure is a :class:`UsageError` here."""
+    from easyref_cli import files
 
-    Raises:
-        UsageError: the file cannot be written (naming it and the reason).
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create folder {path.parent}: {e.strerror or e}") from None
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        fd = os.open(tmp, flags, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
+    files.write_bytes_atomic(path, data, error=UsageError)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -19,6 +19,7 @@ missing or mis-shaped.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from easyref_cli.errors import CheckpointError
+from easyref_cli.errors import CheckpointError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,28 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a flat state dict (or a DeepSpeed {{'module': ...}} dict)")
     return dict(obj)
+
+
+def read_folder_tensors(folder: Path, keep) -> dict[str, torch.Tensor]:
+    """Tensors of a ``save_pretrained`` folder whose names pass ``keep`` (single file or sharded index)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        weight_map = json.loads(index[0].read_text())["weight_map"]
+        files = sorted({folder / name for key, name in weight_map.items() if keep(key)})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{folder} has no .safetensors weights (convert the model with save_pretrained(safe_serialization=True))")
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if keep(key):
+                    out[key] = handle.get_tensor(key)
+    return out
 
 
 def split_state_dict(flat: Mapping[str, torch.Tensor], *, source: str = "<state dict>", sha256: str = "") -> EasyRefCheckpoint:

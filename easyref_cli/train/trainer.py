@@ -45,7 +45,7 @@ from torch import nn
 
 from easyref_cli.errors import CheckpointError, ModelError, UsageError
 from easyref_cli.model import compat
-from easyref_cli.model.checkpoint import EasyRefCheckpoint, load_checkpoint, save_checkpoint
+from easyref_cli.model.checkpoint import EasyRefCheckpoint, read_folder_tensors, load_checkpoint, save_checkpoint
 from easyref_cli.model.encoder import ImageBatch, ReferenceEncoder, ReferenceProjector
 from easyref_cli.train import DEFAULT_LORA_RANK, TrainConfig, TrainResult
 from easyref_cli.train import data as data_mod
@@ -63,28 +63,6 @@ MODEL_STATE_FILE = "model.safetensors"  # what accelerate's save_state writes fo
 # --------------------------------------------------------------------------------------------
 # Initial weights (alignment from scratch)
 # --------------------------------------------------------------------------------------------
-
-
-def read_folder_tensors(folder: Path, keep) -> dict[str, torch.Tensor]:
-    """Tensors of a ``save_pretrained`` folder whose names pass ``keep`` (single file or sharded index)."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    index = sorted(folder.glob("*.safetensors.index.json"))
-    if index:
-        weight_map = json.loads(index[0].read_text())["weight_map"]
-        files = sorted({folder / name for key, name in weight_map.items() if keep(key)})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{folder} has no .safetensors weights (convert the MLLM with save_pretrained(safe_serialization=True))")
-    out: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if keep(key):
-                    out[key] = handle.get_tensor(key)
-    return out
 
 
 def initial_checkpoint(mllm_path: Path, unet: nn.Module, *, num_tokens: int = 64, seed: int = 0) -> EasyRefCheckpoint:
