@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -61,7 +62,7 @@ class ConditionCache:
 
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")  # unique across hosts sharing the folder
         try:
             save_file({"tokens": tokens.detach().cpu().contiguous()}, str(tmp), metadata=metadata or {})
             os.replace(tmp, path)

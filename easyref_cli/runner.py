@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from easyref_cli import __version__, files
-from easyref_cli.errors import EasyRefError, InputError, JobError
+from easyref_cli.errors import EasyRefError, InputError, JobError, ModelError
 from easyref_cli.plan import Job, Plan, job_record, reference_entries
 
 logger = logging.getLogger(__name__)
@@ -89,17 +89,25 @@ def _graceful_signals(stop: _Stop) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def _batch_key(job: Job) -> tuple:
+    """What jobs in one batch share (see ``GenerationRequest.batch_key``) plus the scheduler."""
+    return (job.steps, job.guidance, job.scale, job.width, job.height, bool(job.negative_prompt), job.scheduler)
+
+
 def _batches(jobs: Sequence[Job], size: int) -> Iterator[list[Job]]:
     """Consecutive jobs sharing everything a batch must share, at most ``size`` at a time."""
     batch: list[Job] = []
     for job in jobs:
-        key = (job.steps, job.guidance, job.scale, job.width, job.height, job.scheduler)
-        if batch and (len(batch) >= size or key != (batch[0].steps, batch[0].guidance, batch[0].scale, batch[0].width, batch[0].height, batch[0].scheduler)):
+        if batch and (len(batch) >= size or _batch_key(job) != _batch_key(batch[0])):
             yield batch
             batch = []
         batch.append(job)
     if batch:
         yield batch
+
+
+#: Bump when the encoder's computation changes, so old cache entries are never served.
+CONDITION_CACHE_VERSION = 1
 
 
 def package_versions() -> dict[str, str]:
@@ -326,11 +334,13 @@ class Runner:
         encoder_dtype = resolve_dtypes(plan.dtype, device)[1]
         cache = ConditionCache(self.options.cache_dir)
         model_key = {
+            "version": CONDITION_CACHE_VERSION,
             "mllm": folder_fingerprint(models.mllm),
             "adapter": checkpoint.sha256,
-            "final": "causal",
+            "final": "causal",  # load_encoder builds the default (causal) encoder
             "dtype": str(encoder_dtype),
             "device_type": str(device).split(":")[0],
+            "transformers": package_versions().get("transformers", "?"),
         }
         encoder = None
 
@@ -374,6 +384,8 @@ class Runner:
                 group_hash = condition_key(files=[(Path(r["path"]).name, r["sha256"]) for r in references[name]])
                 images, prefixes = None, {}
                 for job in jobs:
+                    if self.stop.requested:
+                        break
                     key = (name, job.caption, job.instruction)
                     if key in conditions:
                         ready.append(job)
@@ -385,27 +397,31 @@ class Runner:
                         if cond is None:
                             if images is None:
                                 images = files.load_group_images(group)  # InputError names the file
-                            enc = get_encoder()
                             if job.instruction not in prefixes:
-                                prefixes[job.instruction] = enc.encode_prefix(images, job.instruction)
-                            cond = enc.encode_caption(prefixes[job.instruction], job.caption)
+                                prefixes[job.instruction] = get_encoder().encode_prefix(images, job.instruction)
+                            cond = get_encoder().encode_caption(prefixes[job.instruction], job.caption)
                             cache.put(disk_key, cond, {"kind": "cond", "group": name, "caption": job.caption})
                         conditions[key] = RefEmbeds(cond=cond, uncond=uncond_for(job.instruction))
                         encode_seconds[key] = time.perf_counter() - t0
                         ready.append(job)
-                    except EasyRefError as exc:
-                        if isinstance(exc, InputError):  # the group's images are unusable: fail all its jobs
-                            for other in jobs:
-                                if other.job_id not in {j.job_id for j in ready}:
-                                    self._fail(other, exc)
-                            break
-                        self._fail(job, exc)
+                    except ModelError:
+                        raise  # the MLLM/adapter itself is unusable: a usage-level error (exit 2), not per job
+                    except InputError as exc:  # the group's images are unusable: fail its remaining jobs
+                        done = {j.job_id for j in ready}
+                        for other in jobs:
+                            if other.job_id not in done:
+                                self._fail(other, exc)
+                        break
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - OOM and the like: this job fails, the run goes on
+                        self._fail(job, _job_error(exc))
                 bar.update(1)
         finally:
             bar.close()
-            if encoder is not None:
-                del encoder
-                _free_memory()
+            prefixes = images = None  # noqa: F841 - drop every reference to MLLM outputs ...
+            encoder = None  # ... and to the MLLM, so its memory really is released before SDXL loads
+            _free_memory()
         logger.info("condition cache: %d hits, %d misses", cache.hits, cache.misses)
         return conditions, encode_seconds, references, ready
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -76,7 +77,7 @@ QWEN2VL_SPECIAL_TOKENS = (
 #: Written last into a complete tiny-model folder by ``ensure_tiny_models``; its content is the
 #: builder version, so a cache built by an older version of this module is rebuilt.
 _MARKER_NAME = ".easyref-tiny-complete"
-_BUILD_VERSION = "easyref-tiny-models v1"
+_BUILD_VERSION = "easyref-tiny-models v2"  # v2: preprocessor_config.json with min/max_pixels
 
 #: A few dozen merges of common English pairs for the tiny Qwen2 BPE (byte-level, "Ġ" = space).
 #: Each merge only uses symbols that exist by then; the merged symbols join the vocabulary in
@@ -290,6 +291,12 @@ def build_tiny_qwen2vl(
         size={"shortest_edge": 56 * 56, "longest_edge": 16384 * 28 * 28}
     )
     image_processor.save_pretrained(path)
+    # Like the real Qwen/Qwen2-VL-2B-Instruct file: top-level min_pixels/max_pixels too (they take
+    # precedence over `size` when loading, so loaders must override them explicitly).
+    config_file = path / "preprocessor_config.json"
+    data = json.loads(config_file.read_text())
+    data.update({"min_pixels": 56 * 56, "max_pixels": 16384 * 28 * 28})
+    config_file.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
 

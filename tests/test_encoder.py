@@ -68,6 +68,16 @@ def test_double_resize_gives_the_official_patch_grid(encoder, size, grid, tokens
     assert batch.token_counts == (tokens,)
 
 
+def test_processor_config_pixel_bounds_are_overridden(tiny, encoder):
+    """The real preprocessor_config.json has min/max_pixels for 12.8 MP images; they must not win."""
+    import json
+
+    cfg = json.loads((tiny.mllm / "preprocessor_config.json").read_text())
+    assert cfg["max_pixels"] == 16384 * 28 * 28  # the fixture mirrors the real file
+    batch = encoder.prepare_images([_noise_image(1024, 768)])  # 54×74 with the config's own bounds
+    assert tuple(batch.grid_thw[0].tolist()) == (1, 20, 28)
+
+
 def test_pre_resize_is_qwen_vl_utils_smart_resize():
     assert qwen_vl_utils_smart_resize(768, 1024) == (756, 1036)
     assert qwen_vl_utils_smart_resize(300, 300) == (308, 308)
@@ -102,7 +112,8 @@ def official_reference(tiny, images, caption, instruction=INSTRUCTION, *, causal
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny.mllm, dtype=torch.float32, attn_implementation="eager").eval()
     sd = load_file(str(checkpoint or tiny.adapter))
     tok = AutoTokenizer.from_pretrained(tiny.mllm)
-    proc = Qwen2VLImageProcessorPil.from_pretrained(tiny.mllm, size={"shortest_edge": 11 * 11 * 784, "longest_edge": 145 * 784})
+    # The processor config (like the real one) has top-level min/max_pixels that beat `size=`.
+    proc = Qwen2VLImageProcessorPil.from_pretrained(tiny.mllm, min_pixels=11 * 11 * 784, max_pixels=145 * 784)
     lm, visual = model.model.language_model, model.model.visual
 
     resized = []

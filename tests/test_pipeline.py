@@ -75,3 +75,21 @@ def test_inputs_checked_before_work(pipe, refs):
 def test_attention_backend_is_recorded(pipe):
     assert pipe.attention.backend == "sdpa"  # no working xformers on CPU
     assert pipe.attention.reason
+
+
+def test_empty_and_given_negative_prompts_never_share_a_batch(pipe, refs):
+    """SDXL zeroes the negative embedding for an empty negative prompt; encoding "" in a mixed batch
+    would change that image. The pipeline refuses such a batch and the runner never builds one."""
+    from dataclasses import replace
+
+    from easyref_cli.runner import _batches
+
+    embeds = pipe.encode_references(refs, "a cat")
+    plain = GenerationRequest(prompt="a cat", ref_embeds=embeds, seed=1, steps=1, width=64, height=64)
+    with pytest.raises(UsageError, match="negative prompt"):
+        pipe.generate([plain, replace(plain, negative_prompt="blurry")])
+
+    from tests.test_distributed import _job
+
+    jobs = [_job("g", 0), replace(_job("g", 1), negative_prompt="blurry"), _job("g", 2)]
+    assert [[j.seed for j in b] for b in _batches(jobs, 8)] == [[0], [1], [2]]

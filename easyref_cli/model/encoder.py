@@ -204,8 +204,13 @@ class ReferenceEncoder(nn.Module):
             raise ModelError(f"cannot load the tokenizer from {mllm_path}: {exc}") from exc
         min_pixels, max_pixels = processor_pixel_bounds(cond_image_size)
         try:
+            # The real preprocessor_config.json carries top-level min_pixels/max_pixels, which beat a
+            # `size=` override: override those keys themselves (and size, for configs without them).
             image_processor = Qwen2VLImageProcessorPil.from_pretrained(
-                mllm_path, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
+                mllm_path,
+                min_pixels=min_pixels,
+                max_pixels=max_pixels,
+                size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
             )
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"cannot load the Qwen2-VL image processor config from {mllm_path}: {exc}") from exc
@@ -214,6 +219,7 @@ class ReferenceEncoder(nn.Module):
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"cannot load Qwen2-VL weights from {mllm_path}: {exc}") from exc
 
+        _check_pixel_bounds(image_processor, cond_image_size, mllm_path)
         if checkpoint.mllm:
             checkpoint.apply_mllm(model)
         visual, language_model = compat.split_qwen2vl(model)
@@ -456,6 +462,20 @@ def black_image():
     from PIL import Image
 
     return Image.new("RGB", (UNCOND_IMAGE_SIZE, UNCOND_IMAGE_SIZE))
+
+
+def _check_pixel_bounds(image_processor, cond_image_size: int, path: Path) -> None:
+    """Rule 2 guard: a ``cond_image_size``² image must give ``(S/28)²`` tokens, whatever the config says."""
+    from PIL import Image
+
+    side = cond_image_size // 28 * 28
+    grid = image_processor(images=[Image.new("RGB", (side, side))], return_tensors="pt")["image_grid_thw"][0]
+    tokens = int(grid.prod()) // 4
+    if tokens != (cond_image_size // 28) ** 2:
+        raise ModelError(
+            f"the image processor of {path} turns a {side}² image into {tokens} tokens, not "
+            f"{(cond_image_size // 28) ** 2}: its pixel bounds could not be set (unexpected preprocessor_config.json)"
+        )
 
 
 def _check_mllm_dir(path: Path) -> None:

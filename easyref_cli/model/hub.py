@@ -86,20 +86,22 @@ def _single_checkpoint(folder: Path, spec: str, option: str) -> Path:
 
 
 def folder_fingerprint(path: Path) -> str:
-    """A cheap identity for a model folder: its config and the names and sizes of its weight files.
+    """A cheap identity for a model folder: its configs and each weight file's name, size,
+    modification time and inode (hub snapshots are content-addressed symlinks, resolved here).
 
-    Hashing multi-GB weights on every run would cost more than the encode it protects; a hub
-    snapshot's files are content-addressed anyway, and a retrained local folder changes sizes or
-    config in practice. Used in condition-cache keys.
+    Hashing multi-GB weights on every run would cost more than the encode it protects; retraining
+    a local folder rewrites its files, which changes mtime. Used in condition-cache keys.
     """
     import hashlib
 
     h = hashlib.sha256()
     path = Path(path)
-    for cfg in ("config.json", "preprocessor_config.json", "tokenizer.json"):
+    for cfg in ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
         f = path / cfg
         if f.is_file():
             h.update(cfg.encode() + b"\0" + f.read_bytes())
     for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        real = f.resolve()
+        st = real.stat()
+        h.update(f"{f.name}:{real.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode())
     return h.hexdigest()

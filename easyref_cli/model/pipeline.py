@@ -57,7 +57,9 @@ class GenerationRequest:
     height: int = 1024
 
     def batch_key(self) -> tuple:
-        return (self.steps, self.guidance, self.scale, self.width, self.height)
+        # An empty negative prompt means SDXL's zeroed negative embeddings; a batch must not mix
+        # that with encoded ones (CLIP("") differs from zeros, so the image would change).
+        return (self.steps, self.guidance, self.scale, self.width, self.height, bool(self.negative_prompt))
 
 
 def default_device() -> str:
@@ -241,7 +243,7 @@ class EasyRefPipeline:
             return []
         first = requests[0]
         if any(r.batch_key() != first.batch_key() for r in requests):
-            raise UsageError("a batch must share steps, guidance, scale, width and height")
+            raise UsageError("a batch must share steps, guidance, scale, size, and whether a negative prompt is given")
         check_size(first.width, first.height)
         pipe = self.sdxl
         device = pipe._execution_device  # honours CPU offload hooks
