@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from easyref_cli import files
-from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, DEFAULT_MLLM
+from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, DEFAULT_MLLM, OFFLOAD_CHOICES, QWEN_SPECIAL_TOKENS
 from easyref_cli.errors import UsageError
 from easyref_cli.plan import Plan, build_plan, plan_from_record
 
@@ -26,6 +27,27 @@ TINY_NOTICE = (
     "--model tiny: tiny RANDOM models built locally for a smoke run — the pipeline is real, "
     "the pictures are noise."
 )
+
+
+_DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|npu|meta)(:\d+)?$")
+
+
+def check_device_name(device: str | None) -> None:
+    """Spelling only (torch-free); whether the device exists is checked before models load."""
+    if device is not None and not _DEVICE.match(device):
+        raise UsageError(f"--device {device!r} is not a device name: use cpu, cuda, cuda:N, mps…")
+
+
+def check_special_tokens(plan: Plan) -> None:
+    """Qwen2-VL control tokens in a prompt would be read as structure (an extra image slot…)."""
+    for job in plan.jobs:
+        for what, text in (("prompt", job.caption), ("instruction", job.instruction)):
+            found = [t for t in QWEN_SPECIAL_TOKENS if t in text]
+            if found:
+                raise UsageError(
+                    f"the {what} of prompt {job.prompt_id!r} contains Qwen2-VL control token(s) "
+                    f"{', '.join(found)}; remove them"
+                )
 
 
 def easyref_home() -> Path:
@@ -69,6 +91,7 @@ def make_plan(
     dry_run: bool = False,
 ) -> Plan:
     """Every usage/config check happens here, before any model loads."""
+    check_device_name(device)
     model_defaults: Mapping[str, Any] | None = None
     if model is not None:
         if model not in MODEL_CHOICES:
@@ -85,7 +108,7 @@ def make_plan(
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise UsageError(f"--from-image takes its settings from the image's record; {flags} cannot change them")
-        return plan_from_record(
+        plan = plan_from_record(
             record,
             out_dir=out_dir,
             source=str(from_image),
@@ -100,6 +123,8 @@ def make_plan(
             fail_fast=fail_fast,
             name_template=name_template,
         )
+        check_special_tokens(plan)
+        return plan
     if not groups:
         raise UsageError("give at least one GROUPS folder (or --from-image IMAGE.png)")
     plan = build_plan(
@@ -120,6 +145,7 @@ def make_plan(
         name_template=name_template,
         model_defaults=model_defaults,
     )
+    check_special_tokens(plan)
     for group in plan.groups:
         for path in group.ignored:
             logger.info("group %s: ignoring %s (hidden or not an image)", group.name, path)
@@ -144,6 +170,8 @@ def generate(
     """Plan, then either describe (``dry_run``) or run. Returns the exit code."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
+    if offload is not None and offload not in OFFLOAD_CHOICES:
+        raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
     plan = make_plan(dry_run=dry_run, **plan_kwargs)
     if plan_kwargs.get("model") == "tiny" and progress:
         print(TINY_NOTICE, file=stderr)

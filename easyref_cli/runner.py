@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from easyref_cli import __version__, files
-from easyref_cli.errors import EasyRefError, InputError, JobError, ModelError
+from easyref_cli.errors import EasyRefError, InputError, JobError, ModelError, UsageError
 from easyref_cli.plan import Job, Plan, job_record, reference_entries
 
 logger = logging.getLogger(__name__)
@@ -140,6 +140,63 @@ def resolve_models(plan: Plan) -> ResolvedModels:
     )
 
 
+def check_existing_outputs(plan: Plan) -> None:
+    """Resume skips an output only if it is *this* job's image: a file made with other settings (or
+    not by easyref) under the same name is a usage error, never silently kept or clobbered."""
+    if plan.overwrite:
+        return
+    clashes = []
+    for job in plan.jobs:
+        path = plan.output_path(job)
+        if not path.exists():
+            continue
+        try:
+            found = files.read_png_record(path).get("job_id")
+        except InputError:
+            found = None
+        if found != job.job_id:
+            clashes.append(str(path))
+    if clashes:
+        shown = ", ".join(clashes[:5]) + (f" … and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+        raise UsageError(
+            f"{len(clashes)} output file(s) already exist but were made with other settings (or not by "
+            f"easyref): {shown}. Use another -o folder or --name-template, or --overwrite to replace them."
+        )
+
+
+def check_device(device: str | None) -> None:
+    """A device torch can use here, or a UsageError (instead of a traceback after loading models)."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device!r} is not a torch device ({exc}); use cpu, cuda, cuda:N, mps…") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (see `easyref doctor`)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available on this machine")
+
+
+def check_adapter_matches(base_model: Path, checkpoint) -> None:
+    """Validate the adapter against the base UNet's *config* (a weightless skeleton on the meta device)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    try:
+        config = UNet2DConditionModel.load_config(str(base_model), subfolder="unet")
+        with torch.device("meta"):
+            skeleton = UNet2DConditionModel.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - missing/odd config: the full load reports it properly later
+        logger.debug("adapter pre-check skipped: %s", exc)
+        return
+    checkpoint.check_unet(skeleton)
+
+
 def load_pipeline(plan: Plan, models: ResolvedModels, checkpoint, options: "RunOptions"):
     """Phase 2's model: SDXL with the adapter installed and LoRA merged (the MLLM is not loaded)."""
     from easyref_cli.model.pipeline import EasyRefPipeline
@@ -234,6 +291,7 @@ class Runner:
         procs = distributed.current(self.plan.device)
         try:
             if procs.count == 1:
+                distributed.merge_shards(self.plan.out_dir)  # left behind by a crashed distributed run
                 self._run(self.plan, self.plan.out_dir / files.MANIFEST_NAME)
                 return self.summary
             # Scale-out: whole groups per process, a manifest shard each, merged by the main process.
@@ -269,6 +327,7 @@ class Runner:
         self.summary = summary
 
     def _run(self, plan: Plan, manifest_path: Path) -> None:
+        check_existing_outputs(plan)
         pending = plan.pending()
         pending_ids = {j.job_id for j in pending}
         self.plan = plan
@@ -292,8 +351,10 @@ class Runner:
 
         from easyref_cli.model.checkpoint import load_checkpoint
 
+        check_device(self.plan.device)
         models = resolve_models(self.plan)
         checkpoint = load_checkpoint(models.adapter)
+        check_adapter_matches(models.base_model, checkpoint)  # before minutes of encoding, not after
         # Phase 1: every condition the pending jobs need (cache, else the MLLM; released afterwards).
         conditions, encode_seconds, references, ready = self._encode_phase(pending, models, checkpoint, tqdm)
         if not ready or self.stop.requested:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from easyref_cli.constants import INSTRUCTION
+from easyref_cli.constants import INSTRUCTION, OFFLOAD_CHOICES
 from easyref_cli.errors import JobError, ModelError, UsageError
 from easyref_cli.model import adapter as adapter_mod
 from easyref_cli.model import compat
@@ -271,10 +271,19 @@ class EasyRefPipeline:
         callback = on_step_end if step_callback is not None else None
 
         # 6. denoise + decode (reference K/V computed once per image, not once per step)
-        with adapter_mod.reference_kv_cache(pipe.unet, enabled=not self.compiled["enabled"]):
-            out = self._denoise(
-                prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback
-            )
+        args = (prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback)
+        try:
+            with adapter_mod.reference_kv_cache(pipe.unet, enabled=not self.compiled["enabled"]):
+                out = self._denoise(*args)
+        except Exception as exc:  # noqa: BLE001 - torch.compile fails lazily, on the first call
+            if not self.compiled["enabled"]:
+                raise
+            logger.warning("the compiled UNet failed (%s: %s); falling back to eager", type(exc).__name__, exc)
+            pipe.unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+            self.compiled = {"enabled": False, "reason": f"torch.compile failed at run time: {type(exc).__name__}"}
+            generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
+            with adapter_mod.reference_kv_cache(pipe.unet):
+                out = self._denoise(*args[:5], generators, callback)
         images = [pipe.image_processor.numpy_to_pil(a[None])[0] if np.isfinite(a).all() else None for a in out.images]
         if any(im is None for im in images):
             raise NonFiniteImages(images, [r.seed for r, im in zip(requests, images) if im is None])
@@ -307,7 +316,6 @@ class NonFiniteImages(JobError):
         self.bad_seeds = bad_seeds
 
 
-OFFLOAD_CHOICES = ("none", "model", "sequential")
 
 
 def place_pipeline(sdxl, device: str, offload: str) -> str:
