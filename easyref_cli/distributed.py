@@ -27,6 +27,8 @@ from easyref_cli.plan import Job
 logger = logging.getLogger(__name__)
 
 SHARD_GLOB = ".manifest.rank*.jsonl"
+BARRIER_TIMEOUT_HOURS = 72
+STATUS_ENV = "EASYREF_STATUS_FILE"
 
 
 def shard_path(out_dir: Path, index: int) -> Path:
@@ -74,8 +76,12 @@ def current(device: str | None) -> Processes:
     import torch
     from accelerate import PartialState
 
+    from datetime import timedelta
+
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu)
+    # Processes meet at two barriers only (start, end); a fast one may wait hours for the slowest,
+    # far beyond torch's default 10/30-minute collective timeout.
+    state = PartialState(cpu=cpu, timeout=timedelta(hours=BARRIER_TIMEOUT_HOURS))
     chosen = "cpu" if cpu else (device if device not in (None, "cuda") else str(state.device))
     return Processes(index=state.process_index, count=state.num_processes, device=chosen, _state=state)
 
@@ -133,8 +139,37 @@ def relaunch(num_processes: int, argv: Sequence[str]) -> int:
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "-m", "easyref_cli", *argv,
     ]
+    import signal
+    import tempfile
+
     logger.info("launching: %s", " ".join(cmd))
-    return subprocess.call(cmd)
+    with tempfile.TemporaryDirectory() as tmp:
+        status_file = Path(tmp) / "status"
+        proc = subprocess.Popen(cmd, env={**os.environ, STATUS_ENV: str(status_file)})
+
+        def forward(signum, _frame):  # a `kill` of this process must reach the launcher and its workers
+            proc.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        # The launcher folds every worker failure into 1; the main process's own verdict is exact.
+        if status_file.is_file():
+            return int(status_file.read_text().strip() or code)
+        return code
+
+
+def report_status(code: int) -> bool:
+    """Main process of a ``--num-processes`` run: leave the exit code for :func:`relaunch` to return
+    (the process itself then exits 0, so the launcher does not print a worker-failure traceback)."""
+    path = os.environ.get(STATUS_ENV)
+    if not path or not is_distributed():
+        return False
+    Path(path).write_text(str(code))
+    return True
 
 
 def strip_option(argv: Sequence[str], option: str) -> list[str]:

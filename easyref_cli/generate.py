@@ -203,8 +203,14 @@ def generate(
         offload=offload or "none",
     )
     summary = runner.run_plan(plan, progress=progress, json_out=stdout if json_lines else None, options=options)
+    if summary.worker:
+        return summary.exit_code
     if progress or summary.failed or summary.interrupted:
         print(summary.line(), file=stderr)
         for err in summary.errors[:20]:
             print(f"  failed: {err}", file=stderr)
+    from easyref_cli import distributed
+
+    if distributed.report_status(summary.exit_code):
+        return 0
     return summary.exit_code

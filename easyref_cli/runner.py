@@ -294,8 +294,15 @@ class Runner:
                 distributed.merge_shards(self.plan.out_dir)  # left behind by a crashed distributed run
                 self._run(self.plan, self.plan.out_dir / files.MANIFEST_NAME)
                 return self.summary
-            # Scale-out: whole groups per process, a manifest shard each, merged by the main process.
-            plan = replace(self.plan, jobs=tuple(distributed.shard_jobs(self.plan.jobs, procs.count, procs.index)), device=procs.device)
+            # Scale-out: whole groups of the *pending* jobs per process (balanced on what is left to do),
+            # a manifest shard each, merged by the main process; the main one also logs the skips.
+            # Every process reads the filesystem before the first barrier, i.e. before anyone writes.
+            check_existing_outputs(self.plan)
+            pending = self.plan.pending()
+            pending_ids = {j.job_id for j in pending}
+            mine = {j.job_id for j in distributed.shard_jobs(pending, procs.count, procs.index)}
+            jobs = [j for j in self.plan.jobs if j.job_id in mine or (procs.is_main and j.job_id not in pending_ids)]
+            plan = replace(self.plan, jobs=tuple(jobs), device=procs.device)
             self.progress = self.progress and procs.is_main
             if procs.is_main:
                 distributed.merge_shards(plan.out_dir)  # left behind by a crashed run

@@ -149,10 +149,13 @@ def test_resume_with_another_process_count_and_a_failing_group(tiny, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("easyref") is None, reason="the easyref console script is not installed")
-def test_num_processes_convenience_runs_accelerate(tiny, tmp_path):
+def test_num_processes_convenience_runs_accelerate_and_keeps_the_exit_code(tiny, tmp_path):
     groups = _groups(tmp_path)
+    (groups / "beta" / "zz_broken.png").write_bytes(b"not a png")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(["easyref", *_args(tiny, groups, tmp_path / "o"), "--num-processes", "2"], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert len(_pngs(tmp_path / "o")) == 6
-    assert len(files.read_manifest(tmp_path / "o" / files.MANIFEST_NAME)) == 6
+    assert res.returncode == 1, res.stderr[-3000:]  # "some jobs failed", not the launcher's generic failure
+    assert "ChildFailedError" not in res.stderr
+    assert len(_pngs(tmp_path / "o")) == 4
+    manifest = files.read_manifest(tmp_path / "o" / files.MANIFEST_NAME)
+    assert len(manifest) == 6 and sum(e["status"] == "error" for e in manifest) == 2
