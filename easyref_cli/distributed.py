@@ -82,7 +82,9 @@ def current(device: str | None) -> Processes:
     # Processes meet at two barriers only (start, end); a fast one may wait hours for the slowest,
     # far beyond torch's default 10/30-minute collective timeout.
     state = PartialState(cpu=cpu, timeout=timedelta(hours=BARRIER_TIMEOUT_HOURS))
-    chosen = "cpu" if cpu else (device if device not in (None, "cuda") else str(state.device))
+    chosen = "cpu" if cpu else str(state.device)  # one GPU per process, whatever --device index says
+    if device not in (None, "cpu", "cuda") and device != chosen:
+        logger.warning("--device %s ignored in a %d-process run: process %d uses %s", device, state.num_processes, state.process_index, chosen)
     return Processes(index=state.process_index, count=state.num_processes, device=chosen, _state=state)
 
 
