@@ -1,4 +1,5 @@
-"""Shared bits of the benchmarks: model shapes, timing, table printing."""
+"""Shared bits of the benchmarks: model shapes, timing, GPU memory, table printing, and in-memory builders of
+random full-size (or tiny) SDXL, Qwen2-VL and EasyRef weights (no model folders written)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ All three run side by side in one process on the same models and seeds:
 
     python bench/generate.py                    # CPU, tiny random models
     python bench/generate.py --device cuda --size 1024 --steps 30 --dtype float16   # on a GPU
+    python bench/generate.py --device cuda --full-size   # = bench/gpu.py: full-size SDXL + Qwen2-VL-2B
 
 Prints a table, then ``overhead_vs_plain=<x>`` (ours / plain, time per image) and last
 ``speedup_vs_official=<x>`` (official / ours).
@@ -88,7 +89,14 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--refs", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds (median reported)")
+    ap.add_argument("--full-size", action="store_true",
+                    help="full-size random SDXL-base + Qwen2-VL-2B built in memory: runs bench/gpu.py on --device "
+                         "(1024², 30 steps, fp16/bf16, 4 groups x 4 prompts; the other options here are ignored)")
     args = ap.parse_args(argv)
+    if args.full_size:  # same three paths, full-size models (bench/_common.py builders); same last two lines
+        import gpu
+
+        return gpu.main(["--device", args.device])
     dtype = getattr(torch, args.dtype)
 
     from diffusers import StableDiffusionXLPipeline

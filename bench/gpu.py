@@ -23,7 +23,7 @@ rewritten after each stage, so a run cut short still leaves what it measured.
 On the device machine (torch 2.11 + CUDA 13, transformers 5.17, no diffusers: carry diffusers and
 importlib_metadata as wheels; docs/PERFORMANCE.md "How to run the GPU benchmark" has the exact steps):
 
-    python3 bench/gpu.py --out $OUT/gpu.json           # H100/H200: about 5-6 minutes
+    python3 bench/gpu.py --out $OUT/gpu.json           # H100/H200: about 5-7 minutes (an estimate)
     python bench/gpu.py --small --device cpu            # tiny shapes, fp32, same code path (< 2 min)
 
 A stage that fails is recorded and the run goes on; ``--budget-s`` skips the compile stages when too
@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -145,6 +146,7 @@ def parse_args(argv=None):
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; eager on CPU)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip compile stages that would end past this (0: no limit)")
     ap.add_argument("--out", default=None, help="write all results as JSON here (rewritten after every stage)")
+    ap.add_argument("--from-json", default=None, metavar="FILE", help="measure nothing: print the summary of a saved --out file")
     args = ap.parse_args(argv)
     small = args.small
     for name, full, tiny in (("size", 1024, 64), ("steps", 30, 3), ("images", 2, 1), ("repeat", 10, 3),
@@ -198,6 +200,9 @@ def compile_unet(sdxl, raw_unet, args) -> None:
 
 def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage by stage
     args = parse_args(argv)
+    if args.from_json:  # e.g. a run cut short by its time limit: its JSON holds every finished stage
+        summarize(json.loads(Path(args.from_json).read_text()))
+        return
     run = Run(args)
     device = args.device
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -214,6 +219,12 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
     )
 
     compat.quiet_loading()
+    # diffusers 0.42 logs a warning and a FutureWarning on every fp16 image (its VAE upcast calls .to(dtype)):
+    # keep the log readable, the device tool returns only the last 12,000 characters
+    import diffusers.utils.logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     sdxl_dtype, enc_dtype = resolve_dtypes(None if args.dtype == "auto" else args.dtype, device)
     shapes = "tiny" if args.small else "full"
     qwen_size = "tiny" if args.small else "full"
@@ -250,8 +261,9 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
         enc = build_reference_encoder(qwen, tokenizer, image_processor, checkpoint, device=device, dtype=enc_dtype)
         del qwen  # lm_head goes with it: ours never computes logits
         state.update(checkpoint=checkpoint, enc=enc)
-        meta["qwen_params_b"] = round(sum(p.numel() for p in enc.parameters()) / 1e9, 3)
-        run.log(f"encoder: {meta['qwen_params_b']}B parameters (trunk without lm_head + final layer + projector)")
+        meta["encoder_params"] = sum(p.numel() for p in enc.parameters())
+        run.log(f"encoder: {_count(meta['encoder_params'])} parameters (trunk without lm_head + final layer + projector), "
+                f"resident {_gib(allocated_gib(device))}")
 
     with run.stage("encode: ours"):
         enc = state["enc"]
@@ -291,9 +303,10 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
         E["prefix_tokens"] = int(prefix.length)
         PK["encode_ours"] = peak_gib(device)
         state["ref_embeds"] = {k: RefEmbeds(v, uncond) for k, v in conds.items()}
+        del prefix  # its K/V cache lives on the card
         run.log(f"ours: group (prefix + first prompt) {E['ours_group_ms']:.1f} ms, extra prompt "
                 f"{E['ours_extra_prompt_ms'] or float('nan'):.1f} ms, uncond {E['ours_uncond_ms']:.1f} ms, "
-                f"{G}x{P} total {E['ours_total_s']:.2f} s, prefix {prefix.length} tokens, peak {PK['encode_ours']} GiB")
+                f"{G}x{P} total {E['ours_total_s']:.2f} s, prefix {E['prefix_tokens']} tokens, peak {_gib(PK['encode_ours'])}")
 
     with run.stage("encode: official path"):
         enc = state["enc"]
@@ -320,7 +333,7 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
             for k in out
         )
         run.log(f"official: {E['official_condition_ms']:.1f} ms per condition (cond + uncond, full prompt, per-image "
-                f"vision, logits), total {E['official_total_s']:.2f} s, peak {PK['encode_official']} GiB; "
+                f"vision, logits), total {E['official_total_s']:.2f} s, peak {_gib(PK['encode_official'])}; "
                 f"encode_speedup {E['encode_speedup']:.2f}, max_abs_diff {E['max_abs_diff']:.3g}")
 
     with run.stage("release the MLLM"):
@@ -342,10 +355,10 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
         raw_unet = sdxl.unet
         raw_unet.set_attn_processor(AttnProcessor2_0())
         state.update(sdxl=sdxl, raw_unet=raw_unet)
-        meta["unet_params_b"] = round(sum(p.numel() for p in raw_unet.parameters()) / 1e9, 3)
+        meta["unet_params"] = sum(p.numel() for p in raw_unet.parameters())
         meta["sdxl_resident_gib"] = allocated_gib(device)
-        run.log(f"SDXL: UNet {meta['unet_params_b']}B parameters, {len(raw_unet.attn_processors)} attention layers, "
-                f"pipeline resident {meta['sdxl_resident_gib']} GiB")
+        run.log(f"SDXL: UNet {_count(meta['unet_params'])} parameters, {len(raw_unet.attn_processors)} attention layers, "
+                f"pipeline resident {_gib(meta['sdxl_resident_gib'])}")
 
     seeds = iter(range(1000, 10**6))
 
@@ -474,8 +487,11 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
         IM["official_condition_in_call_s"] = cond_s[1:]
         run.log(f"image official_eager: {IM['official_eager']:.2f} s per image without its encode "
                 f"(+{1000 * sum(cond_s[1:]) / len(cond_s[1:]):.0f} ms encode in the call), peak with everything "
-                f"resident {PK['official_all_resident']} GiB")
-        del state["official"], official
+                f"resident {_gib(PK['official_all_resident'])}")
+        official.model.to("cpu")  # off the card before the compiled stages (the closure above still holds them)
+        official.enc.to("cpu")
+        del official_image
+        state.pop("official", None)
         state.pop("enc", None)
         gc.collect()
         reset_peak(device)
@@ -520,8 +536,9 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
                 PK["generate_ours_compiled"] = peak_gib(device)
                 CO["ours_dynamo"] = dynamo_delta(before)
 
-    summarize(run)
     run.save(final=True)
+    summarize(run.data)
+    run.save(final=True)  # with the ratios
 
 
 def _install_ours(state: dict, device: str, args):
@@ -535,14 +552,25 @@ def _install_ours(state: dict, device: str, args):
 # --------------------------------------------------------------------------------------------
 
 
+def _count(n) -> str:
+    return "?" if n is None else (f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M")
+
+
+def _gib(x) -> str:
+    return "n/a (no CUDA)" if x is None else f"{x:.2f} GiB"
+
+
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def summarize(run: Run) -> None:
-    d, args = run.data, run.args
+def summarize(d: dict) -> None:
+    """Ratios into ``d["totals_s"]``/``d["ratios"]``, then the markdown block and the key=value lines.
+    Needs only the results dict, so ``--from-json`` can print it again from a (partial) saved run."""
+    m = d["meta"]
     E, ST, IM, PK, T, R = d["encode"], d["unet_step_ms"], d["image_s"], d["peak_gib"], d["totals_s"], d["ratios"]  # noqa: N806
-    n = args.groups * args.prompts
+    G, P = m["groups"], m["prompts"]  # noqa: N806
+    n = G * P
     ours_enc, off_enc = E.get("ours_total_s"), E.get("official_total_s")
 
     def total(enc_s, image_key):
@@ -571,17 +599,16 @@ def summarize(run: Run) -> None:
     def f(x, spec=".1f", unit=""):
         return "—" if x is None else f"{x:{spec}}{unit}"
 
-    m = d["meta"]
     card = m.get("card", m["device"])
     print()
     print("=" * 100)
-    print(f"### GPU: {card}, {m['date']}")
+    print(f"### GPU: {card}, {m['date']}" if m.get("card") else f"### {m['device']} ({m['shapes']} shapes: a test of the script, not a result), {m['date']}")
     print()
     print(f"torch {m['torch']}" + (f" (CUDA {m['cuda']})" if m.get("cuda") else "") + f", transformers {m['transformers']}, "
-          f"diffusers {m['diffusers']}; random weights, {m['shapes']} shapes (SDXL-base UNet {m.get('unet_params_b')}B, "
-          f"Qwen2-VL encoder {m.get('qwen_params_b')}B), SDXL {m['sdxl_dtype']}, Qwen2-VL {m['encoder_dtype']}, "
-          f"{m['size']}², {m['steps']} Euler steps, CFG 5, batch 1; {args.groups} groups × {args.prompts} prompts, "
-          f"{args.refs} references of {args.ref_side}px; attention {m.get('attention', {}).get('backend', '?')}; "
+          f"diffusers {m['diffusers']}; random weights, {m['shapes']} shapes (SDXL-base UNet {_count(m.get('unet_params'))}, "
+          f"Qwen2-VL encoder {_count(m.get('encoder_params'))}), SDXL {m['sdxl_dtype']}, Qwen2-VL {m['encoder_dtype']}, "
+          f"{m['size']}², {m['steps']} Euler steps, CFG 5, batch 1; {G} groups × {P} prompts, "
+          f"{m['refs']} references of {m['ref_side']}px; LoRA rank {m['lora_rank']}; attention {m.get('attention', {}).get('backend', '?')}; "
           + (f"torch.compile backend {m['compile']['backend']}, mode {m['compile']['mode']}." if m["compile"] else "eager only."))
     print()
     print("```")
@@ -596,9 +623,9 @@ def summarize(run: Run) -> None:
         ("s per image (conditions ready), compiled", f(IM.get("plain_compiled"), ".2f"), f(IM.get("ours_compiled"), ".2f"), "—"),
         ("encode ms per group (prefix + first prompt)", "—", f(E.get("ours_group_ms")), f(E.get("official_condition_ms"))),
         ("encode ms per extra prompt", "—", f(E.get("ours_extra_prompt_ms")), f(E.get("official_condition_ms"))),
-        (f"{args.groups}×{args.prompts} total s (encode + {n} images), eager", f(T["plain_eager"]), f(T["ours_eager"]),
+        (f"{G}×{P} total s (encode + {n} images), eager", f(T["plain_eager"]), f(T["ours_eager"]),
          f(T["official_eager"])),
-        (f"{args.groups}×{args.prompts} total s, compiled", f(T["plain_compiled"]), f(T["ours_compiled"]), "—"),
+        (f"{G}×{P} total s, compiled", f(T["plain_compiled"]), f(T["ours_compiled"]), "—"),
         ("s per image incl. encode, eager", f(per_image["plain_eager"], ".2f"), f(per_image["ours_eager"], ".2f"),
          f(per_image["official_eager"], ".2f")),
         ("peak GiB, encode phase", "—", f(PK.get("encode_ours"), ".2f"), f(PK.get("encode_official"), ".2f")),
@@ -610,7 +637,7 @@ def summarize(run: Run) -> None:
     print("Official path: both conditions re-encoded per image (full prompt, per-image vision loop, logits), "
           "LoRA on the fly, materialised attention maps; its per-image encode is counted once in the totals, "
           "from the encode phase. Totals = measured encode of all conditions + images × measured median "
-          f"seconds per image ({args.images} timed images per path after one warm-up).")
+          f"seconds per image ({m['images_timed']} timed per path and mode, after one warm-up).")
     print()
 
     def verdict(x, ok):
@@ -621,7 +648,7 @@ def summarize(run: Run) -> None:
         ("EasyRef per image ≤ 1.05× plain SDXL, compiled (incl. amortised encode)", f(ov, ".3f", "×"), verdict(ov, lambda x: x <= 1.05)),
         ("  same, generation only / UNet step only", f"{f(R['overhead_vs_plain_generate'], '.3f', '×')} / "
          f"{f(R['overhead_vs_plain_step'], '.3f', '×')}", ""),
-        (f"≥ 2× the official path's throughput, {args.groups}×{args.prompts} (ours eager / compiled)",
+        (f"≥ 2× the official path's throughput, {G}×{P} (ours eager / compiled)",
          f"{f(sp, '.2f', '×')} / {f(R['speedup_vs_official_compiled'], '.2f', '×')}", verdict(sp, lambda x: x >= 2)),
         ("extra prompt ≤ 15% of a full encode", f(None if ef is None else 100 * ef, ".1f", "%"), verdict(ef, lambda x: x <= 0.15)),
         ("peak GPU memory ≤ 9.5 GiB (max of encode and generate phase)", f(pk, ".2f", " GiB"), verdict(pk, lambda x: x <= 9.5)),

@@ -290,6 +290,14 @@ class EasyRefPipeline:
         return images
 
     def _denoise(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback):
+        import warnings
+
+        with warnings.catch_warnings():
+            # diffusers' fp16 VAE upcast warns on every image; nothing for a user to act on
+            warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+            return self._call_sdxl(prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback)
+
+    def _call_sdxl(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback):
         return self.sdxl(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
