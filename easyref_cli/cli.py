@@ -69,8 +69,7 @@ def encode(
 ) -> None:
     """Encode one reference group into EasyRef condition tokens.
 
-    Writes tensors ``cond`` and ``uncond`` of shape (64, cross_attention_dim) to a safetensors
-    file, with model ids, hashes, instruction and caption in its metadata.
+    Writes tensors `cond` and `uncond` of shape (64, cross_attention_dim) to a safetensors file, with model ids, hashes, instruction and caption in its metadata.
     """
     setup_logging(verbose, quiet)
     from easyref_cli.encode import encode_group
