@@ -289,7 +289,8 @@ def test_dataset_sample_matches_the_inference_prompt(tiny, dataset):
     ds_aspect.resize, ds_aspect.resolution = "aspect", 128
     wide = ds_aspect[0]
     assert wide["pixel_values"].shape == (3, 128, 192)
-    assert wide["original_size"].tolist() == wide["target_size"].tolist() == [128, 192]
+    assert wide["target_size"].tolist() == [128, 192]
+    assert wide["original_size"].tolist() == sample["original_size"].tolist()  # the raw image's size, as in crop mode
     assert wide["crop_top_left"].tolist() == [0, 0]
     batch = D.collate([ds[0], ds[2], ds[6]])
     assert batch["pixel_values"].shape == (3, 3, 64, 64) and batch["time_ids"].shape == (3, 6)

@@ -113,8 +113,9 @@ def train_command(
     ).resolved()
     _check_paths(config)
 
-    # 1b. data first: every file is checked before any model loads
-    items = data_mod.require_valid(data_mod.validate_data(config.data, config.data_root), config.data)
+    # 1b. data first: every file is fully decoded before any model loads (a truncated image must be
+    # listed now, not crash a data-loader worker hours into training)
+    items = data_mod.require_valid(data_mod.validate_data(config.data, config.data_root, decode=True), config.data)
 
     # 2. train
     from easyref_cli.train.trainer import Trainer

@@ -477,7 +477,8 @@ class TrainDataset:
             target_size = (size, size)
         else:
             target = adaptive_resize(raw, size)
-            original_size = target_size = (target.height, target.width)
+            original_size = (raw.height, raw.width)  # micro-conditioning: the image's own size, as in crop mode
+            target_size = (target.height, target.width)
             top = left = 0
         pixels = np.asarray(target, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 

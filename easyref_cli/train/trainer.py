@@ -435,8 +435,14 @@ class Trainer:
         if acc.distributed_type != DistributedType.DEEPSPEED:
             from safetensors import safe_open
 
-            with safe_open(str(state / MODEL_STATE_FILE), framework="pt") as f:
-                saved = {_strip_wrappers(k) for k in f.keys()}
+            try:
+                with safe_open(str(state / MODEL_STATE_FILE), framework="pt") as f:
+                    saved = {_strip_wrappers(k) for k in f.keys()}
+            except Exception as exc:  # noqa: BLE001 - missing, corrupt, or saved by a DeepSpeed run
+                raise CheckpointError(
+                    f"cannot resume from {state}: {type(exc).__name__}: {exc} (a state saved under DeepSpeed "
+                    "resumes only under the same accelerate config)"
+                ) from None
             missing = sorted(self._trainable_names() - saved)
             if missing:
                 raise CheckpointError(
@@ -445,7 +451,10 @@ class Trainer:
                 )
             kwargs["strict"] = False
         acc.load_state(str(state), **kwargs)
-        progress = json.loads((state / TRAINER_STATE).read_text())
+        try:
+            progress = json.loads((state / TRAINER_STATE).read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot resume from {state}: {TRAINER_STATE} is missing or unreadable ({exc})") from None
         self.step, self.epoch, self.batches_in_epoch = progress["step"], progress["epoch"], progress["batches_in_epoch"]
         self.resumed_from = self._last_saved = self.step
         log = self.config.output_dir / LOG_NAME
