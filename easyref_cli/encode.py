@@ -64,6 +64,7 @@ def encode_group(
     cond = encoder.encode(images, caption, instruction)
     uncond = encoder.encode_uncond(instruction)
 
+    digests = [files.sha256_file(p) for p in group.images]
     metadata = {
         "format": "pt",
         "easyref_version": __version__,
@@ -71,8 +72,8 @@ def encode_group(
         "adapter": adapter_spec,
         "adapter_sha256": checkpoint.sha256,
         "group": group.name,
-        "group_sha256": files.group_content_hash(group),
-        "references": json.dumps([{"path": str(p), "sha256": files.sha256_file(p)} for p in group.images]),
+        "group_sha256": files.group_content_hash(group, digests),
+        "references": json.dumps([{"path": str(p), "sha256": d} for p, d in zip(group.images, digests)]),
         "instruction": instruction,
         "caption": caption,
         "dtype": str(encoder_dtype).removeprefix("torch."),

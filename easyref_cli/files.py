@@ -268,13 +268,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def group_content_hash(group: Group) -> str:
+def group_content_hash(group: Group, digests: Sequence[str] | None = None) -> str:
     """Hex sha256 over the sorted ``(file name, file sha256)`` pairs of a group.
 
     Depends on contents and names only (not mtimes or the directory's location), so it is a
-    stable cache key for the group's encoding.
+    stable cache key for the group's encoding. ``digests`` (one per image, in group order) skips
+    re-hashing files the caller has already hashed.
     """
-    pairs = sorted((p.name, sha256_file(p)) for p in group.images)
+    if digests is None:
+        digests = [sha256_file(p) for p in group.images]
+    pairs = sorted((p.name, d) for p, d in zip(group.images, digests, strict=True))
     payload = json.dumps(pairs, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 

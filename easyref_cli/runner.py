@@ -290,6 +290,7 @@ class Runner:
         full_plan = self.plan
         procs = distributed.current(self.plan.device)
         try:
+            check_existing_outputs(self.plan)  # every process, before anything is written
             if procs.count == 1:
                 distributed.merge_shards(self.plan.out_dir)  # left behind by a crashed distributed run
                 self._run(self.plan, self.plan.out_dir / files.MANIFEST_NAME)
@@ -297,7 +298,6 @@ class Runner:
             # Scale-out: whole groups of the *pending* jobs per process (balanced on what is left to do),
             # a manifest shard each, merged by the main process; the main one also logs the skips.
             # Every process reads the filesystem before the first barrier, i.e. before anyone writes.
-            check_existing_outputs(self.plan)
             pending = self.plan.pending()
             pending_ids = {j.job_id for j in pending}
             mine = {j.job_id for j in distributed.shard_jobs(pending, procs.count, procs.index)}
@@ -334,7 +334,6 @@ class Runner:
         self.summary = summary
 
     def _run(self, plan: Plan, manifest_path: Path) -> None:
-        check_existing_outputs(plan)
         pending = plan.pending()
         pending_ids = {j.job_id for j in pending}
         self.plan = plan
@@ -449,7 +448,7 @@ class Runner:
                     for job in jobs:
                         self._fail(job, exc)
                     continue
-                group_hash = condition_key(files=[(Path(r["path"]).name, r["sha256"]) for r in references[name]])
+                group_hash = files.group_content_hash(group, [r["sha256"] for r in references[name]])
                 images, prefixes = None, {}
                 for job in jobs:
                     if self.stop.requested:

@@ -100,6 +100,10 @@ class EasyRefPipeline:
         encoder_dtype: torch.dtype,
         attention: adapter_mod.AttentionChoice,
         bidirectional_final: bool = False,
+        scheduler: str = "euler",
+        base_scheduler_config=None,
+        compiled: dict | None = None,
+        offload: str = "none",
     ):
         self.sdxl = sdxl
         self.checkpoint = checkpoint
@@ -110,10 +114,11 @@ class EasyRefPipeline:
         self.attention = attention
         self.bidirectional_final = bidirectional_final
         self._encoder: ReferenceEncoder | None = None
-        self._scheduler_name = "euler"
-        self._base_scheduler_config = sdxl.scheduler.config
-        self.compiled: dict = {"enabled": False, "reason": "not requested"}
-        self.offload = "none"
+        self._scheduler_name = scheduler
+        # the base model's own scheduler config: every sampler is built from it
+        self._base_scheduler_config = base_scheduler_config or sdxl.scheduler.config
+        self.compiled: dict = compiled or {"enabled": False, "reason": "not requested"}
+        self.offload = offload
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -155,7 +160,7 @@ class EasyRefPipeline:
         placement = place_pipeline(sdxl, device, offload)
         compiled = compile_unet(sdxl, device) if compile else {"enabled": False, "reason": "not requested"}
         sdxl.set_progress_bar_config(disable=True)
-        pipe = cls(
+        return cls(
             sdxl,
             checkpoint,
             mllm_path=mllm,
@@ -164,12 +169,11 @@ class EasyRefPipeline:
             encoder_dtype=encoder_dtype,
             attention=choice,
             bidirectional_final=bidirectional_final,
+            scheduler=scheduler,
+            base_scheduler_config=base_scheduler_config,
+            compiled=compiled,
+            offload=placement,
         )
-        pipe._base_scheduler_config = base_scheduler_config
-        pipe._scheduler_name = scheduler
-        pipe.compiled = compiled
-        pipe.offload = placement
-        return pipe
 
     def set_scheduler(self, name: str) -> None:
         """Switch the sampler (built from the base model's own scheduler config)."""
@@ -189,13 +193,6 @@ class EasyRefPipeline:
                 bidirectional_final=self.bidirectional_final,
             )
         return self._encoder
-
-    def release_encoder(self) -> None:
-        """Free the MLLM before generating, so peak memory is max(MLLM, SDXL), not the sum."""
-        if self._encoder is not None:
-            self._encoder = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
 
     # ---- encoding ------------------------------------------------------------------------------
 
