@@ -780,6 +780,34 @@ def _job_id_for(
     )
 
 
+def _make_job(
+    *,
+    group: Group,
+    prompt_id: str,
+    seed: int,
+    index: int,
+    template: str,
+    preset: str | None,
+    models: tuple[str, str, str],
+    settings: Mapping[str, Any],
+) -> Job:
+    """One :class:`Job`: its id from everything that changes pixels, its output from the template."""
+    base_model, mllm, adapter = models
+    return Job(
+        job_id=_job_id_for(
+            group=group.name, prompt_id=prompt_id, seed=seed,
+            base_model=base_model, mllm=mllm, adapter=adapter, **settings,
+        ),
+        group=group,
+        prompt_id=prompt_id,
+        seed=seed,
+        index=index,
+        output=render_name(template, group=group.name, prompt_id=prompt_id, seed=seed, index=index, preset=preset),
+        preset=preset,
+        **settings,
+    )
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything ``easyref generate`` will do, decided before any model loads.
@@ -1007,30 +1035,9 @@ def build_plan(
                     scheduler=settings["scheduler"],
                 )
                 jobs.append(
-                    Job(
-                        job_id=_job_id_for(
-                            group=group.name,
-                            prompt_id=prompt_id,
-                            seed=seed,
-                            base_model=base_model,
-                            mllm=mllm,
-                            adapter=adapter,
-                            **common,
-                        ),
-                        group=group,
-                        prompt_id=prompt_id,
-                        seed=seed,
-                        index=index,
-                        output=render_name(
-                            template,
-                            group=group.name,
-                            prompt_id=prompt_id,
-                            seed=seed,
-                            index=index,
-                            preset=preset,
-                        ),
-                        preset=preset,
-                        **common,
+                    _make_job(
+                        group=group, prompt_id=prompt_id, seed=seed, index=index, template=template,
+                        preset=preset, models=(base_model, mllm, adapter), settings=common,
                     )
                 )
     _check_unique_outputs(jobs, template)
@@ -1217,30 +1224,9 @@ def plan_from_record(
         "scheduler",
     )
     common = {k: info[k] for k in setting_keys}
-    job = Job(
-        job_id=_job_id_for(
-            group=group.name,
-            prompt_id=info["prompt_id"],
-            seed=info["seed"],
-            base_model=base_model,
-            mllm=mllm,
-            adapter=adapter,
-            **common,
-        ),
-        group=group,
-        prompt_id=info["prompt_id"],
-        seed=info["seed"],
-        index=info["index"],
-        output=render_name(
-            template,
-            group=group.name,
-            prompt_id=info["prompt_id"],
-            seed=info["seed"],
-            index=info["index"],
-            preset=preset,
-        ),
-        preset=preset,
-        **common,
+    job = _make_job(
+        group=group, prompt_id=info["prompt_id"], seed=info["seed"], index=info["index"],
+        template=template, preset=preset, models=(base_model, mllm, adapter), settings=common,
     )
     return Plan(
         jobs=(job,),
