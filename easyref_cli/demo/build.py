@@ -1,0 +1,450 @@
+"""Train the demo model from nothing: ``python -m easyref_cli.demo.build WORK_DIR [--install]``.
+
+The recipe (every step seeded; the defaults take about half an hour on two CPU cores):
+
+1. **Base models.** A tiny SDXL-layout pipeline (UNet, VAE, two CLIP text encoders, Euler
+   scheduler) and a tiny random Qwen2-VL, saved with ``save_pretrained``.
+2. **VAE** fitted on synthetic images (64² pixels → 4×16² latents; its ``scaling_factor`` is set
+   so the latents have unit variance, as SDXL's).
+3. **Base UNet**: text-to-image pre-training on synthetic captions ("a large red circle at the top
+   left"), with colour and/or shape words dropped from some captions so the UNet also draws a
+   shape of *some* colour for "a large shape at the top left". The CLIP text encoders stay random
+   and frozen, as SDXL's stay frozen.
+4. **EasyRef**: the real ``easyref train`` stages (``align`` → ``single`` → ``multi``) on synthetic
+   groups whose captions name no colour and no shape: the colour and the shape can only come from
+   the references.
+5. ``--install`` copies the result (``sdxl/``, ``qwen2vl/``, ``easyref.safetensors``,
+   ``build.json``) into ``easyref_cli/demo/weights``, where ``--model demo`` finds it.
+
+``build.json`` records the settings, the wall time of each step and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from easyref_cli.demo import weights_dir
+from easyref_cli.demo.synthetic import IMAGE_SIZE, Drawing, iter_drawings, make_group
+
+#: Where ``--install`` puts the trained model (and where ``--model demo`` looks for it).
+WEIGHTS_DIR = weights_dir()
+
+#: Default step counts (``--quick`` divides them by 20 for a smoke run of the recipe).
+STEPS = {"vae": 1600, "unet": 3000, "align": 600, "single": 600, "multi": 900}
+LORA_RANK = 8
+
+
+def _log(message: str) -> None:
+    print(f"[demo-build {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. base models
+# ---------------------------------------------------------------------------------------------
+
+
+def build_base_pipeline(path: Path, seed: int = 0):
+    """The untrained demo SDXL pipeline (returned, and saved at ``path``)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from easyref_cli.testing import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 1),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # 6 · 8 + the pooled text projection (32)
+        cross_attention_dim=64,  # both text encoders' hidden states (32 + 32), concatenated
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),  # three levels: 64² pixels → 16² latents (scale factor 4)
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+    tokenizer = build_clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")
+
+    def text_config(pad_token_id: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_token_id,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=len(tokenizer),
+            projection_dim=32,
+            max_position_embeddings=77,
+        )
+
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(text_config(tokenizer.pad_token_id))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2.pad_token_id))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return pipe
+
+
+def _pixels(drawings: list[Drawing]):
+    import numpy as np
+    import torch
+
+    array = np.stack([np.asarray(d.render(), dtype=np.float32) for d in drawings])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. VAE
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_vae(vae, steps: int, *, seed: int, batch_size: int = 16, lr: float = 2e-3, log: Callable = _log) -> dict:
+    """Reconstruction training on an endless stream of synthetic images; sets ``scaling_factor``."""
+    import torch
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    torch.manual_seed(seed)
+    stream = iter_drawings(seed)
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10), steps)
+    loss = torch.tensor(0.0)
+    for step in range(steps):
+        x = _pixels([next(stream) for _ in range(batch_size)])
+        posterior = vae.encode(x).latent_dist
+        y = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = torch.nn.functional.mse_loss(y, x) + 1e-6 * kl
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step + 1}/{steps} loss {loss.item():.5f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        x = _pixels([next(stream) for _ in range(256)])
+        latents = vae.encode(x).latent_dist.sample()
+        mse = torch.nn.functional.mse_loss(vae.decode(latents).sample.clamp(-1, 1), x).item()
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    return {"final_loss": loss.item(), "held_out_mse": mse, "scaling_factor": scaling}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. base UNet
+# ---------------------------------------------------------------------------------------------
+
+#: (keep colour word, keep shape word) and how often base pre-training uses each caption form.
+CAPTION_FORMS = (((True, True), 0.35), ((False, True), 0.15), ((True, False), 0.15), ((False, False), 0.25))
+EMPTY_CAPTION_RATE = 0.10
+
+
+def tokenize_captions(pipe, captions: list[str]):
+    """Both CLIP tokenizers' ids for every caption, padded to 77 as the SDXL pipeline pads them."""
+    return tuple(
+        tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        for tok in (pipe.tokenizer, pipe.tokenizer_2)
+    )
+
+
+def encode_text(pipe, ids_1, ids_2):
+    """SDXL text conditioning (penultimate hidden states of both encoders, pooled projection of the
+    second), exactly as ``StableDiffusionXLPipeline.encode_prompt`` builds it."""
+    import torch
+
+    out_1 = pipe.text_encoder(ids_1, output_hidden_states=True)
+    out_2 = pipe.text_encoder_2(ids_2, output_hidden_states=True)
+    return torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1), out_2[0]
+
+
+def train_base_unet(
+    pipe, steps: int, *, seed: int, images: int = 8000, batch_size: int = 32, lr: float = 1e-3, log: Callable = _log
+) -> dict:
+    """Text-to-image pre-training of ``pipe.unet`` together with both text encoders (epsilon
+    prediction, DDPM noise schedule). Training the tiny CLIP encoders too is where the demo's base
+    differs from SDXL, whose encoders came pre-trained: random text features are too weak a signal."""
+    import torch
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    rng = random.Random(f"easyref-demo-unet-{seed}")
+    stream = iter_drawings(seed + 1000)
+    drawings = [next(stream) for _ in range(images)]
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.cat(
+            [
+                pipe.vae.encode(_pixels(drawings[i : i + 256])).latent_dist.sample(generator)
+                for i in range(0, images, 256)
+            ]
+        ) * pipe.vae.config.scaling_factor
+    # every caption form of every drawing, tokenized once
+    forms = [form for form, _ in CAPTION_FORMS]
+    captions = sorted({d.caption(colour=c, shape=s) for d in drawings for c, s in forms} | {""})
+    index = {caption: i for i, caption in enumerate(captions)}
+    ids_1, ids_2 = tokenize_captions(pipe, captions)
+    log(f"unet: {images} images, {len(captions)} captions")
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    modules = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    params = [p for m in modules for p in m.parameters()]
+    for module in modules:
+        module.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(200, steps // 10), steps)
+    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    weights = [w for _, w in CAPTION_FORMS]
+    loss = torch.tensor(0.0)
+    for step in range(steps):
+        picks = [rng.randrange(images) for _ in range(batch_size)]
+        caption_ids = []
+        for i in picks:
+            if rng.random() < EMPTY_CAPTION_RATE:
+                caption_ids.append(index[""])
+            else:
+                colour, shape = rng.choices(forms, weights)[0]
+                caption_ids.append(index[drawings[i].caption(colour=colour, shape=shape)])
+        hidden, pooled = encode_text(pipe, ids_1[caption_ids], ids_2[caption_ids])
+        x0 = latents[picks]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        prediction = pipe.unet(
+            scheduler.add_noise(x0, noise, t),
+            t,
+            hidden,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(batch_size, -1)},
+        ).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 200 == 0 or step == steps - 1:
+            log(f"unet step {step + 1}/{steps} loss {loss.item():.4f}")
+    for module in modules:
+        module.eval().requires_grad_(False)
+    return {"final_loss": loss.item(), "images": images, "captions": len(captions)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. EasyRef stages (the real `easyref train`)
+# ---------------------------------------------------------------------------------------------
+
+
+def caption(drawing: Drawing) -> str:
+    """The demo's prompts say where and how large, never which colour or shape."""
+    return drawing.caption(colour=False, shape=False)
+
+
+def write_training_data(root: Path, *, groups: int, per_group: int, seed: int) -> dict[str, Path]:
+    """Synthetic groups as PNG files plus one official-format JSON list per stage."""
+    root.mkdir(parents=True, exist_ok=True)
+    align, single, multi = [], [], []
+    for g in range(groups):
+        drawings = make_group(seed * 1_000_003 + g, per_group)
+        names = []
+        for i, d in enumerate(drawings):
+            name = f"g{g:04d}/{i}.png"
+            (root / name).parent.mkdir(exist_ok=True)
+            d.render().save(root / name)
+            names.append(name)
+        for i, d in enumerate(drawings):
+            others = names[:i] + names[i + 1 :]
+            align.append({"image_file": names[i], "text": caption(d)})
+            single.append({"image_file": [others[(g + i) % len(others)]], "text": caption(d), "target": names[i]})
+            multi.append({"image_file": others, "text": caption(d), "target": names[i]})
+    files = {}
+    for stage, items in (("align", align), ("single", single), ("multi", multi)):
+        files[stage] = root / f"{stage}.json"
+        files[stage].write_text(json.dumps(items, indent=0))
+    return files
+
+
+def run_stage(
+    stage: str, *, data: dict[str, Path], data_root: Path, sdxl: Path, mllm: Path, out: Path, steps: int,
+    init: Path | None, seed: int, batch_size: int, learning_rate: float,
+) -> Path:
+    """One ``easyref train`` stage, through the real command line; returns its final checkpoint."""
+    command = [
+        sys.executable, "-m", "easyref_cli", "train", "--stage", stage,
+        "--data", str(data[stage]), "--data-root", str(data_root),
+        "--base-model", str(sdxl), "--mllm", str(mllm), "--output-dir", str(out),
+        "--resolution", str(IMAGE_SIZE), "--max-steps", str(steps), "--save-steps", str(steps),
+        "--batch-size", str(batch_size), "--gradient-accumulation", "1",
+        "--learning-rate", str(learning_rate), "--seed", str(seed),
+        "--device", "cpu", "--mixed-precision", "no", "--num-workers", "0", "--quiet",
+        "--lora-rank", str(LORA_RANK),
+    ]  # fmt: skip
+    if init is not None:
+        command += ["--init", str(init)]
+    if stage == "align":
+        command.remove("--lora-rank")
+        command.remove(str(LORA_RANK))
+    _log(" ".join(command[1:]))
+    subprocess.run(command, check=True)
+    return out / f"checkpoint-{steps}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def build(
+    work: Path, *, quick: bool = False, seed: int = 0, install: bool = False, reuse_base: bool = False, base_only: bool = False
+) -> dict:
+    import torch
+
+    from easyref_cli.testing import build_tiny_qwen2vl
+
+    steps = {k: max(2, v // 20) if quick else v for k, v in STEPS.items()}
+    work.mkdir(parents=True, exist_ok=True)
+    record: dict = {
+        "seed": seed,
+        "steps": steps,
+        "lora_rank": LORA_RANK,
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "seconds": {},
+    }
+    started = time.time()
+
+    def timed(name: str, fn: Callable):
+        t0 = time.time()
+        result = fn()
+        record["seconds"][name] = round(time.time() - t0, 1)
+        _log(f"{name}: {record['seconds'][name]} s")
+        return result
+
+    sdxl, mllm = work / "sdxl", work / "qwen2vl"
+    base_record = work / "base.json"
+    if reuse_base and base_record.exists():
+        _log(f"reusing the trained base models of {work} (--reuse-base)")
+        base = json.loads(base_record.read_text())
+        if base["steps"] != {k: steps[k] for k in ("vae", "unet")} or base["seed"] != seed:
+            raise SystemExit(f"{base_record} was built with other steps or another seed; drop --reuse-base")
+        record["seconds"].update(base["seconds"])
+        record["vae"], record["unet"] = base["vae"], base["unet"]
+    else:
+        pipe = timed("base_models", lambda: build_base_pipeline(sdxl, seed))
+        timed("qwen2vl", lambda: build_tiny_qwen2vl(mllm, seed))
+        record["vae"] = timed("vae", lambda: fit_vae(pipe.vae, steps["vae"], seed=seed))
+        record["unet"] = timed("unet", lambda: train_base_unet(pipe, steps["unet"], seed=seed))
+        pipe.save_pretrained(sdxl, safe_serialization=True)
+        base = {k: record[k] for k in ("seed", "vae", "unet", "seconds")}
+        base["steps"] = {k: steps[k] for k in ("vae", "unet")}
+        base_record.write_text(json.dumps(base, indent=2) + "\n")
+    if base_only:
+        return record
+
+    data_root = work / "data"
+    data = timed("data", lambda: write_training_data(data_root, groups=40 if quick else 400, per_group=6, seed=seed))
+    stage_settings = {"align": (16, 1e-3), "single": (16, 5e-4), "multi": (8, 3e-4)}
+    init = None
+    for stage in ("align", "single", "multi"):
+        batch_size, lr = stage_settings[stage]
+        out = work / f"train-{stage}"
+        if out.exists():
+            shutil.rmtree(out)
+        init = timed(
+            stage,
+            lambda: run_stage(
+                stage, data=data, data_root=data_root, sdxl=sdxl, mllm=mllm, out=out, steps=steps[stage],
+                init=init, seed=seed, batch_size=batch_size, learning_rate=lr,
+            ),
+        )
+        record[f"{stage}_settings"] = {"batch_size": batch_size, "learning_rate": lr}
+    shutil.copyfile(init, work / "easyref.safetensors")
+    record["total_seconds"] = round(time.time() - started, 1)
+    (work / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    if install:
+        install_model(work)
+    return record
+
+
+def install_model(work: Path, target: Path = WEIGHTS_DIR) -> Path:
+    """Copy the parts ``--model demo`` needs from a build folder into ``target``."""
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copytree(work / "sdxl", staging / "sdxl")
+    shutil.copytree(work / "qwen2vl", staging / "qwen2vl")
+    for name in ("easyref.safetensors", "build.json"):
+        shutil.copyfile(work / name, staging / name)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    _log(f"installed into {target}")
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m easyref_cli.demo.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("work", type=Path, help="build folder (models, data, training runs)")
+    parser.add_argument("--quick", action="store_true", help="1/20 of the steps: checks the recipe runs, trains nothing useful")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--install", action="store_true", help=f"copy the result into {WEIGHTS_DIR}")
+    parser.add_argument("--reuse-base", action="store_true", help="keep the VAE and base UNet a previous build trained in WORK")
+    parser.add_argument("--base-only", action="store_true", help="stop after the base models (steps 1-3)")
+    args = parser.parse_args(argv)
+    record = build(
+        args.work, quick=args.quick, seed=args.seed, install=args.install, reuse_base=args.reuse_base, base_only=args.base_only
+    )
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

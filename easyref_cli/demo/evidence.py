@@ -1,0 +1,242 @@
+"""Does the demo model follow its references? ``python -m easyref_cli.demo.evidence OUT_DIR``.
+
+For held-out synthetic groups (seeds the training never saw; every colour × shape pair once) it
+runs the real ``easyref generate --model demo`` twice:
+
+* **as given**: each group folder holds its own references;
+* **references swapped**: the same folder names, prompts and seeds, but every folder holds the
+  references of a group of *another* colour.
+
+The prompts name a position and a size only ("a large shape in the centre"), so the colour of a
+picture can only come from its references. For each run it reports the share of pictures whose
+dominant colour (:func:`~easyref_cli.demo.synthetic.dominant_colour`) is the references' colour,
+and in the swapped run also the share that kept the folder's original colour (which should fall
+to about zero). Chance is 1/6 ≈ 17%.
+
+Options after the known ones go to ``easyref generate`` (``--guidance 7``); ``--weights WORK``
+measures a build folder that is not installed yet. Writes ``OUT_DIR/evidence.json``, ``OUT_DIR/evidence.md`` (the README table) and
+``OUT_DIR/contact-sheet.png`` (one row per group: references | pictures, both runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from easyref_cli.demo.synthetic import COLOURS, IMAGE_SIZE, SHAPES, Drawing, dominant_colour, make_group
+
+#: Held-out group seeds start here (training uses seeds below 10⁹).
+HELD_OUT_SEED = 2_000_000_000
+PROMPTS = (
+    ("centre", "a large shape in the centre"),
+    ("top-left", "a small shape at the top left"),
+    ("bottom-right", "a large shape at the bottom right"),
+)
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    colour: str
+    shape: str
+    references: tuple[Drawing, ...]
+
+
+def held_out_groups(count: int | None = None, references: int = 4, seed: int = HELD_OUT_SEED) -> list[Group]:
+    """One group per colour × shape pair (``count`` of them, every colour before any repeats)."""
+    pairs = [(c, s) for s, c in itertools.product(SHAPES, COLOURS)]
+    if count is not None:
+        pairs = pairs[:count]
+    groups = []
+    for i, (colour, shape) in enumerate(pairs):
+        drawings = tuple(make_group(seed + i, references, colour, shape))
+        groups.append(Group(f"{colour}-{shape}", colour, shape, drawings))
+    return groups
+
+
+def swapped(groups: Sequence[Group]) -> list[Group]:
+    """Each folder keeps its name but gets the references of a group of another colour
+    (the next group with a different colour; pairs are in colour-major order)."""
+    out = []
+    for i, group in enumerate(groups):
+        donor = next(g for g in list(groups[i + 1 :]) + list(groups[:i]) if g.colour != group.colour)
+        out.append(Group(group.name, donor.colour, donor.shape, donor.references))
+    return out
+
+
+def write_groups(groups: Sequence[Group], root: Path) -> Path:
+    for group in groups:
+        folder = root / group.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, drawing in enumerate(group.references):
+            drawing.render().save(folder / f"{i:02d}.png")
+    return root
+
+
+def write_prompts(path: Path, images_per_prompt: int, seed: int) -> Path:
+    import yaml
+
+    data = {
+        "defaults": {"images_per_prompt": images_per_prompt, "seed": seed},
+        "prompts": [{"id": pid, "prompt": text} for pid, text in PROMPTS],
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def model_args(weights: Path | None) -> list[str]:
+    """``--model demo``, or the three model options for a build folder that is not installed yet."""
+    if weights is None:
+        return ["--model", "demo"]
+    weights = Path(weights)
+    return [
+        "--base-model", str(weights / "sdxl"), "--mllm", str(weights / "qwen2vl"),
+        "--adapter", str(weights / "easyref.safetensors"), "--width", "64", "--height", "64", "--steps", "25",
+    ]  # fmt: skip
+
+
+def generate(groups_root: Path, prompts: Path, out: Path, extra: Sequence[str] = ()) -> None:
+    """The real command line, as a user runs it."""
+    command = [
+        sys.executable, "-m", "easyref_cli", "generate", str(groups_root), "--prompts", str(prompts),
+        "-o", str(out), "--quiet", *extra,
+    ]  # fmt: skip
+    subprocess.run(command, check=True)
+
+
+def outputs(out: Path, group: Group) -> list[Path]:
+    return sorted((out / group.name).glob("*.png"))
+
+
+def score(groups: Sequence[Group], out: Path, original: Sequence[Group] | None = None) -> dict:
+    """Per-picture dominant colours and the shares that match the references (and the original groups)."""
+    rows = []
+    for i, group in enumerate(groups):
+        for path in outputs(out, group):
+            with Image.open(path) as image:
+                found = dominant_colour(image)
+            row = {"image": str(path.relative_to(out)), "references": group.colour, "dominant": found}
+            if original is not None:
+                row["folder"] = original[i].colour
+            rows.append(row)
+    if not rows:
+        raise RuntimeError(f"no pictures under {out}")
+    result = {
+        "images": len(rows),
+        "follows_references": sum(r["dominant"] == r["references"] for r in rows) / len(rows),
+        "no_colour": sum(r["dominant"] is None for r in rows) / len(rows),
+        "rows": rows,
+    }
+    if original is not None:
+        result["keeps_folder_colour"] = sum(r["dominant"] == r["folder"] for r in rows) / len(rows)
+    return result
+
+
+def contact_sheet(runs: Sequence[tuple[str, Sequence[Group], Path]], path: Path, *, scale: int = 2) -> Path:
+    """Rows of ``references | pictures`` for every group of every run, under a label per run."""
+    cell = IMAGE_SIZE * scale
+    gap = 6
+    label_h = 18
+    rows = [(label, group, out) for label, groups, out in runs for group in groups]
+    n_refs = max(len(g.references) for _, g, _ in rows)
+    n_out = max(len(outputs(out, g)) for _, g, out in rows)
+    width = 110 + (n_refs + n_out) * cell + gap * 2
+    height = len(runs) * label_h + len(rows) * cell
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=13)
+    y = 0
+    for label, groups, out in runs:
+        draw.text((4, y + 3), f"{label}:  references  |  easyref generate --model demo", fill="black", font=font)
+        y += label_h
+        for group in groups:
+            draw.text((4, y + cell // 2 - 14), group.name, fill="black", font=font)
+            draw.text((4, y + cell // 2 + 2), f"refs: {group.colour}", fill="dimgray", font=font)
+            x = 110
+            for drawing in group.references:
+                sheet.paste(drawing.render().resize((cell, cell), Image.NEAREST), (x, y))
+                x += cell
+            x = 110 + n_refs * cell + gap * 2
+            for picture in outputs(out, group):
+                with Image.open(picture) as image:
+                    sheet.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
+                x += cell
+            y += cell
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def markdown(result: dict) -> str:
+    given, swap = result["as_given"], result["swapped"]
+    pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
+    return "\n".join(
+        [
+            f"| run ({result['groups']} held-out groups × {len(PROMPTS)} prompts × {result['images_per_prompt']} seeds) "
+            "| pictures | colour = references' colour | colour = folder's original colour | no dominant colour |",
+            "|---|---|---|---|---|",
+            f"| references as given | {given['images']} | **{pct(given['follows_references'])}** | — | {pct(given['no_colour'])} |",
+            f"| references swapped between groups | {swap['images']} | **{pct(swap['follows_references'])}** "
+            f"| {pct(swap['keeps_folder_colour'])} | {pct(swap['no_colour'])} |",
+            "",
+            "Chance: 17% (six colours).",
+        ]
+    )
+
+
+def run(
+    out: Path,
+    *,
+    groups: int | None = None,
+    images_per_prompt: int = 2,
+    seed: int = 0,
+    sheet_groups: int = 6,
+    weights: Path | None = None,
+    extra: Sequence[str] = (),
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [*model_args(weights), *extra]
+    given = held_out_groups(groups)
+    swap = swapped(given)
+    prompts = write_prompts(out / "prompts.yaml", images_per_prompt, seed)
+    result: dict = {"groups": len(given), "images_per_prompt": images_per_prompt, "prompts": dict(PROMPTS)}
+    for key, run_groups in (("as_given", given), ("swapped", swap)):
+        root = write_groups(run_groups, out / key / "groups")
+        generate(root, prompts, out / key / "images", extra)
+        result[key] = score(run_groups, out / key / "images", original=given if key == "swapped" else None)
+    contact_sheet(
+        [
+            ("references as given", given[:sheet_groups], out / "as_given" / "images"),
+            ("references swapped", swap[:sheet_groups], out / "swapped" / "images"),
+        ],
+        out / "contact-sheet.png",
+    )
+    (out / "evidence.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "evidence.md").write_text(markdown(result) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m easyref_cli.demo.evidence", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder for the groups, pictures and results")
+    parser.add_argument("--groups", type=int, default=None, help="how many held-out groups (default: all 24 colour × shape pairs)")
+    parser.add_argument("--images-per-prompt", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", type=Path, default=None, help="a build folder of `easyref_cli.demo.build` (default: the installed demo model)")
+    args, extra = parser.parse_known_args(argv)
+    result = run(
+        args.out, groups=args.groups, images_per_prompt=args.images_per_prompt, seed=args.seed, weights=args.weights, extra=extra
+    )
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

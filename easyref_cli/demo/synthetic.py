@@ -1,0 +1,192 @@
+"""The demo model's synthetic domain: groups of coloured shapes on grey backgrounds.
+
+Every image of a *group* shows the same colour (one of six hues) and the same shape, drawn at a
+different position and size on a different grey background. A group is what a user hands
+``easyref generate``: the model has to pick up the shared colour and shape from the references,
+while the prompt says where and how large to draw it ("a small shape at the top left").
+
+Torch-free (PIL + ``random``); every image is a pure function of its seed.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "COLOURS",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "Drawing",
+    "IMAGE_SIZE",
+    "EXAMPLE_GROUPS",
+    "dominant_colour",
+    "hue_agreement",
+    "iter_drawings",
+    "make_group",
+    "random_drawing",
+    "write_examples",
+]
+
+IMAGE_SIZE = 64
+
+#: Colour name → hue in degrees (HSV). The six are 60° apart, so a hue is always within 30° of one.
+COLOURS: dict[str, float] = {
+    "red": 0.0,
+    "yellow": 60.0,
+    "green": 120.0,
+    "cyan": 180.0,
+    "blue": 240.0,
+    "magenta": 300.0,
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = {"small": (16, 22), "large": (28, 36)}  # side of the bounding box, in pixels
+#: Caption words for the 3×3 grid cell of the shape's centre (row, column).
+POSITIONS = {
+    (0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
+    (1, 0): "on the left", (1, 1): "in the centre", (1, 2): "on the right",
+    (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
+}
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """One image of the domain: what is drawn where, and how it is described."""
+
+    colour: str
+    shape: str
+    size: str
+    cell: tuple[int, int]
+    rgb: tuple[int, int, int]
+    background: int
+    centre: tuple[int, int]
+    side: int
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+    def caption(self, *, colour: bool = True, shape: bool = True) -> str:
+        """``"a large red circle at the top left"``; without colour/shape the noun is "shape"."""
+        words = ["a", self.size]
+        if colour:
+            words.append(self.colour)
+        words.append(self.shape if shape else "shape")
+        return " ".join(words) + " " + self.position
+
+    def render(self) -> Image.Image:
+        image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (self.background,) * 3)
+        draw = ImageDraw.Draw(image)
+        cx, cy = self.centre
+        h = self.side / 2
+        box = (cx - h, cy - h, cx + h, cy + h)
+        if self.shape == "circle":
+            draw.ellipse(box, fill=self.rgb)
+        elif self.shape == "square":
+            draw.rectangle(box, fill=self.rgb)
+        elif self.shape == "triangle":
+            draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=self.rgb)
+        elif self.shape == "cross":
+            t = self.side / 6
+            draw.rectangle((cx - h, cy - t, cx + h, cy + t), fill=self.rgb)
+            draw.rectangle((cx - t, cy - h, cx + t, cy + h), fill=self.rgb)
+        else:  # pragma: no cover - SHAPES is closed
+            raise ValueError(f"unknown shape {self.shape!r}")
+        return image
+
+
+def _rgb(hue: float, rng: random.Random) -> tuple[int, int, int]:
+    """A saturated, bright shade of ``hue`` (±6° of hue jitter)."""
+    h = ((hue + rng.uniform(-6, 6)) % 360) / 360
+    r, g, b = colorsys.hsv_to_rgb(h, rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0))
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def random_drawing(rng: random.Random, colour: str | None = None, shape: str | None = None) -> Drawing:
+    """A random image of the domain (of ``colour``/``shape`` when given)."""
+    colour = colour or rng.choice(list(COLOURS))
+    shape = shape or rng.choice(SHAPES)
+    size = rng.choice(list(SIZES))
+    side = rng.randint(*SIZES[size])
+    cell = (rng.randrange(3), rng.randrange(3))
+    # the centre lies in the cell's third of the canvas and keeps the shape inside the canvas
+    lo, hi = side // 2 + 1, IMAGE_SIZE - side // 2 - 1
+
+    def coordinate(index: int) -> int:
+        a, b = max(lo, index * IMAGE_SIZE // 3 + 2), min(hi, (index + 1) * IMAGE_SIZE // 3 - 2)
+        return rng.randint(min(a, b), max(a, b))
+
+    centre = (coordinate(cell[1]), coordinate(cell[0]))
+    background = rng.randint(60, 190)
+    return Drawing(colour, shape, size, cell, _rgb(COLOURS[colour], rng), background, centre, side)
+
+
+def make_group(seed: int, count: int, colour: str | None = None, shape: str | None = None) -> list[Drawing]:
+    """``count`` drawings sharing one colour and one shape (random unless given), from ``seed``."""
+    rng = random.Random(f"easyref-demo-group-{seed}")
+    colour = colour or rng.choice(list(COLOURS))
+    shape = shape or rng.choice(SHAPES)
+    return [random_drawing(rng, colour, shape) for _ in range(count)]
+
+
+def iter_drawings(seed: int) -> Iterator[Drawing]:
+    """An endless seeded stream of random drawings."""
+    rng = random.Random(f"easyref-demo-stream-{seed}")
+    while True:
+        yield random_drawing(rng)
+
+
+def dominant_colour(image: Image.Image, *, min_saturation: float = 0.35, min_value: float = 0.3) -> str | None:
+    """The colour name whose hue holds most of the image's saturated pixels, or ``None`` when
+    fewer than 1% of the pixels are saturated (a grey picture has no dominant colour).
+
+    Each saturated pixel votes for the nearest of the six hues; greys (saturation below
+    ``min_saturation``) and near-blacks (value below ``min_value``) do not vote.
+    """
+    hsv = image.convert("RGB").convert("HSV")
+    votes = dict.fromkeys(COLOURS, 0)
+    names = list(COLOURS)
+    s_min, v_min = round(min_saturation * 255), round(min_value * 255)
+    for h, s, v in hsv.getdata():
+        if s >= s_min and v >= v_min:
+            votes[names[round(h * 360 / 255 / 60) % 6]] += 1
+    best = max(votes, key=votes.__getitem__)
+    total = image.width * image.height
+    return best if votes[best] >= 0.01 * total else None
+
+
+def hue_agreement(images: Sequence[Image.Image], colours: Sequence[str]) -> float:
+    """The share of ``images`` whose dominant colour is the matching entry of ``colours``."""
+    if len(images) != len(colours) or not images:
+        raise ValueError("hue_agreement needs one expected colour per image, and at least one image")
+    return sum(dominant_colour(im) == c for im, c in zip(images, colours)) / len(images)
+
+
+#: The example groups shipped in ``examples/groups`` (colour, shape, seed).
+EXAMPLE_GROUPS = (("red", "circle", 11), ("blue", "square", 12), ("green", "triangle", 13), ("yellow", "cross", 14))
+
+
+def write_examples(root, references: int = 3) -> list:
+    """Write ``root/<colour>-<shape>/0N.png`` for :data:`EXAMPLE_GROUPS`; returns the folders."""
+    from pathlib import Path
+
+    folders = []
+    for colour, shape, seed in EXAMPLE_GROUPS:
+        folder = Path(root) / f"{colour}-{shape}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, drawing in enumerate(make_group(seed, references, colour, shape)):
+            drawing.render().save(folder / f"{i + 1:02d}.png")
+        folders.append(folder)
+    return folders
+
+
+if __name__ == "__main__":
+    import sys
+
+    for folder in write_examples(sys.argv[1] if len(sys.argv) > 1 else "examples/groups"):
+        print(folder)
