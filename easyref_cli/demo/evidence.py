@@ -140,39 +140,62 @@ def score(groups: Sequence[Group], out: Path, original: Sequence[Group] | None =
     return result
 
 
-def contact_sheet(runs: Sequence[tuple[str, Sequence[Group], Path]], path: Path, *, scale: int = 2) -> Path:
-    """Rows of ``references | pictures`` for every group of every run, under a label per run."""
+@dataclass(frozen=True)
+class SheetRow:
+    """One contact-sheet row: a title, a subtitle, the references, the generated pictures."""
+
+    title: str
+    subtitle: str
+    references: tuple[Path | Image.Image, ...]
+    pictures: tuple[Path, ...]
+
+
+def contact_sheet(sections: Sequence[tuple[str, Sequence[SheetRow]]], path: Path, *, scale: int = 2) -> Path:
+    """``references | pictures`` rows under one label per section, pixels enlarged ``scale``×."""
     cell = IMAGE_SIZE * scale
-    gap = 6
-    label_h = 18
-    rows = [(label, group, out) for label, groups, out in runs for group in groups]
-    n_refs = max(len(g.references) for _, g, _ in rows)
-    n_out = max(len(outputs(out, g)) for _, g, out in rows)
-    width = 110 + (n_refs + n_out) * cell + gap * 2
-    height = len(runs) * label_h + len(rows) * cell
-    sheet = Image.new("RGB", (width, height), "white")
+    gap, label_h, left = 6, 18, 110
+    rows = [row for _, section in sections for row in section]
+    n_refs = max(len(r.references) for r in rows)
+    n_out = max(len(r.pictures) for r in rows)
+    sheet = Image.new("RGB", (left + (n_refs + n_out) * cell + gap * 2, len(sections) * label_h + len(rows) * cell), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=13)
+
+    def paste(source: Path | Image.Image, x: int, y: int) -> None:
+        image = Image.open(source) if isinstance(source, Path) else source
+        sheet.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
+
     y = 0
-    for label, groups, out in runs:
+    for label, section in sections:
         draw.text((4, y + 3), f"{label}:  references  |  easyref generate --model demo", fill="black", font=font)
         y += label_h
-        for group in groups:
-            draw.text((4, y + cell // 2 - 14), group.name, fill="black", font=font)
-            draw.text((4, y + cell // 2 + 2), f"refs: {group.colour}", fill="dimgray", font=font)
-            x = 110
-            for drawing in group.references:
-                sheet.paste(drawing.render().resize((cell, cell), Image.NEAREST), (x, y))
-                x += cell
-            x = 110 + n_refs * cell + gap * 2
-            for picture in outputs(out, group):
-                with Image.open(picture) as image:
-                    sheet.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
-                x += cell
+        for row in section:
+            draw.text((4, y + cell // 2 - 14), row.title, fill="black", font=font)
+            draw.text((4, y + cell // 2 + 2), row.subtitle, fill="dimgray", font=font)
+            for i, reference in enumerate(row.references):
+                paste(reference, left + i * cell, y)
+            for i, picture in enumerate(row.pictures):
+                paste(picture, left + n_refs * cell + gap * 2 + i * cell, y)
             y += cell
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
+
+
+def group_rows(groups: Sequence[Group], out: Path) -> list[SheetRow]:
+    return [
+        SheetRow(g.name, f"refs: {g.colour}", tuple(d.render() for d in g.references), tuple(outputs(out, g)))
+        for g in groups
+    ]
+
+
+def folder_rows(groups_root: Path, out: Path) -> list[SheetRow]:
+    """Rows for ``easyref generate GROUPS_ROOT -o OUT`` (one per group folder)."""
+    rows = []
+    for folder in sorted(p for p in Path(groups_root).iterdir() if p.is_dir()):
+        references = tuple(sorted(folder.glob("*.png")))
+        rows.append(SheetRow(folder.name, "", references, tuple(sorted((Path(out) / folder.name).glob("*.png")))))
+    return rows
 
 
 def markdown(result: dict) -> str:
@@ -187,9 +210,20 @@ def markdown(result: dict) -> str:
             f"| references swapped between groups | {swap['images']} | **{pct(swap['follows_references'])}** "
             f"| {pct(swap['keeps_folder_colour'])} | {pct(swap['no_colour'])} |",
             "",
-            "Chance: 17% (six colours).",
+            "Per colour, references as given: "
+            + ", ".join(f"{c} {n}/{total}" for c, (n, total) in per_colour(given["rows"]).items())
+            + ". Chance: 17% (six colours).",
         ]
     )
+
+
+def per_colour(rows: Sequence[dict]) -> dict[str, tuple[int, int]]:
+    """``colour -> (pictures of that colour's references with that dominant colour, pictures)``."""
+    counts = {c: [0, 0] for c in COLOURS}
+    for row in rows:
+        counts[row["references"]][1] += 1
+        counts[row["references"]][0] += row["dominant"] == row["references"]
+    return {c: (n, total) for c, (n, total) in counts.items() if total}
 
 
 def run(
@@ -214,8 +248,8 @@ def run(
         result[key] = score(run_groups, out / key / "images", original=given if key == "swapped" else None)
     contact_sheet(
         [
-            ("references as given", given[:sheet_groups], out / "as_given" / "images"),
-            ("references swapped", swap[:sheet_groups], out / "swapped" / "images"),
+            ("references as given", group_rows(given[:sheet_groups], out / "as_given" / "images")),
+            ("references swapped", group_rows(swap[:sheet_groups], out / "swapped" / "images")),
         ],
         out / "contact-sheet.png",
     )
@@ -231,7 +265,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", type=Path, default=None, help="a build folder of `easyref_cli.demo.build` (default: the installed demo model)")
+    parser.add_argument(
+        "--sheet-of", nargs=2, type=Path, metavar=("GROUPS", "OUTPUTS"),
+        help="only draw OUT_DIR (a .png path) for an existing `easyref generate GROUPS -o OUTPUTS` run",
+    )  # fmt: skip
     args, extra = parser.parse_known_args(argv)
+    if args.sheet_of:
+        print(contact_sheet([("examples", folder_rows(*args.sheet_of))], args.out))
+        return
     result = run(
         args.out, groups=args.groups, images_per_prompt=args.images_per_prompt, seed=args.seed, weights=args.weights, extra=extra
     )
