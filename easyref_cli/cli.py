@@ -107,7 +107,7 @@ def generate(
     negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt. Default: empty.", rich_help_panel="Settings")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="euler, euler_a, dpmpp_2m, ddim, pndm or lms. Default: euler.", rich_help_panel="Settings")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per UNet batch (same seeds as batch 1; batched kernels may round a few pixels one level differently). Default: 1.", rich_help_panel="Settings")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="'tiny': random tiny models built locally, for an offline smoke run (noise pictures).", rich_help_panel="Models")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="'demo': the tiny EasyRef shipped with the package, trained on synthetic coloured shapes (64×64; offline). 'tiny': random tiny models built locally, for a smoke run (noise pictures).", rich_help_panel="Models")] = None,
     base_model: BaseModelOpt = None,
     mllm: MllmOpt = None,
     adapter: AdapterOpt = None,

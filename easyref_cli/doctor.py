@@ -23,6 +23,16 @@ def _default_models_locally() -> list[str]:
     return lines
 
 
+def _demo_model() -> str:
+    from easyref_cli.demo import weights_dir
+
+    root = weights_dir()
+    if not (root / "easyref.safetensors").exists():
+        return f"  --model demo  MISSING ({root}); rebuild: python -m easyref_cli.demo.build WORK --install"
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return f"  --model demo  {root} ({size / 2**20:.1f} MiB)"
+
+
 def report(device: str | None = None) -> str:
     import torch
 
@@ -59,5 +69,6 @@ def report(device: str | None = None) -> str:
     lines.append(f"  --attention auto → {'xformers' if ok else 'sdpa'} ({reason})")
     lines.append("default models:")
     lines += _default_models_locally()
+    lines.append(_demo_model())
     lines.append(f"easyref home    {easyref_home()}")
     return "\n".join(lines)

@@ -20,13 +20,19 @@ from easyref_cli.plan import Plan, build_plan, plan_from_record
 
 logger = logging.getLogger(__name__)
 
-#: ``--model`` families. ``tiny``: random tiny models built locally (pictures are noise).
-MODEL_CHOICES = ("tiny",)
+#: ``--model`` families. ``tiny``: random tiny models built locally (pictures are noise);
+#: ``demo``: the tiny EasyRef shipped in the package, trained on synthetic coloured shapes.
+MODEL_CHOICES = ("tiny", "demo")
 TINY_DEFAULTS = {"width": 64, "height": 64, "steps": 4}
-TINY_NOTICE = (
-    "--model tiny: tiny RANDOM models built locally for a smoke run — the pipeline is real, "
-    "the pictures are noise."
-)
+#: The demo model's domain is 64² pictures; its settings as measured by ``easyref_cli.demo.evidence``.
+DEMO_DEFAULTS = {"width": 64, "height": 64, "steps": 25, "guidance": 5.0}
+MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "demo": DEMO_DEFAULTS}
+MODEL_NOTICES = {
+    "tiny": "--model tiny: tiny RANDOM models built locally for a smoke run — the pipeline is real, "
+    "the pictures are noise.",
+    "demo": "--model demo: a tiny EasyRef trained on synthetic coloured shapes (64×64): it takes the colour "
+    "and shape from the references, the position and size from the prompt (e.g. 'a large shape at the top left').",
+}
 
 
 _DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|npu|meta)(:\d+)?$")
@@ -69,6 +75,30 @@ def tiny_model_paths(*, build: bool = True) -> tuple[str, str, str]:
     return str(tiny.base_model), str(tiny.mllm), str(tiny.adapter_lora)
 
 
+def demo_model_paths() -> tuple[str, str, str]:
+    """``(base_model, mllm, adapter)`` of the demo model shipped in the package."""
+    from easyref_cli.demo import weights_dir
+
+    root = weights_dir()
+    parts = (root / "sdxl", root / "qwen2vl", root / "easyref.safetensors")
+    missing = [str(p) for p in parts if not p.exists()]
+    if missing:
+        raise UsageError(
+            f"--model demo: the demo weights are missing ({', '.join(missing)}); reinstall easyref-cli, "
+            "or rebuild them with `python -m easyref_cli.demo.build WORK_DIR --install`"
+        )
+    return str(parts[0]), str(parts[1]), str(parts[2])
+
+
+def model_paths(model: str, *, dry_run: bool) -> tuple[str, str, str]:
+    """``(base_model, mllm, adapter)`` of a ``--model`` family."""
+    if model not in MODEL_CHOICES:
+        raise UsageError(f"--model must be one of {', '.join(MODEL_CHOICES)}, got {model!r}")
+    if model == "demo":
+        return demo_model_paths()
+    return tiny_model_paths(build=not dry_run)
+
+
 def make_plan(
     *,
     groups: Sequence[Path],
@@ -94,12 +124,10 @@ def make_plan(
     check_device_name(device)
     model_defaults: Mapping[str, Any] | None = None
     if model is not None:
-        if model not in MODEL_CHOICES:
-            raise UsageError(f"--model must be one of {', '.join(MODEL_CHOICES)}, got {model!r}")
         if any(v is not None for v in (base_model, mllm, adapter)):
-            raise UsageError("--model tiny replaces --base-model/--mllm/--adapter; give one or the other")
-        base_model, mllm, adapter = tiny_model_paths(build=not dry_run)
-        model_defaults = TINY_DEFAULTS
+            raise UsageError(f"--model {model} replaces --base-model/--mllm/--adapter; give one or the other")
+        base_model, mllm, adapter = model_paths(model, dry_run=dry_run)
+        model_defaults = MODEL_DEFAULTS[model]
     if from_image is not None:
         if groups or prompts_file or prompt or preset:
             raise UsageError("--from-image regenerates one recorded image: give no GROUPS, --prompts, --prompt or --preset")
@@ -173,8 +201,8 @@ def generate(
     if offload is not None and offload not in OFFLOAD_CHOICES:
         raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
     plan = make_plan(dry_run=dry_run, **plan_kwargs)
-    if plan_kwargs.get("model") == "tiny" and progress:
-        print(TINY_NOTICE, file=stderr)
+    if plan_kwargs.get("model") in MODEL_NOTICES and progress:
+        print(MODEL_NOTICES[plan_kwargs["model"]], file=stderr)
     if dry_run:
         if json_lines:
             import json

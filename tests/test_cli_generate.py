@@ -1049,3 +1049,4 @@ def test_doctor(tiny):
     assert res.exit_code == 0, res.output
     assert "--attention auto" in res.stdout and "torch" in res.stdout
     assert "float32" in res.stdout and "default models" in res.stdout
+    assert "--model demo" in res.stdout and "MiB" in res.stdout

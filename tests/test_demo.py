@@ -1,0 +1,165 @@
+"""The demo model: its synthetic domain, its recipe's pieces, and — on the shipped weights — that
+``easyref generate --model demo`` works offline and takes the colour from the references."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from easyref_cli.cli import app
+from easyref_cli.demo import build, evidence, synthetic, weights_dir
+from easyref_cli.errors import UsageError
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+# --------------------------------------------------------------------------- the synthetic domain
+
+
+def test_groups_are_seeded_and_share_colour_and_shape():
+    a = synthetic.make_group(5, 6)
+    b = synthetic.make_group(5, 6)
+    assert [d.render().tobytes() for d in a] == [d.render().tobytes() for d in b]
+    assert len({d.colour for d in a}) == 1 and len({d.shape for d in a}) == 1
+    # …and vary in everything else
+    assert len({d.centre for d in a}) > 1 and len({d.background for d in a}) > 1
+    assert synthetic.make_group(6, 6)[0] != a[0]
+
+
+def test_dominant_colour_reads_every_drawing_and_nothing_from_grey():
+    stream = synthetic.iter_drawings(123)
+    drawings = [next(stream) for _ in range(300)]
+    assert all(synthetic.dominant_colour(d.render()) == d.colour for d in drawings)
+    assert {d.colour for d in drawings} == set(synthetic.COLOURS)
+    assert synthetic.dominant_colour(Image.new("RGB", (64, 64), (128, 128, 128))) is None
+    assert synthetic.hue_agreement([drawings[0].render()], [drawings[0].colour]) == 1.0
+    with pytest.raises(ValueError):
+        synthetic.hue_agreement([], [])
+
+
+def test_captions_for_the_adapter_name_neither_colour_nor_shape():
+    drawing = synthetic.make_group(1, 1, "red", "circle")[0]
+    assert drawing.caption().split()[2:4] == ["red", "circle"]
+    prompt = build.caption(drawing)
+    assert not set(prompt.split()) & (set(synthetic.COLOURS) | set(synthetic.SHAPES))
+    assert prompt.startswith(f"a {drawing.size} shape ") and prompt.endswith(drawing.position)
+
+
+def test_examples_are_the_documented_groups(tmp_path):
+    folders = synthetic.write_examples(tmp_path)
+    assert [f.name for f in folders] == [f"{c}-{s}" for c, s, _ in synthetic.EXAMPLE_GROUPS]
+    for folder, (colour, _, _) in zip(folders, synthetic.EXAMPLE_GROUPS):
+        images = sorted(folder.glob("*.png"))
+        assert len(images) == 3
+        assert all(synthetic.dominant_colour(Image.open(p)) == colour for p in images)
+
+
+def test_held_out_groups_cover_every_pair_and_swapping_changes_every_colour():
+    groups = evidence.held_out_groups()
+    assert len({(g.colour, g.shape) for g in groups}) == len(synthetic.COLOURS) * len(synthetic.SHAPES)
+    assert {g.colour for g in evidence.held_out_groups(6)} == set(synthetic.COLOURS)
+    swapped = evidence.swapped(groups)
+    assert [g.name for g in swapped] == [g.name for g in groups]
+    assert all(s.colour != g.colour for s, g in zip(swapped, groups))
+    assert all(s.references[0].colour == s.colour for s in swapped)
+
+
+# --------------------------------------------------------------------------- the recipe's pieces
+
+
+def test_training_data_passes_easyref_train_validation(tmp_path):
+    from easyref_cli.train import data as train_data
+
+    files = build.write_training_data(tmp_path, groups=3, per_group=4, seed=0)
+    for stage, path in files.items():
+        report = train_data.validate_data(path, tmp_path, decode=True)
+        items = train_data.require_valid(report, path)
+        assert len(items) == 12, stage
+    multi = json.loads(files["multi"].read_text())
+    assert all(item["target"] not in item["image_file"] and len(item["image_file"]) == 3 for item in multi)
+    single = json.loads(files["single"].read_text())
+    assert all(item["image_file"][0] != item["target"] for item in single)
+
+
+def test_base_models_vae_fit_and_unet_pretraining_run(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    pipe = build.build_base_pipeline(tmp_path / "sdxl")
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size * 4 == synthetic.IMAGE_SIZE
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    fitted = build.fit_vae(pipe.vae, 2, seed=0, batch_size=2, log=lambda _: None)
+    assert pipe.vae.config.scaling_factor == pytest.approx(fitted["scaling_factor"]) and fitted["scaling_factor"] > 0
+    trained = build.train_base_unet(pipe, 2, seed=0, images=8, batch_size=2, log=lambda _: None)
+    assert torch.isfinite(torch.tensor(trained["final_loss"]))
+    assert any(not torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+
+
+# --------------------------------------------------------------------------- the shipped model
+
+
+def test_demo_weights_are_shipped_small_and_recorded():
+    root = weights_dir()
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 25 * 2**20
+    record = json.loads((root / "build.json").read_text())
+    assert set(record["steps"]) == {"vae", "unet", "align", "single", "multi"}
+    assert record["total_seconds"] > 0
+
+
+def test_model_demo_conflicts_and_missing_weights(tmp_path, monkeypatch):
+    from easyref_cli import generate as gen
+
+    res = invoke("generate", "examples/groups", "--prompt", "a large shape in the centre", "-o", tmp_path / "o",
+                 "--model", "demo", "--adapter", "x.safetensors", "--dry-run")  # fmt: skip
+    assert res.exit_code == 2 and "--model demo replaces" in res.output
+    monkeypatch.setattr("easyref_cli.demo.weights_dir", lambda: tmp_path / "nothing")
+    with pytest.raises(UsageError, match="demo.build"):
+        gen.demo_model_paths()
+
+
+@pytest.fixture(scope="module")
+def evidence_run(tmp_path_factory):
+    """Six held-out groups (one per colour) × 3 prompts, references as given and swapped."""
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the subprocesses: tiny ops run faster on one thread
+    root = tmp_path_factory.mktemp("evidence")
+    return root, evidence.run(root, groups=6, images_per_prompt=1, sheet_groups=2)
+
+
+def test_generate_with_model_demo_works_offline(tmp_path):
+    out = tmp_path / "out"
+    res = invoke("generate", "examples/groups", "--prompts", "examples/prompts.yaml", "--model", "demo", "-o", out)
+    assert res.exit_code == 0, res.output
+    pictures = sorted(out.rglob("*.png"))
+    assert len(pictures) == 4 * 2 * 2
+    with Image.open(pictures[0]) as image:
+        assert image.size == (64, 64)
+    sheet = tmp_path / "sheet.png"
+    evidence.main([str(sheet), "--sheet-of", "examples/groups", str(out)])
+    with Image.open(sheet) as image:  # 4 groups × (3 references + 4 pictures), enlarged 2×
+        assert image.size[1] == 18 + 4 * 128 and image.size[0] > 7 * 128
+
+
+def test_colour_follows_the_references(evidence_run):
+    _, result = evidence_run
+    given, swapped = result["as_given"], result["swapped"]
+    assert given["images"] == swapped["images"] == 18
+    # at least 3× chance (1/6) in both runs, and the swapped run leaves the folders' colours behind
+    assert given["follows_references"] >= 0.5
+    assert swapped["follows_references"] >= 0.5
+    assert swapped["keeps_folder_colour"] <= 0.25
+
+
+def test_evidence_writes_table_and_contact_sheet(evidence_run):
+    root, result = evidence_run
+    assert json.loads((root / "evidence.json").read_text())["as_given"] == result["as_given"]
+    table = (root / "evidence.md").read_text()
+    assert "references swapped between groups" in table and "%" in table
+    with Image.open(root / "contact-sheet.png") as sheet:  # 2 sections × 2 groups; 4 references + 3 pictures
+        assert sheet.width > 7 * 128 and sheet.height > 4 * 128
