@@ -24,14 +24,15 @@ logger = logging.getLogger(__name__)
 #: ``demo``: the tiny EasyRef shipped in the package, trained on synthetic coloured shapes.
 MODEL_CHOICES = ("tiny", "demo")
 TINY_DEFAULTS = {"width": 64, "height": 64, "steps": 4}
-#: The demo model's domain is 64² pictures; its settings as measured by ``easyref_cli.demo.evidence``.
+#: The demo model's domain is 64² pictures; the settings ``easyref_cli.demo.evidence`` measured it with.
 DEMO_DEFAULTS = {"width": 64, "height": 64, "steps": 25, "guidance": 5.0}
 MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "demo": DEMO_DEFAULTS}
 MODEL_NOTICES = {
     "tiny": "--model tiny: tiny RANDOM models built locally for a smoke run — the pipeline is real, "
     "the pictures are noise.",
     "demo": "--model demo: a tiny EasyRef trained on synthetic coloured shapes (64×64): it takes the colour "
-    "and shape from the references, the position and size from the prompt (e.g. 'a large shape at the top left').",
+    "from the references; prompts name only a size and a position ('a large shape at the top left'), which "
+    "it follows weakly (docs/DEMO.md).",
 }
 
 
@@ -91,9 +92,7 @@ def demo_model_paths() -> tuple[str, str, str]:
 
 
 def model_paths(model: str, *, dry_run: bool) -> tuple[str, str, str]:
-    """``(base_model, mllm, adapter)`` of a ``--model`` family."""
-    if model not in MODEL_CHOICES:
-        raise UsageError(f"--model must be one of {', '.join(MODEL_CHOICES)}, got {model!r}")
+    """``(base_model, mllm, adapter)`` of a ``--model`` family (one of :data:`MODEL_CHOICES`)."""
     if model == "demo":
         return demo_model_paths()
     return tiny_model_paths(build=not dry_run)
@@ -124,6 +123,8 @@ def make_plan(
     check_device_name(device)
     model_defaults: Mapping[str, Any] | None = None
     if model is not None:
+        if model not in MODEL_CHOICES:
+            raise UsageError(f"--model must be one of {', '.join(MODEL_CHOICES)}, got {model!r}")
         if any(v is not None for v in (base_model, mllm, adapter)):
             raise UsageError(f"--model {model} replaces --base-model/--mllm/--adapter; give one or the other")
         base_model, mllm, adapter = model_paths(model, dry_run=dry_run)
