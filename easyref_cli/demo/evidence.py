@@ -63,8 +63,8 @@ def held_out_groups(count: int | None = None, references: int = 4, seed: int = H
 
 
 def swapped(groups: Sequence[Group]) -> list[Group]:
-    """Each folder keeps its name but gets the references of a group of another colour
-    (the next group with a different colour; pairs are in colour-major order)."""
+    """Each folder keeps its name but gets the references of the next group of another colour
+    (groups run through the colours shape by shape, so that is usually the next colour)."""
     out = []
     for i, group in enumerate(groups):
         donor = next(g for g in list(groups[i + 1 :]) + list(groups[:i]) if g.colour != group.colour)
@@ -96,11 +96,13 @@ def model_args(weights: Path | None) -> list[str]:
     """``--model demo``, or the three model options for a build folder that is not installed yet."""
     if weights is None:
         return ["--model", "demo"]
+    from easyref_cli.generate import DEMO_DEFAULTS
+
     weights = Path(weights)
-    return [
-        "--base-model", str(weights / "sdxl"), "--mllm", str(weights / "qwen2vl"),
-        "--adapter", str(weights / "easyref.safetensors"), "--width", "64", "--height", "64", "--steps", "25",
-    ]  # fmt: skip
+    args = ["--base-model", str(weights / "sdxl"), "--mllm", str(weights / "qwen2vl"), "--adapter", str(weights / "easyref.safetensors")]
+    for key, value in DEMO_DEFAULTS.items():  # the settings --model demo implies
+        args += [f"--{key}", str(value)]
+    return args
 
 
 def generate(groups_root: Path, prompts: Path, out: Path, extra: Sequence[str] = ()) -> None:
