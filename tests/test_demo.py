@@ -107,7 +107,7 @@ def test_demo_weights_are_shipped_small_and_recorded():
     files = [p for p in root.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 25 * 2**20
     record = json.loads((root / "build.json").read_text())
-    assert set(record["steps"]) == {"vae", "unet", "align", "single", "multi"}
+    assert set(record["steps"]) == {"vae", "unet", "unet_refine", "align", "single", "multi"}
     assert record["total_seconds"] > 0
 
 

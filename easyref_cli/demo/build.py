@@ -40,7 +40,7 @@ from easyref_cli.demo.synthetic import IMAGE_SIZE, Drawing, iter_drawings, make_
 WEIGHTS_DIR = weights_dir()
 
 #: Default step counts (``--quick`` divides them by 20 for a smoke run of the recipe).
-STEPS = {"vae": 1600, "unet": 3000, "align": 600, "single": 500, "multi": 2000}
+STEPS = {"vae": 1600, "unet": 3000, "unet_refine": 3000, "align": 600, "single": 500, "multi": 800}
 LORA_RANK = 8
 
 
@@ -376,7 +376,7 @@ def build(
     if reuse_base and base_record.exists():
         _log(f"reusing the trained base models of {work} (--reuse-base)")
         base = json.loads(base_record.read_text())
-        if base["steps"] != {k: steps[k] for k in ("vae", "unet")} or base["seed"] != seed:
+        if any(base["steps"][k] != steps[k] for k in ("vae", "unet")) or base["seed"] != seed:
             raise SystemExit(f"{base_record} was built with other steps or another seed; drop --reuse-base")
         record["seconds"].update(base["seconds"])
         record["vae"], record["unet"] = base["vae"], base["unet"]
@@ -388,6 +388,21 @@ def build(
         pipe.save_pretrained(sdxl, safe_serialization=True)
         base = {k: record[k] for k in ("seed", "vae", "unet", "seconds")}
         base["steps"] = {k: steps[k] for k in ("vae", "unet")}
+        base_record.write_text(json.dumps(base, indent=2) + "\n")
+    # 3b. a second pre-training pass: new pictures, half the learning rate (a fresh cosine schedule)
+    if base.get("unet_refine") is not None and base["steps"].get("unet_refine") == steps["unet_refine"]:
+        record["unet_refine"] = base["unet_refine"]
+    elif steps["unet_refine"]:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+        record["unet_refine"] = timed(
+            "unet_refine", lambda: train_base_unet(pipe, steps["unet_refine"], seed=seed + 1, lr=5e-4)
+        )
+        pipe.save_pretrained(sdxl, safe_serialization=True)
+        base["unet_refine"] = record["unet_refine"]
+        base["steps"]["unet_refine"] = steps["unet_refine"]
+        base["seconds"] = {**base["seconds"], "unet_refine": record["seconds"]["unet_refine"]}
         base_record.write_text(json.dumps(base, indent=2) + "\n")
     if base_only:
         return record
