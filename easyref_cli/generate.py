@@ -31,8 +31,8 @@ MODEL_NOTICES = {
     "tiny": "--model tiny: tiny RANDOM models built locally for a smoke run — the pipeline is real, "
     "the pictures are noise.",
     "demo": "--model demo: a tiny EasyRef trained on synthetic coloured shapes (64×64): it takes the colour "
-    "from the references; prompts name only a size and a position ('a large shape at the top left'), which "
-    "it follows weakly (docs/DEMO.md).",
+    "from the references; prompts name only a size and a position ('a large shape at the top left'); it "
+    "follows the size, the position loosely, and draws blobs rather than the references' shape (docs/DEMO.md).",
 }
 
 
