@@ -218,8 +218,9 @@ def train_base_unet(
     pipe, steps: int, *, seed: int, images: int = 8000, batch_size: int = 32, lr: float = 1e-3, log: Callable = _log
 ) -> dict:
     """Text-to-image pre-training of ``pipe.unet`` together with both text encoders (the DDPM
-    noise schedule and prediction type of the pipeline's scheduler config). Training the tiny CLIP encoders too is where the demo's base
-    differs from SDXL, whose encoders came pre-trained: random text features are too weak a signal."""
+    noise schedule and prediction type of the pipeline's scheduler config). Training the tiny CLIP
+    encoders too is where the demo's base differs from SDXL, whose encoders came pre-trained:
+    random text features are too weak a signal."""
     import torch
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
