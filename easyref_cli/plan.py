@@ -230,6 +230,21 @@ def resolve_settings(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _yaml_error_message(e, path) -> str:
+    """``file:line: YAML syntax error`` at the line where the parser gave up."""
+    mark = e.problem_mark or e.context_mark
+    return f"{path}:{mark.line + 1}: YAML syntax error" if mark is not None else f"{path}: YAML syntax error"
+
+
+def _yaml_problem(e) -> str:
+    """PyYAML's problem, plus where the construct it was parsing began when that is another line
+    (an unclosed ``[`` is reported where the parser noticed, often lines later)."""
+    start, end = e.context_mark, e.problem_mark
+    if e.context and start is not None and end is not None and start.line != end.line:
+        return f"{e.problem} ({e.context} that starts at line {start.line + 1}, column {start.column + 1})"
+    return " ".join(p for p in (e.context, e.problem) if p)
+
+
 def load_yaml_with_lines(path: Path, *, what: str = "YAML file") -> tuple[Any, dict[tuple, int]]:
     """``yaml.safe_load`` a file, also returning 1-based line numbers per data path.
 
@@ -290,10 +305,7 @@ def load_yaml_with_lines(path: Path, *, what: str = "YAML file") -> tuple[Any, d
             walk(node, ())
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = " ".join(p for p in (e.context, e.problem) if p)
-        raise UsageError(f"{where}: YAML syntax error in {what}: {problem}") from None
+        raise UsageError(f"{_yaml_error_message(e, path)} in {what}: {_yaml_problem(e)}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{path}: YAML error in {what}: {e}") from None
     finally:

@@ -244,6 +244,10 @@ PROMPT_FILE_ERRORS = [
     ),
     ("prompts:\n  - prompt: a\n    steps: 3\n    steps: 4\n", r"p\.yaml:4: duplicate key 'steps'"),
     ("prompts:\n  - a\n  - prompt: [unclosed\n", r"p\.yaml:\d+: YAML syntax error"),
+    (  # an unclosed [ fails lines later: the message also names where it was opened
+        "prompts:\n  - prompt: [a cat\n  - prompt: dog\n",
+        r"p\.yaml:3: YAML syntax error.*flow sequence that starts at line 2, column 13",
+    ),
     ("prompts:\n  - a\n bad: indent\n", r"p\.yaml:3: YAML syntax error"),
     ("prompts:\n\t- a\n", r"p\.yaml:2: YAML syntax error"),
     ("prompts: [a]\n---\nprompts: [b]\n", r"p\.yaml:\d+: YAML syntax error.*single document"),
