@@ -268,6 +268,40 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_file_memo(path: Path, memo: Path | None) -> str:
+    """:func:`sha256_file`, remembered in the JSON file ``memo`` under the file's real path with its
+    size, modification time and inode, so a multi-GB checkpoint is hashed once instead of on every
+    run (the trade-off :func:`easyref_cli.model.hub.folder_fingerprint` makes for model folders:
+    rewriting a file changes its mtime or, when replaced, its inode).
+
+    ``memo=None`` always hashes. A missing, unreadable or damaged memo is a miss, and failing to
+    write it loses nothing (the next run hashes again); writes are atomic, so concurrent runs at
+    worst drop each other's new entries.
+    """
+    if memo is None:
+        return sha256_file(path)
+    real = Path(path).resolve()
+    try:
+        st = real.stat()
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    try:
+        entries = json.loads(Path(memo).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        entries = {}
+    if not isinstance(entries, dict):
+        entries = {}
+    entry = entries.get(str(real))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = sha256_file(real)
+    entries[str(real)] = {"stamp": stamp, "sha256": digest}
+    with contextlib.suppress(EasyRefError):
+        write_bytes_atomic(Path(memo), json.dumps(entries, indent=1, sort_keys=True).encode("utf-8"), error=InputError)
+    return digest
+
+
 def group_content_hash(group: Group, digests: Sequence[str] | None = None) -> str:
     """Hex sha256 over the sorted ``(file name, file sha256)`` pairs of a group.
 

@@ -108,6 +108,8 @@ def _batches(jobs: Sequence[Job], size: int) -> Iterator[list[Job]]:
 
 #: Bump when the encoder's computation changes, so old cache entries are never served.
 CONDITION_CACHE_VERSION = 1
+#: In the condition cache folder: checkpoint sha256s by real path, size, mtime and inode.
+HASH_MEMO = "file-hashes.json"
 
 
 def package_versions() -> dict[str, str]:
@@ -359,7 +361,10 @@ class Runner:
 
         check_device(self.plan.device)
         models = resolve_models(self.plan)
-        checkpoint = load_checkpoint(models.adapter)
+        # the adapter's sha256 keys the condition cache; remembered beside it so a multi-GB
+        # checkpoint is hashed once, not on every (resumed) run
+        memo = self.options.cache_dir / HASH_MEMO if self.options.cache_dir is not None else None
+        checkpoint = load_checkpoint(models.adapter, hash_memo=memo)
         check_adapter_matches(models.base_model, checkpoint)  # before minutes of encoding, not after
         # Phase 1: every condition the pending jobs need (cache, else the MLLM; released afterwards).
         conditions, encode_seconds, references, ready = self._encode_phase(pending, models, checkpoint, tqdm)

@@ -267,6 +267,45 @@ def test_sha256_file(tmp_path):
         files.sha256_file(tmp_path / "missing")
 
 
+def test_sha256_file_memo_hashes_once_and_again_after_a_rewrite(tmp_path, monkeypatch):
+    import hashlib
+
+    f, memo = tmp_path / "adapter.safetensors", tmp_path / "cache" / "file-hashes.json"
+    f.write_bytes(b"weights v1")
+    assert files.sha256_file_memo(f, memo) == hashlib.sha256(b"weights v1").hexdigest()
+    assert str(f.resolve()) in json.loads(memo.read_text())
+    real_hash = files.sha256_file
+    calls = []
+    monkeypatch.setattr(files, "sha256_file", lambda p: calls.append(p) or real_hash(p))
+    assert files.sha256_file_memo(f, memo) == hashlib.sha256(b"weights v1").hexdigest() and calls == []
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(f)  # the real path is the key: a link to the same file is a hit
+    assert files.sha256_file_memo(link, memo) == hashlib.sha256(b"weights v1").hexdigest() and calls == []
+    # same size, rewritten in place: the mtime changes, so it is hashed again
+    f.write_bytes(b"weights v2")
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert files.sha256_file_memo(f, memo) == hashlib.sha256(b"weights v2").hexdigest() and len(calls) == 1
+    assert files.sha256_file_memo(f, None) == hashlib.sha256(b"weights v2").hexdigest() and len(calls) == 2
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"x": 1}'])
+def test_sha256_file_memo_shrugs_off_a_damaged_or_unwritable_memo(tmp_path, content):
+    import hashlib
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"abc")
+    memo = tmp_path / "memo.json"
+    memo.write_text(content)
+    assert files.sha256_file_memo(f, memo) == hashlib.sha256(b"abc").hexdigest()
+    assert json.loads(memo.read_text())[str(f.resolve())]["sha256"] == hashlib.sha256(b"abc").hexdigest()
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    assert files.sha256_file_memo(f, blocked / "memo.json") == hashlib.sha256(b"abc").hexdigest()
+    with pytest.raises(InputError, match="missing"):
+        files.sha256_file_memo(tmp_path / "missing", memo)
+
+
 def test_group_content_hash_depends_on_content_and_names_only(tmp_path):
     _img(tmp_path / "a" / "1.png", color=(1, 1, 1))
     _img(tmp_path / "a" / "2.png", color=(2, 2, 2))

@@ -116,3 +116,21 @@ def test_condition_cache_key_follows_the_mllm_weights(tiny, tmp_path):
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same size, rewritten
     assert folder_fingerprint(copy) != before
+
+
+def test_adapter_sha256_is_remembered_beside_the_condition_cache(tiny, ref_group, tmp_path, monkeypatch):
+    """A (resumed) run with a condition cache hashes a multi-GB adapter once, not every time."""
+    import hashlib
+    from pathlib import Path
+
+    cache = tmp_path / "cache"
+    real_hash, hashed = files.sha256_file, []
+    monkeypatch.setattr(files, "sha256_file", lambda p: hashed.append(Path(p).resolve()) or real_hash(p))
+    adapter = Path(tiny.adapter_lora).resolve()
+    for out in ("a", "b"):  # two outputs: both runs have jobs to do
+        args = [a for a in _args(tiny, ref_group, tmp_path / out) if a != "--no-cache"] + ["--cache-dir", str(cache)]
+        assert _invoke(args).exit_code == 0
+        record = files.read_png_record(next((tmp_path / out).rglob("*.png")))
+        assert record["adapter_sha256"] == hashlib.sha256(adapter.read_bytes()).hexdigest()
+    assert hashed.count(adapter) == 1
+    assert (cache / runner.HASH_MEMO).is_file()

@@ -18,7 +18,6 @@ missing or mis-shaped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -179,13 +178,19 @@ class EasyRefCheckpoint:
 # --------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | Path) -> EasyRefCheckpoint:
-    """Read an official ``.safetensors`` or DeepSpeed ``.pt`` checkpoint (``weights_only=True``)."""
+def load_checkpoint(path: str | Path, *, hash_memo: Path | None = None) -> EasyRefCheckpoint:
+    """Read an official ``.safetensors`` or DeepSpeed ``.pt`` checkpoint (``weights_only=True``).
+
+    ``hash_memo``: a JSON file remembering the checkpoint's sha256 between runs (see
+    :func:`easyref_cli.files.sha256_file_memo`); ``None`` hashes the file every time.
+    """
+    from easyref_cli.files import sha256_file_memo
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"adapter checkpoint {path} does not exist")
     flat = read_state_dict(path)
-    return split_state_dict(flat, source=str(path), sha256=sha256_of(path))
+    return split_state_dict(flat, source=str(path), sha256=sha256_file_memo(path, hash_memo))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -370,14 +375,6 @@ def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], *, prefix: st
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems) + " (does --mllm match the checkpoint?)")
     module.load_state_dict(dict(sd), strict=True)
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _preview(items: Iterable[str], limit: int = 8) -> str:
