@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from easyref_cli.demo import weights_dir
-from easyref_cli.demo.synthetic import IMAGE_SIZE, Drawing, iter_drawings, make_group
+from easyref_cli.demo.synthetic import COLOURS, IMAGE_SIZE, Drawing, dominant_colour, iter_drawings, make_group
 
 #: Where ``--install`` puts the trained model (and where ``--model demo`` looks for it).
 WEIGHTS_DIR = weights_dir()
@@ -292,8 +292,6 @@ def text_colour_accuracy(pipe, *, seeds: int = 8, steps: int = 25, guidance: flo
     centre"), over ``seeds`` starting noises per colour: the ceiling for what the references can
     steer later, since the adapters reuse the UNet's colour drawing."""
     import torch
-
-    from easyref_cli.demo.synthetic import COLOURS, dominant_colour
 
     colours = list(COLOURS)
     prompts = [f"a large {c} circle in the centre" for c in colours for _ in range(seeds)]
