@@ -100,7 +100,7 @@ def allocated_gib(device: str) -> float | None:
 
 #: SDXL shapes. "full" is stabilityai/stable-diffusion-xl-base-1.0's unet / vae / text_encoder /
 #: text_encoder_2 configs (2,567,463,684 UNet parameters, 140 attention layers), which time exactly
-#: like the real weights; "tiny" is diffusers' SDXL fast-test shapes (as easyref_cli.testing).
+#: like the real weights; "tiny" is diffusers' SDXL fast-test shapes (as easyref_cli.tiny).
 SDXL_SHAPES = {
     "full": {
         "unet": dict(
@@ -170,7 +170,7 @@ def build_sdxl(size: str, device: str, dtype: torch.dtype, seed: int = 0):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from easyref_cli.testing import build_clip_tokenizer
+    from easyref_cli.tiny import build_clip_tokenizer
 
     shapes = SDXL_SHAPES[size]
     tokenizer = build_clip_tokenizer(pad_token="<|endoftext|>")
@@ -206,11 +206,11 @@ def meta_unet(size: str):
 
 
 def qwen2vl_config(size: str):
-    """``Qwen2VLConfig`` of ``QWEN_SHAPES[size]`` (defaults: easyref_cli.testing's tiny model), for the
-    byte-level tokenizer of :func:`easyref_cli.testing._build_qwen2_tokenizer`; returns (config, tokenizer)."""
+    """``Qwen2VLConfig`` of ``QWEN_SHAPES[size]`` (defaults: easyref_cli.tiny's tiny model), for the
+    byte-level tokenizer of :func:`easyref_cli.tiny._build_qwen2_tokenizer`; returns (config, tokenizer)."""
     from transformers import Qwen2VLConfig
 
-    from easyref_cli.testing import QWEN2VL_SPECIAL_TOKENS, _build_qwen2_tokenizer
+    from easyref_cli.tiny import QWEN2VL_SPECIAL_TOKENS, _build_qwen2_tokenizer
 
     tokenizer = _build_qwen2_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2VL_SPECIAL_TOKENS}

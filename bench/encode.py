@@ -40,7 +40,7 @@ PROMPTS = [
 
 def build(root: Path, size: str):
     from easyref_cli.model.checkpoint import split_state_dict
-    from easyref_cli.testing import build_tiny_qwen2vl, build_tiny_sdxl, official_state_dict
+    from easyref_cli.tiny import build_tiny_qwen2vl, build_tiny_sdxl, official_state_dict
 
     text, vision, vocab = QWEN_SHAPES[size]
     mllm = build_tiny_qwen2vl(root / "qwen", text_overrides=text, vision_overrides=vision, vocab_size=vocab)

@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     from easyref_cli.model.checkpoint import load_checkpoint
     from easyref_cli.model.encoder import ReferenceEncoder
     from easyref_cli.model.pipeline import EasyRefPipeline, GenerationRequest, RefEmbeds
-    from easyref_cli.testing import build_tiny_models
+    from easyref_cli.tiny import build_tiny_models
 
     tmp = tempfile.TemporaryDirectory()
     tiny = build_tiny_models(Path(tmp.name))

@@ -69,7 +69,7 @@ def easyref_home() -> Path:
 def tiny_model_paths(*, build: bool = True) -> tuple[str, str, str]:
     """``(base_model, mllm, adapter)`` of the tiny smoke models, built once unless ``build=False``
     (a dry run only needs the paths)."""
-    from easyref_cli.testing import ensure_tiny_models, tiny_layout
+    from easyref_cli.tiny import ensure_tiny_models, tiny_layout
 
     root = easyref_home() / "tiny-models"
     tiny = ensure_tiny_models(root) if build else tiny_layout(root)

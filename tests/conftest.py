@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
     """Tiny Qwen2-VL + SDXL + official-layout checkpoints, built locally once per session."""
     import torch
 
-    from easyref_cli.testing import build_tiny_models
+    from easyref_cli.tiny import build_tiny_models
 
     # One thread: tiny ops are overhead-bound (2 threads measured up to 40x slower on a shared
     # 2-core box), and subprocess tests run with OMP_NUM_THREADS=1, so results match bit for bit.

@@ -493,7 +493,7 @@ def test_dry_run_lists_jobs_and_writes_nothing(tmp_path, forbid_model_load):
 
 
 def test_dry_run_with_model_tiny_builds_no_model(tmp_path, monkeypatch):
-    import easyref_cli.testing as testing
+    import easyref_cli.tiny as testing
 
     def boom(*_args, **_kwargs):
         raise AssertionError("--dry-run built the tiny models")

@@ -27,7 +27,7 @@ from easyref_cli.clitools import handle_errors
 from easyref_cli.errors import UsageError
 from easyref_cli.eval import collect_images, metrics, report
 from easyref_cli.eval.command import eval_command, report_command
-from easyref_cli.eval.testing import build_tiny_clip, build_tiny_dino_vit, build_tiny_dinov2
+from easyref_cli.eval.tiny import build_tiny_clip, build_tiny_dino_vit, build_tiny_dinov2
 from easyref_cli.testing import make_reference_images
 
 app = typer.Typer(pretty_exceptions_enable=False)

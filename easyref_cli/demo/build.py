@@ -60,7 +60,7 @@ def build_base_pipeline(path: Path, seed: int = 0):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from easyref_cli.testing import build_clip_tokenizer
+    from easyref_cli.tiny import build_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -374,7 +374,7 @@ def build(
     """Run the recipe in ``work`` (see the module docstring); returns what ``build.json`` records."""
     import torch
 
-    from easyref_cli.testing import build_tiny_qwen2vl
+    from easyref_cli.tiny import build_tiny_qwen2vl
 
     steps = {k: max(2, v // 20) if quick else v for k, v in STEPS.items()}
     work.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Tests of the tiny-model builders in ``easyref_cli.testing``."""
+"""Tests of the tiny-model builders in ``easyref_cli.tiny``."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from easyref_cli import testing
-from easyref_cli.testing import (
+from easyref_cli import tiny as tiny_mod
+from easyref_cli.testing import make_reference_images
+from easyref_cli.tiny import (
     QWEN2VL_SPECIAL_TOKENS,
     TINY_LORA_RANK,
     TinyModels,
     build_tiny_models,
     ensure_tiny_models,
-    make_reference_images,
     official_state_dict,
 )
 
@@ -87,7 +87,7 @@ def test_qwen2vl_loads_and_runs_with_an_image(tiny):
     assert tokenizer.decode(input_ids) == text
     pre_tokenizer = json.loads((tiny.mllm / "tokenizer.json").read_text())["pre_tokenizer"]
     split, byte_level = pre_tokenizer["pretokenizers"]
-    assert split["pattern"]["Regex"] == testing.QWEN2_PRETOKENIZE_REGEX
+    assert split["pattern"]["Regex"] == tiny_mod.QWEN2_PRETOKENIZE_REGEX
     assert split["behavior"] == "Isolated"
     assert byte_level["type"] == "ByteLevel" and byte_level["add_prefix_space"] is False
 
@@ -216,7 +216,7 @@ def test_checkpoint_files(tiny):
 def test_ensure_tiny_models_is_idempotent(tmp_path):
     cache = tmp_path / "cache" / "tiny"
     first = ensure_tiny_models(cache)
-    assert first == testing.tiny_layout(cache)
+    assert first == tiny_mod.tiny_layout(cache)
     stamp = first.adapter.stat().st_mtime_ns
     weights = first.mllm / "model.safetensors"
     weights_stamp = weights.stat().st_mtime_ns
@@ -230,16 +230,16 @@ def test_ensure_tiny_models_is_idempotent(tmp_path):
 
 def test_ensure_tiny_models_loses_a_race_gracefully(tmp_path, monkeypatch):
     cache = tmp_path / "tiny"
-    real_build = testing.build_tiny_models
+    real_build = tiny_mod.build_tiny_models
     winner_stamp = {}
 
     def build_while_another_process_wins(root, seed=0):
-        monkeypatch.setattr(testing, "build_tiny_models", real_build)
+        monkeypatch.setattr(tiny_mod, "build_tiny_models", real_build)
         winner = ensure_tiny_models(cache)  # the other process finishes first
         winner_stamp["ns"] = winner.adapter.stat().st_mtime_ns
         return real_build(root, seed)
 
-    monkeypatch.setattr(testing, "build_tiny_models", build_while_another_process_wins)
+    monkeypatch.setattr(tiny_mod, "build_tiny_models", build_while_another_process_wins)
     models = ensure_tiny_models(cache)
     assert models.root == cache
     assert models.adapter.stat().st_mtime_ns == winner_stamp["ns"]  # the winner's copy is kept
@@ -249,9 +249,9 @@ def test_ensure_tiny_models_loses_a_race_gracefully(tmp_path, monkeypatch):
 def test_ensure_tiny_models_rebuilds_a_stale_cache(tmp_path):
     cache = tmp_path / "tiny"
     ensure_tiny_models(cache)
-    (cache / testing._MARKER_NAME).write_text("easyref-tiny-models v0\n")
+    (cache / tiny_mod._MARKER_NAME).write_text("easyref-tiny-models v0\n")
     models = ensure_tiny_models(cache)
-    assert testing._is_complete(cache) and models.adapter.is_file()
+    assert tiny_mod._is_complete(cache) and models.adapter.is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
 
 
@@ -283,7 +283,7 @@ def test_module_main_builds_everything(tmp_path):
     python_path = [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, python_path))}
     result = subprocess.run(
-        [sys.executable, "-m", "easyref_cli.testing", str(out)],
+        [sys.executable, "-m", "easyref_cli.tiny", str(out)],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -292,7 +292,7 @@ def test_module_main_builds_everything(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    expected = testing.tiny_layout(out)
+    expected = tiny_mod.tiny_layout(out)
     assert f"mllm: {expected.mllm}" in result.stdout
     assert f"adapter_deepspeed: {expected.adapter_deepspeed}" in result.stdout
     assert expected.adapter_mllm.is_file() and (expected.base_model / "unet").is_dir()

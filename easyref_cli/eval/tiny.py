@@ -1,7 +1,7 @@
 """Tiny random CLIP and DINO models for the eval tests (no hub: built here, saved with ``save_pretrained``).
 
 * :func:`build_tiny_clip`: ``CLIPModel`` (2-layer text and vision towers, width 32, projection 16,
-  32×32 images in 8×8 patches), the locally built CLIP tokenizer of :mod:`easyref_cli.testing`
+  32×32 images in 8×8 patches), the locally built CLIP tokenizer of :mod:`easyref_cli.tiny`
   and a ``CLIPImageProcessorPil`` (resize to 32, center crop 32);
 * :func:`build_tiny_dinov2`: ``Dinov2Model`` of the same size with a ``BitImageProcessorPil``,
   the layout of ``facebook/dinov2-small``;
@@ -31,7 +31,7 @@ def build_tiny_clip(path: Path, seed: int = 0) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from easyref_cli.testing import build_clip_tokenizer, quiet_progress_bars
+    from easyref_cli.tiny import build_clip_tokenizer, quiet_progress_bars
 
     path = Path(path)
     tokenizer = build_clip_tokenizer(pad_token="<|endoftext|>")
@@ -70,7 +70,7 @@ def build_tiny_dinov2(path: Path, seed: int = 0) -> Path:
     import torch
     from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
 
-    from easyref_cli.testing import quiet_progress_bars
+    from easyref_cli.tiny import quiet_progress_bars
 
     path = Path(path)
     config = Dinov2Config(
@@ -91,7 +91,7 @@ def build_tiny_dino_vit(path: Path, seed: int = 0) -> Path:
     import torch
     from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
 
-    from easyref_cli.testing import quiet_progress_bars
+    from easyref_cli.tiny import quiet_progress_bars
 
     path = Path(path)
     config = ViTConfig(
