@@ -26,6 +26,7 @@ from easyref_cli.options import (
     OutFileOpt,
     QuietOpt,
     VerboseOpt,
+    with_setting_options,
 )
 
 app = typer.Typer(
@@ -72,7 +73,7 @@ def encode(
     Writes tensors `cond` and `uncond` of shape (64, cross_attention_dim) to a safetensors file, with model ids, hashes, instruction and caption in its metadata.
     """
     setup_logging(verbose, quiet)
-    from easyref_cli.encode import encode_group
+    from easyref_cli.commands.encode import encode_group
 
     result = encode_group(
         group_dir,
@@ -90,6 +91,7 @@ def encode(
 
 @app.command(no_args_is_help=True)
 @handle_errors
+@with_setting_options
 def generate(
     groups: Annotated[list[Path] | None, typer.Argument(help="Group folders: a folder of images is one group; a folder of folders is many.", show_default=False)] = None,
     prompts: Annotated[Path | None, typer.Option("--prompts", help="YAML prompt file (defaults: + prompts:).", rich_help_panel="Input")] = None,
@@ -97,16 +99,7 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (required).", rich_help_panel="Input", show_default=False)] = ...,
     from_image: Annotated[Path | None, typer.Option("--from-image", help="Regenerate the image an easyref PNG records.", rich_help_panel="Input")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Built-in preset name (see `easyref presets list`) or a YAML file.", rich_help_panel="Settings")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps. Default: 30.", rich_help_panel="Settings")] = None,
-    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale. Default: 5.0.", rich_help_panel="Settings")] = None,
-    scale: Annotated[float | None, typer.Option("--scale", help="Reference (adapter) strength. Default: 1.0.", rich_help_panel="Settings")] = None,
-    width: Annotated[int | None, typer.Option("--width", help="Image width, multiple of 8. Default: 1024.", rich_help_panel="Settings")] = None,
-    height: Annotated[int | None, typer.Option("--height", help="Image height, multiple of 8. Default: 1024.", rich_help_panel="Settings")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="First seed [0]; image i of a prompt uses seed+i.", rich_help_panel="Settings")] = None,
-    images_per_prompt: Annotated[int | None, typer.Option("--images-per-prompt", "-n", help="Images per prompt and group. Default: 1.", rich_help_panel="Settings")] = None,
-    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt. Default: empty.", rich_help_panel="Settings")] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", help="euler, euler_a, dpmpp_2m, ddim, pndm or lms. Default: euler.", rich_help_panel="Settings")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per UNet batch (same seeds as batch 1; batched kernels may round a few pixels one level differently). Default: 1.", rich_help_panel="Settings")] = None,
+    settings: dict | None = None,  # one option per setting of the schema (easyref_cli/settings.py)
     model: Annotated[str | None, typer.Option("--model", help="'demo': the tiny EasyRef shipped with the package, trained on synthetic coloured shapes (64×64; offline). 'tiny': random tiny models built locally, for a smoke run (noise pictures).", rich_help_panel="Models")] = None,
     base_model: BaseModelOpt = None,
     mllm: MllmOpt = None,
@@ -136,40 +129,15 @@ def generate(
     Exit codes: 0 ok, 1 some jobs failed, 2 usage/config/model error, 130 interrupted.
     """
     setup_logging(verbose, quiet)
-    from easyref_cli.generate import generate as run_generate
+    from easyref_cli.commands.generate import generate as run_generate
 
-    options = {
-        "steps": steps, "guidance": guidance, "scale": scale, "width": width, "height": height,
-        "seed": seed, "images_per_prompt": images_per_prompt, "negative_prompt": negative_prompt,
-        "scheduler": scheduler, "batch_size": batch_size,
-    }
     code = run_generate(
-        dry_run=dry_run,
-        json_lines=json_lines,
-        progress=not quiet,
-        cache_dir=cache_dir,
-        no_cache=no_cache,
-        compile=compile,
-        offload=offload,
-        num_processes=num_processes,
-        groups=groups or [],
-        out_dir=out,
-        prompts_file=prompts,
-        prompt=prompt,
-        from_image=from_image,
-        preset=preset,
-        options=options,
-        model=model,
-        base_model=base_model,
-        mllm=mllm,
-        adapter=adapter,
-        device=device,
-        dtype=dtype,
-        attention=attention,
-        name_template=name_template,
-        overwrite=overwrite,
-        fail_fast=fail_fast,
-    )
+        settings=settings, dry_run=dry_run, json_lines=json_lines, progress=not quiet, cache_dir=cache_dir,
+        no_cache=no_cache, compile=compile, num_processes=num_processes, groups=groups or [], out_dir=out,
+        prompts_file=prompts, prompt=prompt, from_image=from_image, preset=preset, model=model,
+        base_model=base_model, mllm=mllm, adapter=adapter, device=device, dtype=dtype, attention=attention,
+        offload=offload, name_template=name_template, overwrite=overwrite, fail_fast=fail_fast,
+    )  # fmt: skip
     raise typer.Exit(code=code)
 
 
@@ -218,7 +186,7 @@ def doctor(
     device: DeviceOpt = None,
 ) -> None:
     """Versions, devices, dtype support, the attention-backend probe, which default models resolve locally."""
-    from easyref_cli.doctor import report
+    from easyref_cli.commands.doctor import report
 
     typer.echo(report(device=device))
 

@@ -16,13 +16,14 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from easyref_cli import files
-from easyref_cli.plan import Job
+from easyref_cli.plan import Job, Plan
+from easyref_cli.runlog import RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,40 @@ def shard_jobs(jobs: Sequence[Job], count: int, index: int) -> list[Job]:
         owner[name] = target
         loads[target] += len(by_group[name])
     return [job for job in jobs if owner[job.group.name] == index]
+
+
+#: Runs one process's plan, writing its manifest at the given path.
+Execute = Callable[..., RunSummary]
+
+
+def run(plan: Plan, execute: Execute, *, progress: bool = True) -> RunSummary:
+    """``execute(plan, manifest_path, progress=...)`` here, or on this process's share of the plan.
+
+    Scale-out: whole groups of the *pending* jobs per process (balanced on what is left to do), a
+    manifest shard each, merged by the main process, which also logs the skips and reports for all.
+    Every process reads the filesystem before the first barrier, i.e. before anyone writes.
+    """
+    procs = current(plan.device)
+    try:
+        if procs.count == 1:
+            merge_shards(plan.out_dir)  # left behind by a crashed distributed run
+            return execute(plan, plan.out_dir / files.MANIFEST_NAME, progress=progress)
+        pending_ids = {j.job_id for j in plan.pending()}
+        mine = {j.job_id for j in shard_jobs([j for j in plan.jobs if j.job_id in pending_ids], procs.count, procs.index)}
+        jobs = [j for j in plan.jobs if j.job_id in mine or (procs.is_main and j.job_id not in pending_ids)]
+        if procs.is_main:
+            merge_shards(plan.out_dir)  # left behind by a crashed run
+        procs.wait()
+        share = replace(plan, jobs=tuple(jobs), device=procs.device)
+        summary = execute(share, shard_path(plan.out_dir, procs.index), progress=progress and procs.is_main)
+        procs.wait()
+        if not procs.is_main:
+            summary.worker = True
+            return summary
+        merged = merge_shards(plan.out_dir, [j.job_id for j in plan.jobs])
+        return RunSummary.of(merged, total=len(plan.jobs), interrupted=summary.interrupted)
+    finally:
+        procs.close()
 
 
 def merge_shards(out_dir: Path, job_order: Sequence[str] = ()) -> list[dict]:

@@ -5,8 +5,8 @@ module without paying for torch. Everything here raises typed errors from
 :mod:`easyref_cli.errors` and never prints.
 
 The generation *record* is the dict stored in every PNG (``easyref`` chunk, JSON) and rendered as
-the A1111 ``parameters`` chunk. Its keys (see :func:`easyref_cli.plan.job_record`, which builds
-the planning part; the runner adds the rest):
+the A1111 ``parameters`` chunk. Its keys (see :func:`easyref_cli.records.job_record`, which builds
+the planning part; the run adds the rest):
 
 =================  =====================================================================
 ``schema``         record layout version (int)
@@ -40,6 +40,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from easyref_cli import __version__
 from easyref_cli.errors import EasyRefError, InputError, JobError, UsageError
+from easyref_cli.settings import SCHEDULERS
 
 #: File extensions (lower case) that count as reference images.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -320,22 +321,16 @@ def group_content_hash(group: Group, digests: Sequence[str] | None = None) -> st
 # PNG metadata
 # ----------------------------------------------------------------------------------------------
 
-#: A1111 sampler names for our scheduler keys.
-A1111_SAMPLERS = {
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "lms": "LMS",
-}
-
-
 def _a1111_quote(value: Any) -> str:
     text = str(value)
     if any(c in text for c in ',:\n"'):
         return json.dumps(text, ensure_ascii=False)
     return text
+
+
+def _a1111_sampler(name: Any) -> Any:
+    sampler = SCHEDULERS.get(name) if isinstance(name, str) else None
+    return sampler.a1111 if sampler is not None else name
 
 
 def format_parameters(record: Mapping[str, Any]) -> str:
@@ -351,7 +346,7 @@ def format_parameters(record: Mapping[str, Any]) -> str:
         lines.append(f"Negative prompt: {negative}")
     fields: list[tuple[str, Any]] = [
         ("Steps", record.get("steps")),
-        ("Sampler", A1111_SAMPLERS.get(record.get("scheduler"), record.get("scheduler"))),
+        ("Sampler", _a1111_sampler(record.get("scheduler"))),
         ("CFG scale", record.get("guidance")),
         ("Seed", record.get("seed")),
     ]

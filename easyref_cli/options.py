@@ -17,3 +17,58 @@ BidirectionalOpt = Annotated[bool, typer.Option("--bidirectional-final", help="R
 OutFileOpt = Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.", dir_okay=False)]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging; -v lists ignored files, -vv debug.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary; errors only.")]
+
+
+def with_setting_options(func):
+    """Give a command one option per generation setting that has flags (:mod:`easyref_cli.settings`).
+
+    The command declares a ``settings`` parameter; the options take its place in the signature
+    (so ``--help`` shows them there, in the "Settings" panel, with the schema's help and default),
+    and their values reach it as one ``{key: value or None}`` dict. A setting added to the schema
+    with ``flags=`` needs no edit here or in ``cli.py``.
+    """
+    import functools
+    import inspect
+
+    from easyref_cli.settings import DEFAULTS, SPECS
+
+    keys = [key for key, spec in SPECS.items() if spec.flags]
+    types = {"int": int, "float": float, "str": str}
+    generated = [
+        inspect.Parameter(
+            key,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                types[_field_type(key)] | None,
+                typer.Option(*SPECS[key].flags, help=SPECS[key].cli_help(DEFAULTS[key]), rich_help_panel="Settings",
+                             show_default=False),
+            ],  # fmt: skip
+        )
+        for key in keys
+    ]
+    signature = inspect.signature(func, eval_str=True)
+    params = []  # all keyword-only: Typer passes everything by name
+    for param in signature.parameters.values():
+        if param.name == "settings":
+            params += generated
+        else:
+            params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        settings = {key: kwargs.pop(key, None) for key in keys}
+        return func(*args, settings=settings, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+def _field_type(key: str) -> str:
+    from dataclasses import fields
+
+    from easyref_cli.settings import GenerationSettings
+
+    annotation = {f.name: f.type for f in fields(GenerationSettings)}[key]
+    return annotation if isinstance(annotation, str) else annotation.__name__

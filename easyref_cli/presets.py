@@ -2,8 +2,8 @@
 
 Built-in presets are the ``presets/*.yaml`` files shipped inside the wheel as
 ``easyref_cli/presets/`` (source checkouts read the top-level ``presets/`` directory). A preset
-may hold any generation option (:data:`easyref_cli.plan.OPTION_KEYS`) plus ``description``;
-anything else is an error, reported one ``field: message`` line per problem. Torch-free.
+may hold any setting (:data:`easyref_cli.settings.SETTING_KEYS`) plus ``description``; anything
+else is an error, reported as ``file:line: key: message`` like prompt-file errors. Torch-free.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from easyref_cli.errors import UsageError
-from easyref_cli.plan import OPTION_KEYS, load_yaml_with_lines, validate_options
+from easyref_cli.settings import SETTING_KEYS, validate_settings
+from easyref_cli.yamlio import format_problems, line_of, load_yaml_with_lines
 
 #: Keys a preset file may hold.
-PRESET_KEYS: tuple[str, ...] = (*OPTION_KEYS, "description")
+PRESET_KEYS: tuple[str, ...] = (*SETTING_KEYS, "description")
 PRESET_SUFFIXES = (".yaml", ".yml")
 
 
@@ -78,26 +79,22 @@ def find_preset(name_or_path: str) -> Path:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    """Load and validate a preset file; returns the raw mapping after validation."""
+    """Load and validate a preset file; returns the normalised settings and ``description``."""
     data, lines = load_yaml_with_lines(path, what="preset")
     if data is None:
-        return {}
+        return {"description": ""}
     if not isinstance(data, dict):
-        raise UsageError(f"invalid preset {path}: the file must hold a mapping of options")
+        raise UsageError(f"{path}:{line_of(lines, ())}: invalid preset: the file must hold a mapping of options")
     options = {k: v for k, v in data.items() if k != "description"}
-    normalised, problems = validate_options(options, allowed=OPTION_KEYS)
+    normalised, problems = validate_settings(options, allowed=SETTING_KEYS)
     messages = [
-        (lines.get((key,)), key, msg.replace("unknown key", "unknown key for a preset"))
-        for key, msg in problems
+        (line_of(lines, (key,)), key, msg.replace("unknown key", "unknown key for a preset")) for key, msg in problems
     ]
     description = data.get("description")
     if description is not None and not isinstance(description, str):
-        messages.append((lines.get(("description",)), "description", "must be a string"))
+        messages.append((line_of(lines, ("description",)), "description", "must be a string"))
     if messages:
-        body = "\n".join(
-            f"  {key}: {msg}" + (f" (line {line})" if line else "") for line, key, msg in messages
-        )
-        raise UsageError(f"invalid preset {path}:\n{body}")
+        raise UsageError(format_problems(path, "invalid preset", messages))
     normalised["description"] = description or ""
     return normalised
 

@@ -172,6 +172,15 @@ def _manifest(path: Path) -> list[dict]:
     return out
 
 
+def _safetensors(path: Path) -> dict[str, object]:
+    """Tensors (sha256 of their bytes) and metadata: the file's own bytes vary from run to run."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: hashlib.sha256(f.get_tensor(k).numpy().tobytes()).hexdigest() for k in f.keys()}  # noqa: SIM118
+        return {"tensors": tensors, "metadata": _mask(json.dumps(f.metadata(), sort_keys=True))}
+
+
 def _outputs(root: Path) -> dict[str, object]:
     found: dict[str, object] = {}
     if not root.exists():
@@ -182,6 +191,8 @@ def _outputs(root: Path) -> dict[str, object]:
         rel = path.relative_to(WORK).as_posix()
         if path.name.endswith(".jsonl"):
             found[rel] = _manifest(path)
+        elif path.suffix == ".safetensors":  # safetensors writes its metadata in hash-map order
+            found[rel] = _safetensors(path)
         else:
             found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
@@ -204,6 +215,21 @@ def record(dest: Path) -> None:
     print(f"{len(results) - 1} cases, {len(results['_files'])} files → {dest}", file=sys.stderr)
 
 
+def _json_lines(text):
+    """stdout with each JSON-object line key-sorted: ``--dry-run --json`` key order is not behaviour."""
+    if not isinstance(text, str):
+        return text
+    out = []
+    for line in text.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            out.append(line)
+            continue
+        out.append(json.dumps(value, sort_keys=True, ensure_ascii=False) if isinstance(value, dict) else line)
+    return "\n".join(out)
+
+
 def compare(before: Path, after: Path) -> int:
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
     diffs = 0
@@ -211,7 +237,10 @@ def compare(before: Path, after: Path) -> int:
         if name == "_files":
             continue
         for key in ("exit", "stdout", "stderr"):
-            if a.get(name, {}).get(key) != b.get(name, {}).get(key):
+            va, vb = a.get(name, {}).get(key), b.get(name, {}).get(key)
+            if key == "stdout":
+                va, vb = _json_lines(va), _json_lines(vb)
+            if va != vb:
                 diffs += 1
                 print(f"DIFF {name}.{key}:\n  before: {a.get(name, {}).get(key)!r}\n  after:  {b.get(name, {}).get(key)!r}")
     fa, fb = a["_files"], b["_files"]

@@ -24,10 +24,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from easyref_cli import files
-from easyref_cli import runner as runner_mod
 from easyref_cli.cli import app
 from easyref_cli.model import hub
-from easyref_cli.runner import RunSummary
+from easyref_cli.runlog import RunSummary
 from easyref_cli.testing import make_reference_images
 
 cli = CliRunner()
@@ -143,8 +142,13 @@ def _forbid(monkeypatch) -> None:
     def boom(*_args, **_kwargs):
         raise AssertionError("a model was loaded")
 
-    for name in ("load_pipeline", "load_encoder", "resolve_models"):
-        monkeypatch.setattr(runner_mod, name, boom, raising=False)
+    from easyref_cli import run
+    from easyref_cli.model.encoder import ReferenceEncoder
+    from easyref_cli.model.pipeline import EasyRefPipeline
+
+    monkeypatch.setattr(run, "resolve_models", boom)
+    monkeypatch.setattr(ReferenceEncoder, "from_pretrained", boom)
+    monkeypatch.setattr(EasyRefPipeline, "from_pretrained", boom)
     monkeypatch.setattr(hub, "resolve_folder", boom)
     monkeypatch.setattr(hub, "resolve_checkpoint", boom)
 
@@ -261,13 +265,14 @@ def test_from_image_regenerates_identical_bytes(from_image_run):
 
 def _record_png(tmp_path: Path) -> tuple[Path, Path]:
     """A PNG carrying a planning record (no model run): (png, its group folder)."""
-    from easyref_cli.plan import build_plan, job_record
+    from easyref_cli.plan import build_plan
+    from easyref_cli.records import job_record
 
     groups = make_groups(tmp_path / "groups", names=("alpha",))
     out = tmp_path / "out"
     plan = build_plan(groups=[groups], out_dir=out, prompt="p", cli={"width": 64, "height": 64, "steps": 2})
     png = out / "alpha" / "p_0.png"
-    files.write_png_atomic(png, Image.new("RGB", (64, 64)), record=job_record(plan.jobs[0], plan))
+    files.write_png_atomic(png, Image.new("RGB", (64, 64)), record=job_record(plan.jobs[0], plan.models.as_dict()))
     return png, groups / "alpha"
 
 
@@ -407,11 +412,11 @@ def test_cli_maps_options_onto_the_plan(tmp_path, monkeypatch):
     """Patch run_plan and assert on the Plan it receives (STYLE habit 10)."""
     seen = {}
 
-    def fake_run_plan(plan, **kwargs):
-        seen["plan"], seen["kwargs"] = plan, kwargs
+    def fake_run_plan(plan, options):
+        seen["plan"], seen["options"] = plan, options
         return RunSummary(total=len(plan.jobs), ok=len(plan.jobs))
 
-    monkeypatch.setattr(runner_mod, "run_plan", fake_run_plan)
+    monkeypatch.setattr("easyref_cli.run.run_plan", fake_run_plan)
     groups = make_groups(tmp_path / "groups")
     prompts = write_prompts(
         tmp_path / "p.yaml",
@@ -428,21 +433,21 @@ def test_cli_maps_options_onto_the_plan(tmp_path, monkeypatch):
     )
     assert res.exit_code == 0, res.output
     plan = seen["plan"]
-    assert (plan.base_model, plan.mllm, plan.adapter) == ("bm", "ml", "ad.safetensors")
+    assert plan.models.as_dict() == {"base_model": "bm", "mllm": "ml", "adapter": "ad.safetensors"}
     assert (plan.device, plan.dtype, plan.attention, plan.batch_size) == ("cpu", "float16", "sdpa", 3)
     assert plan.overwrite and plan.fail_fast and plan.preset == "identity"
     assert plan.out_dir == tmp_path / "out"
-    assert seen["kwargs"]["json_out"] is not None
+    assert seen["options"].json_out is not None
     by_prompt: dict[str, list] = {}
     for job in plan.jobs:
         by_prompt.setdefault(job.prompt_id, []).append(job)
     one, two = by_prompt["one"], by_prompt["two"]
     assert len(one) == 2 * 2 and len(two) == 2 * 2  # 2 groups × (2 seeds | seeds [3, 5])
     assert {j.seed for j in one} == {11, 12} and {j.seed for j in two} == {3, 5}
-    assert {j.steps for j in one} == {9} and {j.steps for j in two} == {8}
-    assert {j.negative_prompt for j in one} == {"blurry"}
-    assert all(j.guidance == 2.0 and j.scale == 0.5 and j.scheduler == "ddim" for j in plan.jobs)
-    assert all((j.width, j.height) == (128, 64) for j in plan.jobs)
+    assert {j.settings.steps for j in one} == {9} and {j.settings.steps for j in two} == {8}
+    assert {j.settings.negative_prompt for j in one} == {"blurry"}
+    assert all((j.settings.guidance, j.settings.scale, j.settings.scheduler) == (2.0, 0.5, "ddim") for j in plan.jobs)
+    assert all((j.settings.width, j.settings.height) == (128, 64) for j in plan.jobs)
     assert {j.output.as_posix() for j in one if j.group.name == "alpha"} == {"identity/alpha-one-0.png", "identity/alpha-one-1.png"}
 
 
@@ -457,7 +462,7 @@ def test_cli_maps_options_onto_the_plan(tmp_path, monkeypatch):
     ids=["ok", "skips-are-ok", "failed", "interrupted"],
 )
 def test_exit_code_follows_the_run_summary(tmp_path, monkeypatch, summary, code):
-    monkeypatch.setattr(runner_mod, "run_plan", lambda plan, **kw: summary)
+    monkeypatch.setattr("easyref_cli.run.run_plan", lambda plan, options: summary)
     groups = make_groups(tmp_path / "groups", names=("alpha",), n=1)
     res = invoke("generate", groups, "--prompt", "a cat", "-o", tmp_path / "out")
     assert res.exit_code == code, res.output

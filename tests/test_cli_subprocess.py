@@ -91,6 +91,7 @@ def assert_complete_png(path: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigint_exits_130_and_rerun_completes(tmp_path, tiny):
     groups = make_groups(tmp_path / "groups")
     for attempt, n_prompts in enumerate((6, 24)):
@@ -157,6 +158,7 @@ def test_sigint_exits_130_and_rerun_completes(tmp_path, tiny):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_installed_easyref_script_generates_and_inspects(tmp_path, tiny):
     exe = shutil.which("easyref")
     if exe is None:

@@ -85,6 +85,7 @@ def test_training_data_passes_easyref_train_validation(tmp_path):
     assert all(item["image_file"][0] != item["target"] for item in single)
 
 
+@pytest.mark.slow
 def test_base_models_vae_fit_and_unet_pretraining_run(tmp_path):
     import torch
 
@@ -129,14 +130,14 @@ def test_demo_weights_are_shipped_small_and_recorded():
 
 
 def test_model_demo_conflicts_and_missing_weights(tmp_path, monkeypatch):
-    from easyref_cli import generate as gen
+    from easyref_cli.models import chosen_models
 
     res = invoke("generate", "examples/groups", "--prompt", "a large shape in the centre", "-o", tmp_path / "o",
                  "--model", "demo", "--adapter", "x.safetensors", "--dry-run")  # fmt: skip
     assert res.exit_code == 2 and "--model demo replaces" in res.output
     monkeypatch.setattr("easyref_cli.demo.weights_dir", lambda: tmp_path / "nothing")
     with pytest.raises(UsageError, match="demo.build"):
-        gen.demo_model_paths()
+        chosen_models("demo")
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,7 @@ def evidence_run(tmp_path_factory):
     return root, evidence.run(root, groups=6, images_per_prompt=1, sheet_groups=2)
 
 
+@pytest.mark.slow
 def test_generate_with_model_demo_works_offline(tmp_path):
     out = tmp_path / "out"
     res = invoke("generate", "examples/groups", "--prompts", "examples/prompts.yaml", "--model", "demo", "-o", out)
@@ -163,6 +165,7 @@ def test_generate_with_model_demo_works_offline(tmp_path):
         assert image.size[1] == 18 + 4 * 128 and image.size[0] > 7 * 128
 
 
+@pytest.mark.slow
 def test_colour_follows_the_references(evidence_run):
     _, result = evidence_run
     given, swapped = result["as_given"], result["swapped"]
@@ -173,6 +176,7 @@ def test_colour_follows_the_references(evidence_run):
     assert swapped["keeps_folder_colour"] <= 0.1
 
 
+@pytest.mark.slow
 def test_evidence_writes_table_and_contact_sheet(evidence_run):
     root, result = evidence_run
     assert json.loads((root / "evidence.json").read_text())["as_given"] == result["as_given"]

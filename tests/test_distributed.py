@@ -13,14 +13,15 @@ import pytest
 from easyref_cli import distributed, files
 from easyref_cli.files import Group
 from easyref_cli.plan import Job
+from easyref_cli.settings import GenerationSettings
 
 
 def _job(group: str, i: int) -> Job:
     g = Group(name=group, path=Path(group), images=(Path(group) / "a.png",), ignored=())
+    settings = GenerationSettings(seed=i, steps=1, guidance=1.0, width=8, height=8)
     return Job(
-        job_id=f"{group}-{i}", group=g, prompt_id="p", prompt="p", negative_prompt="", caption="p",
-        instruction="", seed=i, index=i, steps=1, guidance=1.0, scale=1.0, width=8, height=8,
-        scheduler="euler", output=Path(group) / f"p_{i}.png",
+        job_id=f"{group}-{i}", group=g, prompt_id="p", prompt="p", caption="p", index=i, settings=settings,
+        output=Path(group) / f"p_{i}.png",
     )
 
 
@@ -106,6 +107,7 @@ def _pngs(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))}
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_bytes_as_one(tiny, tmp_path):
     groups = _groups(tmp_path)
     one = _single(_args(tiny, groups, tmp_path / "one"))
@@ -120,6 +122,7 @@ def test_two_processes_give_the_same_bytes_as_one(tiny, tmp_path):
     assert not list((tmp_path / "two").glob(distributed.SHARD_GLOB))
 
 
+@pytest.mark.slow
 def test_resume_with_another_process_count_and_a_failing_group(tiny, tmp_path):
     groups = _groups(tmp_path)
     out = tmp_path / "out"
@@ -148,6 +151,7 @@ def test_resume_with_another_process_count_and_a_failing_group(tiny, tmp_path):
     assert not list(out.rglob("*.tmp")) and not list(out.glob(distributed.SHARD_GLOB))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("easyref") is None, reason="the easyref console script is not installed")
 def test_num_processes_convenience_runs_accelerate_and_keeps_the_exit_code(tiny, tmp_path):
     groups = _groups(tmp_path)

@@ -527,7 +527,9 @@ def test_manifest_lines_are_durable_json(tmp_path, monkeypatch):
 def test_planning_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import easyref_cli.plan, easyref_cli.files, easyref_cli.presets\n"
+        "import easyref_cli.plan, easyref_cli.files, easyref_cli.presets, easyref_cli.settings, easyref_cli.prompts\n"
+        "import easyref_cli.naming, easyref_cli.records, easyref_cli.yamlio, easyref_cli.models, easyref_cli.runlog\n"
+        "import easyref_cli.env, easyref_cli.commands.generate, easyref_cli.distributed, easyref_cli.options\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -96,18 +96,19 @@ def _plan(tiny, group_root, out, **kw):
 
 
 def test_condition_cache_hit_skips_the_mllm_and_gives_identical_images(tiny, ref_group, tmp_path, monkeypatch):
-    from easyref_cli import runner
     from easyref_cli.conditions import ConditionCache
+    from easyref_cli.model.encoder import ReferenceEncoder
+    from easyref_cli.run import RunOptions, run_plan
 
-    options = runner.RunOptions(cache_dir=tmp_path / "cache")
-    first = runner.run_plan(_plan(tiny, ref_group, tmp_path / "a"), progress=False, options=options)
+    options = RunOptions(cache_dir=tmp_path / "cache", progress=False)
+    first = run_plan(_plan(tiny, ref_group, tmp_path / "a"), options)
     assert first.ok == 2 and list((tmp_path / "cache").rglob("*.safetensors"))
 
     def no_mllm(*args, **kwargs):
         raise AssertionError("the MLLM must not load when every condition is cached")
 
-    monkeypatch.setattr(runner, "load_encoder", no_mllm)
-    second = runner.run_plan(_plan(tiny, ref_group, tmp_path / "b"), progress=False, options=options)
+    monkeypatch.setattr(ReferenceEncoder, "from_pretrained", no_mllm)
+    second = run_plan(_plan(tiny, ref_group, tmp_path / "b"), options)
     assert second.ok == 2 and second.failed == 0
     for a in sorted((tmp_path / "a").rglob("*.png")):
         b = tmp_path / "b" / a.relative_to(tmp_path / "a")
@@ -125,11 +126,11 @@ def _pixels(path):
 
 
 def test_batch_of_n_equals_n_singles_end_to_end(tiny, ref_group, tmp_path):
-    from easyref_cli import runner
+    from easyref_cli.run import RunOptions, run_plan
 
-    options = runner.RunOptions(cache_dir=None)
-    runner.run_plan(_plan(tiny, ref_group, tmp_path / "one", batch_size=1), progress=False, options=options)
-    runner.run_plan(_plan(tiny, ref_group, tmp_path / "two", batch_size=2), progress=False, options=options)
+    options = RunOptions(cache_dir=None, progress=False)
+    run_plan(_plan(tiny, ref_group, tmp_path / "one", batch_size=1), options)
+    run_plan(_plan(tiny, ref_group, tmp_path / "two", batch_size=2), options)
     import numpy as np
     from PIL import Image
 

@@ -79,17 +79,17 @@ def test_attention_backend_is_recorded(pipe):
 
 def test_empty_and_given_negative_prompts_never_share_a_batch(pipe, refs):
     """SDXL zeroes the negative embedding for an empty negative prompt; encoding "" in a mixed batch
-    would change that image. The pipeline refuses such a batch and the runner never builds one."""
+    would change that image. The pipeline refuses such a batch and the run never builds one."""
     from dataclasses import replace
 
-    from easyref_cli.runner import _batches
+    from easyref_cli.run import batches
 
     embeds = pipe.encode_references(refs, "a cat")
     plain = GenerationRequest(prompt="a cat", ref_embeds=embeds, seed=1, steps=1, width=64, height=64)
     with pytest.raises(UsageError, match="negative prompt"):
         pipe.generate([plain, replace(plain, negative_prompt="blurry")])
 
-    from tests.test_distributed import _job
-
-    jobs = [_job("g", 0), replace(_job("g", 1), negative_prompt="blurry"), _job("g", 2)]
-    assert [[j.seed for j in b] for b in _batches(jobs, 8)] == [[0], [1], [2]]
+    requests = [plain, replace(plain, seed=2, negative_prompt="blurry"), replace(plain, seed=3)]
+    got = batches(requests, lambda r: r.batch_key(), 8)  # the run batches jobs by their request's key
+    assert [[r.seed for r in b] for b in got] == [[1], [2], [3]]
+    assert [[r.seed for r in b] for b in batches(requests[::2], lambda r: r.batch_key(), 8)] == [[1, 3]]

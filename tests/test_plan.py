@@ -1,4 +1,4 @@
-"""easyref_cli.plan: precedence, prompt files, ids, seeds, names, plans, records."""
+"""Planning: settings precedence, prompt files, ids, seeds, names, plans, records and replay."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from easyref_cli import naming, prompts, records
 from easyref_cli import plan as P
 from easyref_cli.constants import INSTRUCTION
+from easyref_cli.settings import DEFAULTS, GenerationSettings, resolve_settings
 from easyref_cli.errors import InputError, UsageError
 
 
@@ -51,22 +53,23 @@ def _plan(tmp_path, refs, **kw):
 @pytest.mark.parametrize(
     "layers, expected",
     [
+        ((), {}),
         (({"steps": 30},), {"steps": 30}),
         (({"steps": 30}, {"steps": 40}), {"steps": 40}),
         (({"steps": 30}, {"steps": None}), {"steps": 30}),
         (({"steps": 30}, None, {}, {"guidance": 7.0}), {"steps": 30, "guidance": 7.0}),
-        (({"a": 1, "b": 1}, {"a": 2}, {"b": None}, {"a": 3}), {"a": 3, "b": 1}),
+        (({"steps": 1, "scale": 1.0}, {"steps": 2}, {"scale": None}, {"steps": 3}), {"steps": 3, "scale": 1.0}),
         (({"negative_prompt": "x"}, {"negative_prompt": ""}), {"negative_prompt": ""}),
         (({"seed": 5}, {"seed": 0}), {"seed": 0}),
     ],
 )
 def test_resolve_settings(layers, expected):
-    assert P.resolve_settings(*layers) == expected
+    assert resolve_settings(*layers) == GenerationSettings(**{**DEFAULTS, **expected})
 
 
 def test_resolve_settings_does_not_mutate():
     a = {"steps": 1}
-    P.resolve_settings(a, {"steps": 2})
+    resolve_settings(a, {"steps": 2})
     assert a == {"steps": 1}
 
 
@@ -127,7 +130,7 @@ def test_precedence(tmp_path, refs, preset, defaults, cli, per_prompt, key, expe
     path.write_text(yaml.safe_dump(doc))
     plan = _plan(tmp_path, refs, prompts_file=path, preset=preset, cli=cli)
     job = plan.jobs[0]
-    value = job.seed if key == "seed" else getattr(job, key)
+    value = getattr(job, key) if key in ("seed", "caption") else getattr(job.settings, key)
     if expected == "deformed face":  # the identity preset's negative prompt starts so
         assert value.startswith(expected)
     else:
@@ -174,7 +177,7 @@ def test_load_prompt_file(tmp_path):
             ref_text: none
         """,
     )
-    pf = P.load_prompt_file(path)
+    pf = prompts.load_prompt_file(path)
     assert pf.defaults == {"steps": 20, "guidance": 4.0}
     assert [s.prompt for s in pf.prompts] == ["a cat", "a dog", "a bird"]
     assert [s.line for s in pf.prompts] == [5, 6, 10]
@@ -259,7 +262,7 @@ def test_prompt_file_errors(tmp_path, text, message):
     path = tmp_path / "p.yaml"
     path.write_text(text)
     with pytest.raises(UsageError, match=message):
-        P.load_prompt_file(path)
+        prompts.load_prompt_file(path)
 
 
 def test_prompt_file_merge_keys_and_bom(tmp_path):
@@ -274,7 +277,7 @@ def test_prompt_file_merge_keys_and_bom(tmp_path):
         "    steps: 4\n"
     )
     path.write_text(text, encoding="utf-8")
-    pf = P.load_prompt_file(path)
+    pf = prompts.load_prompt_file(path)
     assert pf.defaults == {"steps": 3, "guidance": 2.0}
     assert pf.prompts[0].options == {"steps": 4, "guidance": 2.0}
 
@@ -291,7 +294,7 @@ def test_prompt_file_reports_every_problem(tmp_path):
         """,
     )
     with pytest.raises(UsageError) as info:
-        P.load_prompt_file(path)
+        prompts.load_prompt_file(path)
     text = str(info.value)
     assert "2 problems" in text
     assert f"{path}:3: prompts[0].steps" in text
@@ -308,14 +311,14 @@ def test_prompt_file_reports_every_problem(tmp_path):
 )
 def test_prompt_file_unreadable(tmp_path, make, message):
     with pytest.raises(UsageError, match=message):
-        P.load_prompt_file(make(tmp_path))
+        prompts.load_prompt_file(make(tmp_path))
 
 
 def test_prompt_file_unsafe_yaml_rejected(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("prompts:\n  - !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(UsageError, match="p.yaml:2"):
-        P.load_prompt_file(path)
+        prompts.load_prompt_file(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,8 +341,8 @@ def test_prompt_file_unsafe_yaml_rejected(tmp_path):
     ],
 )
 def test_slugify(text, slug):
-    assert P.slugify(text) == slug
-    assert len(P.slugify(text)) <= 40
+    assert naming.slugify(text) == slug
+    assert len(naming.slugify(text)) <= 40
 
 
 @pytest.mark.parametrize(
@@ -354,20 +357,20 @@ def test_slugify(text, slug):
     ],
 )
 def test_assign_prompt_ids(specs, ids):
-    got = P.assign_prompt_ids(
-        [P.PromptSpec(index=i, prompt=p, id=pid) for i, (p, pid) in enumerate(specs)]
+    got = naming.assign_prompt_ids(
+        [prompts.PromptSpec(index=i, prompt=p, id=pid) for i, (p, pid) in enumerate(specs)]
     )
     assert got == ids
 
 
 def test_assign_prompt_ids_duplicate_explicit():
-    specs = [P.PromptSpec(index=0, prompt="a", id="x"), P.PromptSpec(index=1, prompt="b", id="x")]
+    specs = [prompts.PromptSpec(index=0, prompt="a", id="x"), prompts.PromptSpec(index=1, prompt="b", id="x")]
     with pytest.raises(UsageError, match="duplicate prompt id 'x'"):
-        P.assign_prompt_ids(specs)
+        naming.assign_prompt_ids(specs)
 
 
 def test_integer_id_accepted(tmp_path):
-    pf = P.load_prompt_file(_yaml(tmp_path, "prompts:\n  - prompt: a\n    id: 7\n"))
+    pf = prompts.load_prompt_file(_yaml(tmp_path, "prompts:\n  - prompt: a\n    id: 7\n"))
     assert pf.prompts[0].id == "7"
 
 
@@ -430,13 +433,13 @@ def test_seed_overflow(tmp_path, refs):
     ],
 )
 def test_sanitize_component(value, safe):
-    assert P.sanitize_component(value) == safe
+    assert naming.sanitize_component(value) == safe
 
 
 @pytest.mark.parametrize(
     "template, fields, expected",
     [
-        (P.DEFAULT_NAME_TEMPLATE, {}, "cats/a-cat_42.png"),
+        (naming.DEFAULT_NAME_TEMPLATE, {}, "cats/a-cat_42.png"),
         ("{group}/{prompt_id}_{seed}", {}, "cats/a-cat_42.png"),
         ("{preset}/{group}-{index:03d}-{seed:08d}.png", {}, "default/cats-001-00000042.png"),
         ("{preset}/{seed}.png", {"preset": "identity"}, "identity/42.png"),
@@ -465,7 +468,7 @@ def test_render_name(template, fields, expected):
         "preset": None,
         **fields,
     }
-    path = P.render_name(template, **kwargs)
+    path = naming.render_name(template, **kwargs)
     assert path.as_posix() == expected
     assert not path.is_absolute() and ".." not in path.parts
 
@@ -490,7 +493,7 @@ def test_render_name(template, fields, expected):
 )
 def test_render_name_errors(template, message):
     with pytest.raises(UsageError, match=message):
-        P.render_name(template, group="g", prompt_id="p", seed=0, index=0, preset=None)
+        naming.render_name(template, group="g", prompt_id="p", seed=0, index=0, preset=None)
 
 
 def test_name_template_must_be_unique(tmp_path, refs):
@@ -545,16 +548,17 @@ def test_build_plan_group_major_order(tmp_path, refs):
     ]
     assert [g.name for g in plan.groups] == ["cats", "dogs"]
     assert plan.jobs[0].output == Path("cats/a-cat_10.png")
-    assert (plan.base_model, plan.mllm, plan.adapter) == ("B", "M", "A")
+    assert plan.models.as_dict() == {"base_model": "B", "mllm": "M", "adapter": "A"}
     assert len({j.job_id for j in plan.jobs}) == len(plan.jobs)
     assert all(len(j.job_id) == 16 for j in plan.jobs)
 
 
 def test_job_defaults_and_caption(tmp_path, refs):
     job = _plan(tmp_path, refs).jobs[0]
-    assert (job.prompt, job.caption, job.instruction) == ("a red car", "a red car", INSTRUCTION)
-    assert (job.steps, job.guidance, job.scale, job.width, job.height) == (30, 5.0, 1.0, 1024, 1024)
-    assert (job.scheduler, job.negative_prompt, job.seed, job.preset) == ("euler", "", 0, None)
+    s = job.settings
+    assert (job.prompt, job.caption, s.instruction) == ("a red car", "a red car", INSTRUCTION)
+    assert (s.steps, s.guidance, s.scale, s.width, s.height) == (30, 5.0, 1.0, 1024, 1024)
+    assert (s.scheduler, s.negative_prompt, job.seed, job.preset) == ("euler", "", 0, None)
 
 
 def test_job_id_is_stable_and_tracks_settings(tmp_path, refs):
@@ -584,7 +588,7 @@ def test_job_id_is_stable_and_tracks_settings(tmp_path, refs):
         ({"prompt": None}, "exactly one of --prompts"),
         ({"prompts_file": Path("p.yaml"), "prompt": "x"}, "exactly one of --prompts"),
         ({"prompt": "  "}, "--prompt is empty"),
-        ({"groups": []}, "no reference group"),
+        ({"groups": []}, "give at least one GROUPS folder"),
         ({"groups": [Path("/nonexistent/dir")]}, "group directory not found"),
         ({"cli": {"steps": 0}}, "--steps: must be ≥ 1"),
         (
@@ -659,60 +663,88 @@ def test_unicode_groups_and_prompts(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
+def _record_png(tmp_path, record) -> Path:
+    from easyref_cli import files
+
+    path = tmp_path / "recorded.png"
+    files.write_png_atomic(path, Image.new("RGB", (8, 8)), record=record)
+    return path
+
+
 def test_job_record_and_back(tmp_path, refs):
     from easyref_cli import files
 
     plan = _plan(tmp_path, refs, cli={"seed": 7, "ref_text": "none"}, preset="identity")
     job = plan.jobs[0]
-    record = P.job_record(job, plan)
+    record = records.job_record(job, plan.models.as_dict())
     assert record["references"][0]["sha256"] == files.sha256_file(job.group.images[0])
     assert record["caption"] == "" and record["seed"] == 7 and record["preset"] == "identity"
-    info = P.parse_from_record(record)
-    assert info["ref_text"] == "none" and info["references"] == [
-        p.resolve() for p in job.group.images
-    ]
-    again = P.plan_from_record(record, out_dir=tmp_path / "again")
+    replay = records.parse_record(record)
+    assert replay.settings.ref_text == "none" and list(replay.references) == [p.resolve() for p in job.group.images]
+    image = _record_png(tmp_path, record)
+    again = P.build_plan(from_image=image, out_dir=tmp_path / "again")
     [job2] = again.jobs
     assert job2.job_id == job.job_id
     assert job2.output == job.output
-    assert (job2.caption, job2.instruction, job2.negative_prompt) == (
-        job.caption,
-        job.instruction,
-        job.negative_prompt,
-    )
-    # a changed reference is refused unless hashes are not checked
+    assert (job2.caption, job2.settings) == (job.caption, job.settings)
+    # a changed or missing reference is refused
     Image.new("RGB", (8, 8), (99, 0, 0)).save(job.group.images[0])
     with pytest.raises(UsageError, match="has changed"):
-        P.plan_from_record(record, out_dir=tmp_path / "again")
-    P.plan_from_record(record, out_dir=tmp_path / "again", check_hashes=False)
-    job.group.images[1].unlink()
+        P.build_plan(from_image=image, out_dir=tmp_path / "again")
+    job.group.images[0].unlink()
     with pytest.raises(UsageError, match="no longer exists"):
-        P.plan_from_record(record, out_dir=tmp_path / "again", check_hashes=False)
+        P.build_plan(from_image=image, out_dir=tmp_path / "again")
+
+
+def test_replay_refuses_settings_and_other_sources(tmp_path, refs):
+    plan = _plan(tmp_path, refs)
+    image = _record_png(tmp_path, records.job_record(plan.jobs[0], plan.models.as_dict()))
+    with pytest.raises(UsageError, match="--steps, --width cannot change them"):
+        P.build_plan(from_image=image, out_dir=tmp_path / "o", cli={"width": 64, "steps": 2})
+    with pytest.raises(UsageError, match="give no GROUPS"):
+        P.build_plan(from_image=image, out_dir=tmp_path / "o", groups=[refs])
+    replayed = P.build_plan(from_image=image, out_dir=tmp_path / "o", cli={"batch_size": 3}, mllm="M")
+    assert replayed.batch_size == 3 and replayed.models.mllm == "M"
+    assert replayed.jobs[0].job_id != plan.jobs[0].job_id  # another MLLM is another job
+
+
+_RECORD = {
+    "prompt": "p",
+    "negative_prompt": "",
+    "caption": "p",
+    "instruction": "i",
+    "seed": 1,
+    "steps": 2,
+    "guidance": 5,
+    "scale": 1,
+    "width": 64,
+    "height": 64,
+    "scheduler": "euler",
+    "references": [{"path": "/x.png"}],
+}
 
 
 @pytest.mark.parametrize(
-    "drop, message",
+    "change, message",
     [
-        ("prompt", "prompt: missing"),
-        ("seed", "seed: missing"),
-        ("references", "references: missing"),
+        ({"prompt": None}, "prompt: missing"),
+        ({"seed": None}, "seed: missing"),
+        ({"references": None}, "references: missing"),
+        ({"steps": "2"}, "steps: unexpected value '2'"),
+        ({"steps": 0}, "steps: must be ≥ 1"),
+        ({"scheduler": "heun"}, "scheduler: must be one of"),
+        ({"references": []}, "references: empty"),
     ],
 )
-def test_parse_from_record_errors(drop, message):
-    record = {
-        "prompt": "p",
-        "negative_prompt": "",
-        "caption": "p",
-        "instruction": "i",
-        "seed": 1,
-        "steps": 2,
-        "guidance": 5,
-        "scale": 1,
-        "width": 64,
-        "height": 64,
-        "scheduler": "euler",
-        "references": [{"path": "/x.png"}],
-    }
-    del record[drop]
+def test_parse_record_errors(change, message):
+    record = {**_RECORD, **change}
+    record = {k: v for k, v in record.items() if v is not None}
     with pytest.raises(InputError, match=message):
-        P.parse_from_record(record, source="img.png")
+        records.parse_record(record, source="img.png")
+
+
+def test_parse_record_normalises_and_derives_ref_text():
+    replay = records.parse_record(_RECORD)
+    assert replay.settings.guidance == 5.0 and isinstance(replay.settings.guidance, float)
+    assert replay.settings.ref_text == "prompt" and replay.prompt_id == "p" and replay.group == "from-image"
+    assert records.parse_record({**_RECORD, "caption": ""}).settings.ref_text == "none"

@@ -9,7 +9,8 @@ import yaml
 
 from easyref_cli import presets
 from easyref_cli.errors import UsageError
-from easyref_cli.plan import BUILTIN_DEFAULTS, OPTION_KEYS
+from easyref_cli.settings import DEFAULTS as BUILTIN_DEFAULTS
+from easyref_cli.settings import SETTING_KEYS as OPTION_KEYS
 
 BUILTINS = ("character", "identity", "style")
 
@@ -101,41 +102,37 @@ def test_user_preset_by_path(tmp_path, monkeypatch):
 def test_empty_user_preset(tmp_path):
     (tmp_path / "e.yaml").write_text("# nothing\n")
     assert presets.load_preset(str(tmp_path / "e.yaml")) == {}
+    assert presets.preset_info(str(tmp_path / "e.yaml")).description == ""
 
 
 @pytest.mark.parametrize(
     "text, lines",
     [
-        ("stepz: 3\n", ["stepz: unknown key for a preset (allowed: steps, "]),
-        ("steps: many\n", ["steps: must be an integer, got 'many' (line 1)"]),
-        ("width: 1001\n", ["width: must be a positive multiple of 8, got 1001 (line 1)"]),
-        (
-            "scheduler: heun\n",
-            ["scheduler: must be one of euler, euler_a, dpmpp_2m, ddim, pndm, lms"],
-        ),
-        ("description: [a]\n", ["description: must be a string (line 1)"]),
-        ("prompts: [a]\n", ["prompts: unknown key for a preset"]),
+        ("stepz: 3\n", ["1: stepz: unknown key for a preset (allowed: steps, "]),
+        ("steps: many\n", ["1: steps: must be an integer, got 'many'"]),
+        ("width: 1001\n", ["1: width: must be a positive multiple of 8, got 1001"]),
+        ("scheduler: heun\n", ["1: scheduler: must be one of euler, euler_a, dpmpp_2m, ddim, pndm, lms"]),
+        ("description: [a]\n", ["1: description: must be a string"]),
+        ("prompts: [a]\n", ["1: prompts: unknown key for a preset"]),
         (
             "steps: 0\nguidance: x\nfoo: 1\n",
-            [
-                "steps: must be ≥ 1, got 0 (line 1)",
-                "guidance: must be a number",
-                "foo: unknown key",
-            ],
+            ["1: steps: must be ≥ 1, got 0", "2: guidance: must be a number", "3: foo: unknown key"],
         ),
     ],
 )
 def test_user_preset_errors(tmp_path, text, lines):
+    """One format with prompt files: ``file:line: key: message``, several under one header."""
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(UsageError) as info:
         presets.load_preset(str(path))
     message = str(info.value)
-    assert message.startswith(f"invalid preset {path}:")
-    body = message.splitlines()[1:]
+    body = message.splitlines()
+    if len(lines) > 1:
+        assert body.pop(0) == f"invalid preset {path} ({len(lines)} problems):"
     assert len(body) == len(lines)
     for got, want in zip(body, lines):
-        assert got.strip().startswith(want)
+        assert got.strip().startswith(f"{path}:{want}")
 
 
 @pytest.mark.parametrize(

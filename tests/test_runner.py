@@ -1,4 +1,4 @@
-"""Runner edge cases: validation before work, per-job failures in the encode phase, cache keys, resume guards."""
+"""Run edge cases: validation before work, per-job failures in the encode phase, cache keys, resume guards."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from easyref_cli import files, runner
+from easyref_cli import conditions, files
 from easyref_cli.cli import app
 
 
@@ -28,8 +28,11 @@ def no_models(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("no model may load")
 
-    monkeypatch.setattr(runner, "load_encoder", boom)
-    monkeypatch.setattr(runner, "load_pipeline", boom)
+    from easyref_cli.model.encoder import ReferenceEncoder
+    from easyref_cli.model.pipeline import EasyRefPipeline
+
+    monkeypatch.setattr(ReferenceEncoder, "from_pretrained", boom)
+    monkeypatch.setattr(EasyRefPipeline, "from_pretrained", boom)
 
 
 @pytest.mark.parametrize(
@@ -133,4 +136,4 @@ def test_adapter_sha256_is_remembered_beside_the_condition_cache(tiny, ref_group
         record = files.read_png_record(next((tmp_path / out).rglob("*.png")))
         assert record["adapter_sha256"] == hashlib.sha256(adapter.read_bytes()).hexdigest()
     assert hashed.count(adapter) == 1
-    assert (cache / runner.HASH_MEMO).is_file()
+    assert (cache / conditions.HASH_MEMO).is_file()

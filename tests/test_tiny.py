@@ -278,6 +278,7 @@ def test_make_reference_images_is_deterministic(tmp_path):
         assert image.size == (48, 32) and image.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_module_main_builds_everything(tmp_path):
     out = tmp_path / "out"
     python_path = [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]

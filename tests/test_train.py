@@ -328,7 +328,7 @@ def test_align_cli_run_writes_checkpoints_state_and_log(align_run):
 def test_align_checkpoint_loads_into_encode_and_changes_it(tiny, ref_group, align_run, tmp_path):
     from safetensors import safe_open
 
-    from easyref_cli.encode import encode_group
+    from easyref_cli.commands.encode import encode_group
     from easyref_cli.model.checkpoint import load_checkpoint
     from easyref_cli.model.pipeline import load_sdxl
 
@@ -410,6 +410,7 @@ def test_training_lora_processors_match_the_merged_inference_model(tiny, dataset
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loss_on_a_fixed_batch_goes_down(tiny, dataset, tmp_path):
     """Alignment from scratch (official initialisation, no --init): overfit one batch, fixed noise and timesteps."""
     trainer = make_trainer(config(
@@ -513,6 +514,7 @@ def test_tensorboard_is_optional(tiny, dataset, tmp_path):
     assert res.exit_code == 2 and "pip install tensorboard" in res.output
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_processes(tiny, dataset, tmp_path):
     """`accelerate launch` with 2 CPU processes (DDP over gloo): train, save, resume."""
     import os

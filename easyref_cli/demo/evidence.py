@@ -96,7 +96,7 @@ def model_args(weights: Path | None) -> list[str]:
     """``--model demo``, or the three model options for a build folder that is not installed yet."""
     if weights is None:
         return ["--model", "demo"]
-    from easyref_cli.generate import DEMO_DEFAULTS
+    from easyref_cli.models import DEMO_DEFAULTS
 
     weights = Path(weights)
     args = ["--base-model", str(weights / "sdxl"), "--mllm", str(weights / "qwen2vl"), "--adapter", str(weights / "easyref.safetensors")]

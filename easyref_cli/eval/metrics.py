@@ -271,7 +271,7 @@ def model_specs(model: str | None, clip_model: str | None, dino_model: str | Non
     if clip_model is not None or dino_model is not None:
         raise UsageError("--model tiny replaces --clip-model/--dino-model; give one or the other")
     from easyref_cli.eval.tiny import ensure_tiny_scorers
-    from easyref_cli.generate import easyref_home
+    from easyref_cli.env import easyref_home
 
     clip, dino = ensure_tiny_scorers(easyref_home() / "tiny-eval-models")
     return str(clip), str(dino)

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from easyref_cli.errors import ModelError, UsageError
+from easyref_cli.settings import ATTENTION_CHOICES, choice_error
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
+ATTENTION_BACKENDS = ATTENTION_CHOICES  # one table, in settings
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,12 +214,12 @@ def probe_xformers(device: str | torch.device, dtype: torch.dtype) -> tuple[bool
 def resolve_attention(requested: str, device: str | torch.device, dtype: torch.dtype) -> AttentionChoice:
     """``auto`` → xformers if its probe passes, else PyTorch SDPA; ``xformers`` fails loudly if it can't run."""
     if requested not in ATTENTION_BACKENDS:
-        raise UsageError(f"--attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {requested!r}")
+        raise UsageError(choice_error("attention", requested, ATTENTION_BACKENDS))
     if requested == "sdpa":
         return AttentionChoice("sdpa", requested, "requested")
     ok, reason = probe_xformers(device, dtype)
     if ok:
         return AttentionChoice("xformers", requested, reason)
     if requested == "xformers":
-        raise UsageError(f"--attention xformers was requested but {reason}; use --attention sdpa or auto")
+        raise UsageError(f"attention 'xformers' was requested but {reason}; use 'sdpa' or 'auto'")
     return AttentionChoice("sdpa", requested, f"fallback: {reason}")

@@ -92,7 +92,7 @@ class EasyRefCheckpoint:
         if unknown:
             raise CheckpointError(
                 f"{self.source}: {len(unknown)} multimodal_llm keys do not exist in the Qwen2-VL model "
-                f"(wrong --mllm?): {_preview(unknown)}"
+                f"(wrong MLLM?): {_preview(unknown)}"
             )
         bad = [
             f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
@@ -373,7 +373,7 @@ def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], *, prefix: st
     if extra:
         problems.append(f"unexpected {_preview(extra)}")
     if problems:
-        raise CheckpointError(f"{source}: " + "; ".join(problems) + " (does --mllm match the checkpoint?)")
+        raise CheckpointError(f"{source}: " + "; ".join(problems) + " (does the MLLM match the checkpoint?)")
     module.load_state_dict(dict(sd), strict=True)
 
 

@@ -480,7 +480,7 @@ def _check_pixel_bounds(image_processor, cond_image_size: int, path: Path) -> No
 
 def _check_mllm_dir(path: Path) -> None:
     if not path.is_dir():
-        raise ModelError(f"MLLM folder {path} does not exist; pass --mllm with a local Qwen2-VL folder")
+        raise ModelError(f"MLLM folder {path} does not exist; mllm must be a local Qwen2-VL folder")
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} has no config.json: not a transformers model folder")
     has_tokenizer = any((path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))

@@ -8,30 +8,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from easyref_cli.constants import INSTRUCTION, OFFLOAD_CHOICES
+from easyref_cli.constants import INSTRUCTION
+from easyref_cli.env import default_device
 from easyref_cli.errors import JobError, ModelError, UsageError
 from easyref_cli.model import adapter as adapter_mod
 from easyref_cli.model import compat
 from easyref_cli.model.checkpoint import EasyRefCheckpoint, load_checkpoint
 from easyref_cli.model.encoder import ReferenceEncoder
+from easyref_cli.settings import DTYPE_ALIASES, OFFLOAD_CHOICES, SCHEDULERS, choice_error
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["EasyRefPipeline", "GenerationRequest", "NonFiniteImages", "RefEmbeds", "default_device"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +38,8 @@ class RefEmbeds:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One image to generate. Batched requests must share steps, size and guidance."""
+    """One image to generate. A batch of requests shares everything but the per-image fields
+    (prompt, negative prompt, references, seed): see :meth:`batch_key`."""
 
     prompt: str
     ref_embeds: RefEmbeds
@@ -55,35 +50,38 @@ class GenerationRequest:
     scale: float = 1.0
     width: int = 1024
     height: int = 1024
+    scheduler: str = "euler"
 
     def batch_key(self) -> tuple:
-        # An empty negative prompt means SDXL's zeroed negative embeddings; a batch must not mix
-        # that with encoded ones (CLIP("") differs from zeros, so the image would change).
-        return (self.steps, self.guidance, self.scale, self.width, self.height, bool(self.negative_prompt))
+        """What requests of one batch must share: every field but the per-image ones. An empty
+        negative prompt means SDXL's zeroed negative embeddings, and a batch must not mix that with
+        encoded ones (CLIP("") differs from zeros, so the image would change)."""
+        shared = tuple(getattr(self, f.name) for f in fields(self) if f.name not in _PER_IMAGE)
+        return (*shared, bool(self.negative_prompt))
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+_PER_IMAGE = frozenset({"prompt", "ref_embeds", "seed", "negative_prompt"})
 
 
 def resolve_dtypes(dtype: str | None, device: str) -> tuple[torch.dtype, torch.dtype]:
     """``(sdxl dtype, encoder dtype)``. Default: fp16 SDXL + bf16 Qwen2-VL on GPUs (as the official code), fp32 on CPU."""
-    if dtype is None or dtype == "auto":
+    canonical = DTYPE_ALIASES.get(str(dtype).strip().lower()) if dtype is not None else "auto"
+    if canonical is None:
+        raise UsageError(choice_error("dtype", dtype, sorted(set(DTYPE_ALIASES))))
+    if canonical == "auto":
         if str(device).startswith("cpu"):
             return torch.float32, torch.float32
         return torch.float16, torch.bfloat16
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype], DTYPES[dtype]
+    return getattr(torch, canonical), getattr(torch, canonical)
 
 
 def make_scheduler(name: str, config):
     import diffusers
 
     if name not in SCHEDULERS:
-        raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cls_name, extra = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config(config, **extra)
+        raise UsageError(choice_error("scheduler", name, tuple(SCHEDULERS)))
+    sampler = SCHEDULERS[name]
+    return getattr(diffusers, sampler.diffusers_class).from_config(config, **sampler.config)
 
 
 class EasyRefPipeline:
@@ -227,7 +225,7 @@ class EasyRefPipeline:
             ref_embeds = self.encode_references(refs, prompt if caption is None else caption, instruction)
         request = GenerationRequest(
             prompt=prompt, ref_embeds=ref_embeds, seed=seed, negative_prompt=negative_prompt,
-            steps=steps, guidance=guidance, scale=scale, width=width, height=height,
+            steps=steps, guidance=guidance, scale=scale, width=width, height=height, scheduler=self._scheduler_name,
         )
         return self.generate([request])[0]
 
@@ -240,8 +238,9 @@ class EasyRefPipeline:
             return []
         first = requests[0]
         if any(r.batch_key() != first.batch_key() for r in requests):
-            raise UsageError("a batch must share steps, guidance, scale, size, and whether a negative prompt is given")
+            raise UsageError("a batch must share steps, guidance, scale, size, scheduler, and whether a negative prompt is given")
         check_size(first.width, first.height)
+        self.set_scheduler(first.scheduler)
         pipe = self.sdxl
         device = pipe._execution_device  # honours CPU offload hooks
         # 2. text embeddings (CLIP, 77 tokens each)
@@ -315,7 +314,7 @@ class NonFiniteImages(JobError):
 
     def __init__(self, images: list, bad_seeds: list[int]):
         super().__init__(
-            f"the image for seed(s) {bad_seeds} has NaN/inf pixels (numerical overflow; try --dtype float32 or bfloat16)"
+            f"the image for seed(s) {bad_seeds} has NaN/inf pixels (numerical overflow; a float32 or bfloat16 dtype avoids it)"
         )
         self.images = images
         self.bad_seeds = bad_seeds
@@ -326,9 +325,9 @@ class NonFiniteImages(JobError):
 def place_pipeline(sdxl, device: str, offload: str) -> str:
     """Move SDXL to ``device``, or set up accelerate CPU offload for small GPUs. Returns what was done."""
     if offload not in OFFLOAD_CHOICES:
-        raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
+        raise UsageError(choice_error("offload", offload, OFFLOAD_CHOICES))
     if offload != "none" and str(device).startswith("cpu"):
-        logger.warning("--offload %s has no effect on the CPU; ignoring it", offload)
+        logger.warning("offload=%r has no effect on the CPU; ignoring it", offload)
         offload = "none"
     if offload == "model":
         sdxl.enable_model_cpu_offload(device=device)
@@ -345,7 +344,7 @@ def compile_unet(sdxl, device: str) -> dict:
     Shapes are static per batch key, so jobs of the same size/batch reuse one compiled graph.
     """
     if not str(device).startswith("cuda"):
-        logger.warning("--compile is only used on CUDA devices; running the UNet eagerly on %s", device)
+        logger.warning("compile is only used on CUDA devices; running the UNet eagerly on %s", device)
         return {"enabled": False, "reason": f"not supported on {device}"}
     try:
         sdxl.unet = torch.compile(sdxl.unet, mode="max-autotune-no-cudagraphs", fullgraph=False, dynamic=False)
@@ -365,7 +364,7 @@ def load_sdxl(base_model: str | Path, dtype: torch.dtype):
 
     path = Path(base_model)
     if not (path / "model_index.json").is_file():
-        raise ModelError(f"{base_model} is not an SDXL pipeline folder (no model_index.json); pass --base-model with a local diffusers folder")
+        raise ModelError(f"{base_model} is not an SDXL pipeline folder (no model_index.json); base_model must be a local diffusers folder")
     compat.quiet_loading()
     try:
         return compat.diffusers_from_pretrained(StableDiffusionXLPipeline, str(path), dtype)

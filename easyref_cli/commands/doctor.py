@@ -36,10 +36,8 @@ def _demo_model() -> str:
 def report(device: str | None = None) -> str:
     import torch
 
-    from easyref_cli.generate import easyref_home
+    from easyref_cli.env import default_device, easyref_home, package_versions
     from easyref_cli.model.adapter import probe_xformers
-    from easyref_cli.model.pipeline import default_device
-    from easyref_cli.runner import package_versions
 
     device = device or default_device()
     lines = ["easyref doctor", f"  python        {sys.version.split()[0]} ({platform.platform()})"]

@@ -1,0 +1,1 @@
+"""One module per command body; ``cli.py`` only declares options and calls these."""

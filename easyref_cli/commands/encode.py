@@ -1,0 +1,113 @@
+"""``easyref encode``: one group → ``cond``/``uncond`` tensors in a safetensors file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from easyref_cli import __version__
+from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_MLLM, INSTRUCTION
+from easyref_cli.errors import UsageError
+from easyref_cli.settings import check_control_tokens, check_device_name, check_dtype
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    path: Path
+    cond_shape: tuple[int, ...]
+    uncond_shape: tuple[int, ...]
+    metadata: dict[str, str]
+
+
+def _check_inputs(group_dir: Path, out: Path, caption: str, instruction: str, device, dtype):
+    """Every usage check before any model loads; returns the group and its decoded images."""
+    from easyref_cli import files
+
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out must end in .safetensors, got {out}")
+    check_device_name(device)
+    check_dtype(dtype)
+    check_control_tokens(caption, "--prompt")
+    check_control_tokens(instruction, "--instruction")
+    groups = files.find_groups([Path(group_dir)])
+    if len(groups) != 1:
+        raise UsageError(f"{group_dir} holds {len(groups)} groups; `encode` takes one folder of images")
+    group = groups[0]
+    return group, [files.load_image(p) for p in group.images]  # InputError names a bad file
+
+
+def _metadata(group, *, mllm: str, adapter: str, checkpoint, instruction: str, caption: str, dtype,
+              bidirectional_final: bool) -> dict[str, str]:  # fmt: skip
+    from easyref_cli import files
+
+    digests = [files.sha256_file(p) for p in group.images]
+    return {
+        "format": "pt",
+        "easyref_version": __version__,
+        "mllm": mllm,
+        "adapter": adapter,
+        "adapter_sha256": checkpoint.sha256,
+        "group": group.name,
+        "group_sha256": files.group_content_hash(group, digests),
+        "references": json.dumps([{"path": str(p), "sha256": d} for p, d in zip(group.images, digests, strict=True)]),
+        "instruction": instruction,
+        "caption": caption,
+        "dtype": str(dtype).removeprefix("torch."),
+        "final_layer": "bidirectional" if bidirectional_final else "causal",
+    }
+
+
+def _write(out: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """Atomically: a temporary file renamed into place."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        save_file({k: v.detach().to(torch.float32).cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=metadata)  # fmt: skip
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def encode_group(
+    group_dir: Path,
+    *,
+    caption: str = "",
+    mllm: str | None = None,
+    adapter: str | None = None,
+    out: Path,
+    dtype: str | None = None,
+    device: str | None = None,
+    instruction: str | None = None,
+    bidirectional_final: bool = False,
+) -> EncodeResult:
+    """Validate inputs first (group, images, output, texts), then load the encoder and write the tensors."""
+    out = Path(out)
+    instruction = INSTRUCTION if instruction is None else instruction
+    group, images = _check_inputs(group_dir, out, caption, instruction, device, dtype)
+
+    from easyref_cli.env import default_device
+    from easyref_cli.model import hub
+    from easyref_cli.model.checkpoint import load_checkpoint
+    from easyref_cli.model.encoder import ReferenceEncoder
+    from easyref_cli.model.pipeline import resolve_dtypes
+
+    mllm_spec, adapter_spec = mllm or DEFAULT_MLLM, adapter or DEFAULT_ADAPTER
+    mllm_path = hub.resolve_folder(mllm_spec, "--mllm")
+    checkpoint = load_checkpoint(hub.resolve_checkpoint(adapter_spec))
+    device = device or default_device()
+    _, encoder_dtype = resolve_dtypes(check_dtype(dtype), device)
+    encoder = ReferenceEncoder.from_pretrained(
+        mllm_path, checkpoint, device=device, dtype=encoder_dtype, bidirectional_final=bidirectional_final
+    )
+    cond = encoder.encode(images, caption, instruction)
+    uncond = encoder.encode_uncond(instruction)
+    metadata = _metadata(group, mllm=mllm_spec, adapter=adapter_spec, checkpoint=checkpoint, instruction=instruction,
+                         caption=caption, dtype=encoder_dtype, bidirectional_final=bidirectional_final)  # fmt: skip
+    _write(out, {"cond": cond, "uncond": uncond}, metadata)
+    return EncodeResult(out, tuple(cond.shape), tuple(uncond.shape), metadata)

@@ -1,0 +1,94 @@
+"""Which models a run uses: ``--model`` families and the ``--base-model/--mllm/--adapter`` ids.
+
+Torch-free: a plan only needs the ids (paths or hub ids). The tiny family's weights are built by
+:func:`ensure_built` when a run first needs them (never for ``--dry-run``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, DEFAULT_MLLM
+from easyref_cli.env import easyref_home
+from easyref_cli.errors import UsageError
+from easyref_cli.settings import choice_error
+
+#: ``--model`` families. ``tiny``: random tiny models built locally (pictures are noise);
+#: ``demo``: the tiny EasyRef shipped in the package, trained on synthetic coloured shapes.
+MODEL_CHOICES = ("tiny", "demo")
+TINY_DEFAULTS = {"width": 64, "height": 64, "steps": 4}
+#: The demo model's domain is 64² pictures; the settings ``easyref_cli.demo.evidence`` measured it with.
+DEMO_DEFAULTS = {"width": 64, "height": 64, "steps": 25, "guidance": 5.0}
+#: A family's settings rank with the built-in defaults, below the preset.
+MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "demo": DEMO_DEFAULTS}
+MODEL_NOTICES = {
+    "tiny": "--model tiny: tiny RANDOM models built locally for a smoke run — the pipeline is real, "
+    "the pictures are noise.",
+    "demo": "--model demo: a tiny EasyRef trained on synthetic coloured shapes (64×64): it takes the colour "
+    "from the references; prompts name only a size and a position ('a large shape at the top left'); it "
+    "follows the size, the position loosely, and draws blobs rather than the references' shape (docs/DEMO.md).",
+}
+
+
+@dataclass(frozen=True)
+class ModelIds:
+    """The three models of a run, as given (hub ids or local paths)."""
+
+    base_model: str = DEFAULT_BASE_MODEL
+    mllm: str = DEFAULT_MLLM
+    adapter: str = DEFAULT_ADAPTER
+
+    def as_dict(self) -> dict[str, str]:
+        return {"base_model": self.base_model, "mllm": self.mllm, "adapter": self.adapter}
+
+
+def _tiny_ids() -> dict[str, str]:
+    from easyref_cli.tiny import tiny_layout  # torch-free at import
+
+    tiny = tiny_layout(easyref_home() / "tiny-models")
+    return {"base_model": str(tiny.base_model), "mllm": str(tiny.mllm), "adapter": str(tiny.adapter_lora)}
+
+
+def _demo_ids() -> dict[str, str]:
+    from easyref_cli.demo import weights_dir
+
+    root = weights_dir()
+    parts = (root / "sdxl", root / "qwen2vl", root / "easyref.safetensors")
+    missing = [str(p) for p in parts if not p.exists()]
+    if missing:
+        raise UsageError(
+            f"--model demo: the demo weights are missing ({', '.join(missing)}); reinstall easyref-cli, "
+            "or rebuild them with `python -m easyref_cli.demo.build WORK_DIR --install`"
+        )
+    return {"base_model": str(parts[0]), "mllm": str(parts[1]), "adapter": str(parts[2])}
+
+
+def chosen_models(
+    model: str | None = None,
+    base_model: str | None = None,
+    mllm: str | None = None,
+    adapter: str | None = None,
+) -> dict[str, str]:
+    """The model ids the command line chose: a ``--model`` family's, or the ids given (a subset).
+
+    The plan puts them over the defaults; a replay over the record's.
+
+    Raises:
+        UsageError: unknown family, a family together with explicit ids, missing demo weights.
+    """
+    if model is None:
+        given = {"base_model": base_model, "mllm": mllm, "adapter": adapter}
+        return {k: v for k, v in given.items() if v is not None}
+    if model not in MODEL_CHOICES:
+        raise UsageError(choice_error("--model", model, MODEL_CHOICES))
+    if any(v is not None for v in (base_model, mllm, adapter)):
+        raise UsageError(f"--model {model} replaces --base-model/--mllm/--adapter; give one or the other")
+    return _demo_ids() if model == "demo" else _tiny_ids()
+
+
+def ensure_built(family: str | None) -> None:
+    """Build the tiny family's models on first use (once per ``EASYREF_HOME``)."""
+    if family == "tiny":
+        from easyref_cli.tiny import ensure_tiny_models
+
+        ensure_tiny_models(easyref_home() / "tiny-models")

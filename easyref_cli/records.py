@@ -1,0 +1,142 @@
+"""Provenance records: Job → the ``easyref`` JSON stored in each PNG, and back for ``--from-image``.
+
+Torch-free. The record's setting keys are the schema's identity settings
+(:func:`easyref_cli.settings.identity_values`); the run adds ``adapter_sha256``, ``versions``,
+``attention``, ``device``, ``dtype`` and ``compile``. See :mod:`easyref_cli.files` for the layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from easyref_cli import __version__
+from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, DEFAULT_MLLM
+from easyref_cli.errors import InputError
+from easyref_cli.files import Group, sha256_file
+from easyref_cli.naming import slugify
+from easyref_cli.settings import (
+    SPECS,
+    GenerationSettings,
+    Invalid,
+    check_setting,
+    identity_values,
+    record_types,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from easyref_cli.plan import Job
+
+#: Version of the record layout written into PNGs.
+RECORD_SCHEMA = 1
+_TEXTS = {"prompt": (str,), "caption": (str,)}
+
+
+def reference_entries(group: Group) -> list[dict[str, str]]:
+    """``[{"path": absolute path, "sha256": hex}]`` for a group's images, in encoding order."""
+    return [{"path": str(p.resolve()), "sha256": sha256_file(p)} for p in group.images]
+
+
+def job_record(
+    job: Job, models: Mapping[str, str], *, references: Sequence[Mapping[str, str]] | None = None
+) -> dict[str, Any]:
+    """The planning part of the provenance record for ``job``.
+
+    ``models`` maps ``base_model``, ``mllm`` and ``adapter`` to the ids the plan used;
+    ``references`` defaults to :func:`reference_entries` (hashing the files): pass it in to hash
+    each group once.
+    """
+    if references is None:
+        references = reference_entries(job.group)
+    return {
+        "schema": RECORD_SCHEMA,
+        "job_id": job.job_id,
+        "group": job.group.name,
+        "prompt_id": job.prompt_id,
+        "index": job.index,
+        "output": job.output.as_posix(),
+        "prompt": job.prompt,
+        "caption": job.caption,
+        **identity_values(job.settings),
+        **{k: models[k] for k in ("base_model", "mllm", "adapter")},
+        "preset": job.preset,
+        "references": [dict(r) for r in references],
+        "version": __version__,
+    }
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a record says about the image it describes: enough to make it again."""
+
+    prompt: str
+    caption: str
+    settings: GenerationSettings
+    group: str
+    prompt_id: str
+    index: int
+    models: Mapping[str, str]
+    preset: str | None
+    references: tuple[Path, ...]
+    reference_sha256: tuple[str | None, ...]
+
+
+def _problems(record: Mapping[str, Any]) -> list[str]:
+    """Missing or mistyped keys; settings newer than schema 1 are optional."""
+    problems = []
+    kinds = {**_TEXTS, **record_types(), "references": (list,)}
+    for key, kind in kinds.items():
+        if key not in record:
+            if key not in SPECS or SPECS[key].since == 1:
+                problems.append(f"{key}: missing")
+        elif isinstance(record[key], bool) or not isinstance(record[key], kind):
+            problems.append(f"{key}: unexpected value {record[key]!r}")
+    refs = record.get("references") if isinstance(record.get("references"), list) else []
+    if not refs and "references" in record:
+        problems.append("references: empty")
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, Mapping) or not isinstance(ref.get("path"), str):
+            problems.append(f"references[{i}]: needs a 'path'")
+    return problems
+
+
+def _settings(record: Mapping[str, Any], problems: list[str]) -> GenerationSettings:
+    values = {}
+    for key in record_types():
+        if key in record:
+            try:
+                values[key] = check_setting(key, record[key])
+            except Invalid as e:
+                problems.append(f"{key}: {e}")
+    values["ref_text"] = "prompt" if record["caption"] == record["prompt"] else "none"
+    return GenerationSettings(**values)
+
+
+def parse_record(record: Mapping[str, Any], *, source: str = "record") -> Replay:
+    """The texts, settings, models and reference files a record describes.
+
+    Raises:
+        InputError: naming ``source`` when keys are missing, mistyped or out of range.
+    """
+    problems = _problems(record)
+    settings = None if problems else _settings(record, problems)
+    if problems:
+        raise InputError(
+            f"{source}: the easyref record cannot be used to regenerate:\n" + "\n".join(f"  {p}" for p in problems)
+        )
+    defaults = {"base_model": DEFAULT_BASE_MODEL, "mllm": DEFAULT_MLLM, "adapter": DEFAULT_ADAPTER}
+    refs = record["references"]
+    return Replay(
+        prompt=record["prompt"],
+        caption=record["caption"],
+        settings=settings,
+        group=str(record.get("group") or "from-image"),
+        prompt_id=str(record.get("prompt_id") or slugify(record["prompt"])),
+        index=int(record.get("index") or 0),
+        models={k: str(record.get(k) or d) for k, d in defaults.items()},
+        preset=record.get("preset") if isinstance(record.get("preset"), str) else None,
+        references=tuple(Path(r["path"]) for r in refs),
+        reference_sha256=tuple(r.get("sha256") for r in refs),
+    )

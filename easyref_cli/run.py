@@ -1,0 +1,342 @@
+"""Run a :class:`~easyref_cli.plan.Plan`: numbered phases, one process or sharded across several.
+
+:func:`run_plan` reads like a diffusers ``__call__``:
+
+1. resolve models — build the tiny family if asked, hub ids → local paths, the device, the adapter
+   (checked against the base UNet's config before minutes of encoding);
+2. encode — every condition the pending jobs need, each once (:mod:`easyref_cli.conditions`);
+3. release the encoder — peak memory is max(MLLM, SDXL), not the sum;
+4. generate — SDXL only, in batches of jobs whose pipeline requests share a batch key; one CPU
+   generator per image, so batching never changes pixels;
+5. summary — the run log's counts (merged over processes by :mod:`easyref_cli.distributed`).
+
+Finished outputs are skipped (resume) unless ``plan.overwrite``; a run with nothing to do loads no
+model. A failing job is recorded and the run goes on (``fail_fast`` stops it). SIGINT/SIGTERM
+finish the image in flight, flush the manifest and stop; a second signal aborts at once. Nothing
+partial is ever written.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import IO, Any
+
+from easyref_cli import distributed, files
+from easyref_cli.errors import EasyRefError, InputError, JobError, UsageError
+from easyref_cli.models import ensure_built
+from easyref_cli.plan import Job, Plan
+from easyref_cli.records import job_record
+from easyref_cli.runlog import RunLog, RunSummary, Stop, job_error
+from easyref_cli.settings import pipeline_values
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (never what to generate: nothing here changes pixels)."""
+
+    cache_dir: Path | None = None  # condition cache; None disables it
+    compile: bool = False
+    progress: bool = True
+    json_out: IO[str] | None = None
+
+
+def run_plan(plan: Plan, options: RunOptions | None = None) -> RunSummary:
+    """Run ``plan`` here, or this process's share of it under ``accelerate launch``.
+
+    Returns the summary whose ``exit_code`` the command uses.
+
+    Raises:
+        UsageError: outputs exist that other settings made; the device or models are unusable.
+    """
+    options = options or RunOptions()
+    start = time.perf_counter()
+    check_existing_outputs(plan)  # every process, before anything is written
+    summary = distributed.run(plan, partial(execute, options=options), progress=options.progress)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def execute(plan: Plan, manifest: Path, *, options: RunOptions, progress: bool) -> RunSummary:
+    """One process's run of ``plan``: skips logged, then the phases; signals handled."""
+    stop = Stop()
+    pending = plan.pending()
+    pending_ids = {job.job_id for job in pending}
+    log = RunLog(manifest, plan.out_dir, total=len(plan.jobs), json_out=options.json_out,
+                 fail_fast=plan.fail_fast, stop=stop)  # fmt: skip
+    try:
+        with log, _graceful_signals(stop):
+            for job in plan.jobs:
+                if job.job_id not in pending_ids:
+                    log.skipped(job)
+            if pending:
+                _phases(plan, pending, options, log, progress)
+    except KeyboardInterrupt:
+        log.summary.interrupted = True
+    if stop.signum is not None:
+        log.summary.interrupted = True
+    return log.summary
+
+
+def _phases(plan: Plan, pending: list[Job], options: RunOptions, log: RunLog, progress: bool) -> None:
+    from easyref_cli.conditions import ConditionCache, EncodePhase, LazyEncoder, model_key
+
+    # 1. resolve models
+    models = resolve_models(plan, options.cache_dir)
+    # 2. encode
+    sdxl_dtype, encoder_dtype = models.dtypes
+    encoder = LazyEncoder(models.mllm, models.checkpoint, device=models.device, dtype=encoder_dtype)
+    try:
+        key = model_key(models.mllm, models.checkpoint, encoder)
+        conditions = EncodePhase(encoder, ConditionCache(options.cache_dir), key, log).run(pending, progress=progress)
+    finally:
+        # 3. release the encoder (and every MLLM output) before SDXL loads
+        encoder.release()
+    if not conditions.ready or log.stop.requested:
+        return
+    # 4. generate
+    GeneratePhase(plan, models, options, log, progress).run(conditions)
+    # 5. summary: the log's counts, returned by execute()
+
+
+# ----------------------------------------------------------------------------------------------
+# 0. Before anything: outputs made with other settings
+# ----------------------------------------------------------------------------------------------
+
+
+def check_existing_outputs(plan: Plan) -> None:
+    """Resume skips an output only if it is *this* job's image: a file made with other settings (or
+    not by easyref) under the same name is a usage error, never silently kept or clobbered."""
+    if plan.overwrite:
+        return
+    clashes = []
+    for job in plan.jobs:
+        path = plan.output_path(job)
+        if not path.exists():
+            continue
+        try:
+            found = files.read_png_record(path).get("job_id")
+        except InputError:
+            found = None
+        if found != job.job_id:
+            clashes.append(str(path))
+    if clashes:
+        shown = ", ".join(clashes[:5]) + (f" … and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+        raise UsageError(
+            f"{len(clashes)} output file(s) already exist but were made with other settings (or not by "
+            f"easyref): {shown}. Use another -o folder or --name-template, or --overwrite to replace them."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Resolve models
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedModels:
+    """Local model paths, the loaded adapter checkpoint, the device and ``(sdxl, encoder)`` dtypes."""
+
+    base_model: Path
+    mllm: Path
+    adapter: Path
+    checkpoint: Any
+    device: str
+    dtypes: tuple[Any, Any]
+
+
+def check_device(device: str | None) -> None:
+    """A device torch can use here, or a UsageError (instead of a traceback after loading models)."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device!r} is not a torch device ({exc}); use cpu, cuda, cuda:N, mps…") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (see `easyref doctor`)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available on this machine")
+
+
+def check_adapter_matches(base_model: Path, checkpoint) -> None:
+    """Validate the adapter against the base UNet's *config* (a weightless skeleton on the meta device)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    try:
+        config = UNet2DConditionModel.load_config(str(base_model), subfolder="unet")
+        with torch.device("meta"):
+            skeleton = UNet2DConditionModel.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - missing/odd config: the full load reports it properly later
+        logger.debug("adapter pre-check skipped: %s", exc)
+        return
+    checkpoint.check_unet(skeleton)
+
+
+def resolve_models(plan: Plan, cache_dir: Path | None) -> ResolvedModels:
+    """Phase 1. The adapter's sha256 keys the condition cache; it is remembered beside the cache
+    (real path, size, mtime, inode), so a multi-GB checkpoint is hashed once, not on every run."""
+    from easyref_cli.conditions import HASH_MEMO
+    from easyref_cli.env import default_device
+    from easyref_cli.model import hub
+    from easyref_cli.model.checkpoint import load_checkpoint
+    from easyref_cli.model.pipeline import resolve_dtypes
+
+    ensure_built(plan.model_family)
+    check_device(plan.device)
+    base_model = hub.resolve_folder(plan.models.base_model, "--base-model")
+    mllm = hub.resolve_folder(plan.models.mllm, "--mllm")
+    adapter = hub.resolve_checkpoint(plan.models.adapter)
+    checkpoint = load_checkpoint(adapter, hash_memo=cache_dir / HASH_MEMO if cache_dir is not None else None)
+    check_adapter_matches(base_model, checkpoint)  # before minutes of encoding, not after
+    device = plan.device or default_device()
+    return ResolvedModels(base_model, mllm, adapter, checkpoint, device, resolve_dtypes(plan.dtype, device))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Generate
+# ----------------------------------------------------------------------------------------------
+
+
+def batches(jobs: Sequence[Job], key: Callable[[Job], Any], size: int) -> Iterator[list[Job]]:
+    """Consecutive jobs with the same ``key``, at most ``size`` at a time."""
+    batch: list[Job] = []
+    for job in jobs:
+        if batch and (len(batch) >= size or key(job) != key(batch[0])):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
+
+
+class GeneratePhase:
+    """SDXL with the adapter; each ready job's request built from its settings (the schema's
+    ``pipeline`` fields), batched by the request's batch key, written with its record."""
+
+    def __init__(self, plan: Plan, models: ResolvedModels, options: RunOptions, log: RunLog, progress: bool):
+        self.plan, self.models, self.options, self.log, self.progress = plan, models, options, log, progress
+
+    def run(self, conditions) -> None:
+        from tqdm.auto import tqdm
+
+        from easyref_cli.model.pipeline import GenerationRequest
+
+        pipe = self._load_pipeline()
+        requests = {
+            j.job_id: GenerationRequest(prompt=j.prompt, ref_embeds=conditions.of(j), **pipeline_values(j.settings))
+            for j in conditions.ready
+        }
+        bar = tqdm(total=len(conditions.ready), desc="images", unit="img", disable=not self.progress, file=sys.stderr)
+        self._steps = tqdm(total=0, desc="steps", unit="step", leave=False, disable=not self.progress,
+                           file=sys.stderr, position=1)  # fmt: skip
+        try:
+            for batch in batches(conditions.ready, lambda j: requests[j.job_id].batch_key(), self.plan.batch_size):
+                if self.log.stop.requested:
+                    break
+                self._batch(pipe, batch, [requests[j.job_id] for j in batch], conditions)
+                bar.update(len(batch))
+        finally:
+            self._steps.close()
+            bar.close()
+
+    def _load_pipeline(self):
+        from easyref_cli.env import package_versions
+        from easyref_cli.model.pipeline import EasyRefPipeline
+
+        m, plan = self.models, self.plan
+        pipe = EasyRefPipeline.from_pretrained(
+            m.base_model, m.mllm, m.checkpoint, device=plan.device, dtype=plan.dtype, attention=plan.attention,
+            compile=self.options.compile, offload=plan.offload,
+        )  # fmt: skip
+        attention = pipe.attention
+        self.run_record = {
+            "adapter_sha256": m.checkpoint.sha256,
+            "versions": package_versions(),
+            "attention": {"backend": attention.backend, "requested": attention.requested, "reason": attention.reason},
+            "device": str(pipe.device).split(":")[0],  # type only: records must not depend on which GPU/process
+            "dtype": {"sdxl": _dtype_name(pipe.sdxl_dtype), "mllm": _dtype_name(pipe.encoder_dtype)},
+            "compile": pipe.compiled,
+        }
+        return pipe
+
+    def _on_step(self, step: int, total: int) -> None:
+        if step == 1 or self._steps.total != total:
+            self._steps.reset(total=total)  # per image, so the rate shown is this image's
+        self._steps.n = step
+        self._steps.refresh()
+
+    def _batch(self, pipe, batch: list[Job], requests: list, conditions) -> None:
+        from easyref_cli.model.pipeline import NonFiniteImages
+
+        t0 = time.perf_counter()
+        failure: EasyRefError | None = None
+        try:
+            images = pipe.generate(requests, step_callback=self._on_step)
+        except KeyboardInterrupt:
+            raise
+        except NonFiniteImages as exc:  # keep the batch's healthy images
+            images, failure = exc.images, exc
+        except Exception as exc:  # noqa: BLE001 - OOM, anything: recorded per job, the run goes on
+            for job in batch:
+                self.log.fail(job, job_error(exc))
+            return
+        per_image = (time.perf_counter() - t0) / len(batch)
+        for job, image in zip(batch, images, strict=True):
+            if image is None:
+                self.log.fail(job, JobError(f"seed {job.seed}: {failure}"))
+                continue
+            self._write(job, image, conditions, per_image, len(batch))
+
+    def _write(self, job: Job, image, conditions, per_image: float, batch_size: int) -> None:
+        # The PNG record holds no wall-clock times, so the same job always gives the same bytes;
+        # timings go to the manifest line.
+        record = job_record(job, self.plan.models.as_dict(), references=conditions.references[job.group.name])
+        record.update(self.run_record)
+        try:
+            files.write_png_atomic(self.plan.output_path(job), image, record=record)
+        except EasyRefError as exc:
+            self.log.fail(job, exc)
+            return
+        self.log.ok(job, encode_s=conditions.encode_seconds(job), generate_s=per_image, batch_size=batch_size)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@contextmanager
+def _graceful_signals(stop: Stop) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, _frame):
+        if stop.requested:  # second signal: abort now (the in-flight image is discarded)
+            raise KeyboardInterrupt
+        stop.requested, stop.signum = True, signum
+        logger.warning("stopping after the current image (signal again to abort now)")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

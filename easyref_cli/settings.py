@@ -1,0 +1,357 @@
+"""THE generation-settings schema. Torch-free.
+
+One frozen dataclass, :class:`GenerationSettings`; each field carries a :class:`Spec` in its
+metadata saying what the setting may do. Everything else is derived from it, never spelled again:
+
+* defaults (the field defaults) and the ``--help`` "Default:" text (:meth:`Spec.cli_help`);
+* validation and its wording (:func:`check_setting`, :func:`validate_settings`);
+* the keys a prompt file's ``defaults:``, a preset and a single prompt may hold
+  (:data:`SETTING_KEYS`, :data:`PER_PROMPT_KEYS`);
+* the ``easyref generate`` flags (``options.with_setting_options`` builds them from ``flags``);
+* the job id and the PNG record (:func:`identity_values`), the record's required keys and their
+  types (:func:`record_types`), replay from a record;
+* the pipeline request (:func:`pipeline_values`), whose fields also make the batch key.
+
+Adding a setting is one field here plus its use in the pipeline. A setting added after record
+schema 1 sets ``since=2``: at its default it is left out of the job id and the record, so every
+existing image keeps its id (resume) and its bytes, and an old record replays with the default.
+
+The choice tables (schedulers, dtypes, attention backends, offload modes) live here once too.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, NamedTuple
+
+from easyref_cli.constants import INSTRUCTION, QWEN_SPECIAL_TOKENS
+from easyref_cli.errors import UsageError
+
+# ----------------------------------------------------------------------------------------------
+# Choice tables
+# ----------------------------------------------------------------------------------------------
+
+
+class Sampler(NamedTuple):
+    """A ``scheduler:`` choice: the diffusers class built from the base model's scheduler config,
+    extra config, and the name A1111's ``parameters`` text uses."""
+
+    diffusers_class: str
+    config: Mapping[str, Any]
+    a1111: str
+
+
+SCHEDULERS: dict[str, Sampler] = {
+    "euler": Sampler("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": Sampler("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "dpmpp_2m": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
+    "ddim": Sampler("DDIMScheduler", {}, "DDIM"),
+    "pndm": Sampler("PNDMScheduler", {}, "PLMS"),
+    "lms": Sampler("LMSDiscreteScheduler", {}, "LMS"),
+}
+#: ``ref_text: prompt`` gives the prompt to the MLLM as caption; ``none`` gives an empty caption.
+REF_TEXT_CHOICES = ("prompt", "none")
+#: ``--attention``: xformers if a real probe call works (auto), PyTorch SDPA, or xformers (fail loudly).
+ATTENTION_CHOICES = ("auto", "sdpa", "xformers")
+#: ``--offload``: accelerate CPU offload of SDXL for small GPUs.
+OFFLOAD_CHOICES = ("none", "model", "sequential")
+#: ``--dtype`` spellings → canonical name (a ``torch`` attribute, or ``auto``).
+DTYPE_ALIASES = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+#: torch.Generator.manual_seed accepts 0 … 2**64-1.
+MAX_SEED = 2**64 - 1
+
+
+def choice_error(flag: str, value: Any, choices: Sequence[str]) -> str:
+    """The one wording of a bad choice: ``--attention must be one of auto, sdpa, xformers, got 'x'``."""
+    return f"{flag} must be one of {', '.join(choices)}, got {value!r}"
+
+
+def check_choice(flag: str, value: str | None, choices: Sequence[str]) -> str | None:
+    """``value`` normalised (stripped, lower case), ``None`` kept; UsageError naming ``flag`` if not a choice."""
+    if value is None:
+        return None
+    normalised = str(value).strip().lower()
+    if normalised not in choices:
+        raise UsageError(choice_error(flag, value, choices))
+    return normalised
+
+
+def check_dtype(value: str | None, flag: str = "--dtype") -> str | None:
+    """The canonical dtype name of ``value`` (``fp16`` → ``float16``), ``None`` kept."""
+    if value is None:
+        return None
+    canonical = DTYPE_ALIASES.get(str(value).strip().lower())
+    if canonical is None:
+        raise UsageError(choice_error(flag, value, sorted(set(DTYPE_ALIASES))))
+    return canonical
+
+
+def check_device_name(device: str | None, flag: str = "--device") -> None:
+    """Spelling only (torch-free); whether the device exists is checked before models load."""
+    if device is not None and not re.match(r"^(cpu|cuda|mps|xpu|npu|meta)(:\d+)?$", device):
+        raise UsageError(f"{flag} {device!r} is not a device name: use cpu, cuda, cuda:N, mps…")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validators: value → normalised value, or Invalid with a message that reads after ``key: ``
+# ----------------------------------------------------------------------------------------------
+
+
+class Invalid(ValueError):
+    """A value failed validation; the message reads after ``key: ``."""
+
+
+def as_int(value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise Invalid(f"must be ≥ {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise Invalid(f"must be ≤ {maximum}, got {value}")
+    return value
+
+
+def as_float(value: Any, *, minimum: float | None = None, maximum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Invalid(f"must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise Invalid(f"must be a finite number, got {value}")
+    if minimum is not None and value < minimum:
+        raise Invalid(f"must be ≥ {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise Invalid(f"must be ≤ {maximum}, got {value}")
+    return value
+
+
+def as_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"must be a string, got {value!r}")
+    return value
+
+
+def as_choice(choices: Sequence[str]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in choices:
+            raise Invalid(f"must be one of {', '.join(choices)}; got {value!r}")
+        return value.strip().lower()
+
+    return check
+
+
+def as_size(value: Any) -> int:
+    value = as_int(value)
+    if value <= 0 or value % 8:
+        raise Invalid(f"must be a positive multiple of 8, got {value}")
+    return value
+
+
+def find_control_tokens(text: str) -> list[str]:
+    """The Qwen2-VL control tokens in ``text``: user text holding one would be read as structure
+    (an extra image slot, an end of turn…)."""
+    return [t for t in QWEN_SPECIAL_TOKENS if t in text]
+
+
+def check_control_tokens(text: str, what: str) -> None:
+    """UsageError when ``text`` (described by ``what``: "the prompt of prompt 'x'") holds control tokens."""
+    found = find_control_tokens(text)
+    if found:
+        raise UsageError(f"{what} contains Qwen2-VL control token(s) {', '.join(found)}; remove them")
+
+
+# ----------------------------------------------------------------------------------------------
+# The schema
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one setting is and may do (the metadata of a :class:`GenerationSettings` field).
+
+    ``per_prompt``: a single prompt of a prompt file may override it. ``identity``: it changes the
+    pixels, so it is part of the job id, the PNG record and replay. ``pipeline``: it is passed to
+    the pipeline's ``GenerationRequest`` under the same name. ``flags``: its ``easyref generate``
+    options (none: prompt file and presets only). ``since``: the record schema that introduced it.
+    """
+
+    help: str
+    check: Callable[[Any], Any]
+    per_prompt: bool = False
+    identity: bool = False
+    pipeline: bool = False
+    flags: tuple[str, ...] = ()
+    since: int = 1
+    default_text: str | None = None
+
+    def cli_help(self, default: Any) -> str:
+        shown = self.default_text if self.default_text is not None else str(default)
+        return f"{self.help} Default: {shown}."
+
+
+def setting(default: Any, help: str, check: Callable[[Any], Any], **spec: Any) -> Any:
+    """A :class:`GenerationSettings` field: its default and its :class:`Spec`."""
+    return field(default=default, metadata={"spec": Spec(help=help, check=check, **spec)})
+
+
+_SAMPLE = dict(per_prompt=True, identity=True, pipeline=True)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every generation setting, with its built-in default (the lowest precedence layer)."""
+
+    steps: int = setting(30, "Denoising steps.", lambda v: as_int(v, minimum=1), flags=("--steps",), **_SAMPLE)
+    guidance: float = setting(
+        5.0, "Classifier-free guidance scale.", lambda v: as_float(v, minimum=0.0), flags=("--guidance",), **_SAMPLE
+    )
+    scale: float = setting(1.0, "Reference (adapter) strength.", as_float, flags=("--scale",), **_SAMPLE)
+    width: int = setting(1024, "Image width, a multiple of 8.", as_size, flags=("--width",), **_SAMPLE)
+    height: int = setting(1024, "Image height, a multiple of 8.", as_size, flags=("--height",), **_SAMPLE)
+    seed: int = setting(
+        0,
+        "First seed; image i of a prompt uses seed+i.",
+        lambda v: as_int(v, minimum=0, maximum=MAX_SEED),
+        flags=("--seed",),
+        **_SAMPLE,
+    )
+    images_per_prompt: int = setting(
+        1,
+        "Images per prompt and group.",
+        lambda v: as_int(v, minimum=1),
+        per_prompt=True,
+        flags=("--images-per-prompt", "-n"),
+    )
+    negative_prompt: str = setting(
+        "", "Negative prompt.", as_str, flags=("--negative-prompt",), default_text="empty", **_SAMPLE
+    )
+    scheduler: str = setting(
+        "euler", f"Sampler: {', '.join(SCHEDULERS)}.", as_choice(tuple(SCHEDULERS)), flags=("--scheduler",), **_SAMPLE
+    )
+    ref_text: str = setting(
+        "prompt",
+        "'prompt' gives the prompt to the MLLM after the instruction; 'none' gives it no caption.",
+        as_choice(REF_TEXT_CHOICES),
+        per_prompt=True,
+    )
+    instruction: str = setting(
+        INSTRUCTION,
+        "The MLLM instruction before the caption.",
+        as_str,
+        identity=True,
+        default_text="the one the public checkpoint was trained with",
+    )
+    batch_size: int = setting(
+        1,
+        "Images per UNet batch (same seeds as batch 1; batched kernels may round a few pixels one level "
+        "differently).",
+        lambda v: as_int(v, minimum=1),
+        flags=("--batch-size",),
+    )
+
+    def caption(self, prompt: str) -> str:
+        """What the MLLM reads after the instruction for ``prompt``."""
+        return prompt if self.ref_text == "prompt" else ""
+
+
+SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in fields(GenerationSettings)}
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(GenerationSettings) if f.default is not MISSING}
+#: Every setting key (prompt-file ``defaults:``, presets, the command line).
+SETTING_KEYS: tuple[str, ...] = tuple(SPECS)
+#: The settings a single prompt may override.
+PER_PROMPT_KEYS: tuple[str, ...] = tuple(k for k, s in SPECS.items() if s.per_prompt)
+#: The settings that change pixels: job id, record, replay.
+IDENTITY_KEYS: tuple[str, ...] = tuple(k for k, s in SPECS.items() if s.identity)
+_TYPES = {f.name: f.type for f in fields(GenerationSettings)}
+
+
+def check_setting(key: str, value: Any) -> Any:
+    """Validate and normalise one setting (``guidance: 5`` → ``5.0``...).
+
+    Raises:
+        Invalid: with a message that reads after ``key: ``.
+    """
+    if key not in SPECS:
+        raise Invalid(f"unknown option (allowed: {', '.join(SETTING_KEYS)})")
+    return SPECS[key].check(value)
+
+
+def validate_settings(
+    values: Mapping[str, Any], *, allowed: Sequence[str] = SETTING_KEYS
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Validate a mapping of settings.
+
+    Returns the normalised settings (``None`` values dropped: "not given") and ``(key, message)``
+    problems (unknown keys, wrong types, out-of-range values); callers add where they come from.
+    """
+    out: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    for key, value in values.items():
+        if key not in allowed:
+            problems.append((str(key), f"unknown key (allowed: {', '.join(allowed)})"))
+            continue
+        if value is None:
+            continue
+        try:
+            out[key] = check_setting(key, value)
+        except Invalid as e:
+            problems.append((key, str(e)))
+    return out, problems
+
+
+def resolve_settings(*layers: Mapping[str, Any] | None) -> GenerationSettings:
+    """The one precedence function: later layers win; ``None`` values and layers mean "not given".
+
+    Called as ``resolve_settings(model_defaults, preset, file_defaults, cli)`` over the built-in
+    defaults; a prompt's own fields then go through :func:`dataclasses.replace`.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if value is not None:
+                merged[key] = value
+    return GenerationSettings(**merged)
+
+
+def _values(settings: GenerationSettings, keys: Sequence[str]) -> dict[str, Any]:
+    """``keys`` of ``settings``, leaving out settings newer than record schema 1 at their default."""
+    out = {}
+    for key in keys:
+        value = getattr(settings, key)
+        if SPECS[key].since > 1 and value == DEFAULTS[key]:
+            continue
+        out[key] = value
+    return out
+
+
+def identity_values(settings: GenerationSettings) -> dict[str, Any]:
+    """The settings that change pixels: what the job id hashes and the PNG record stores."""
+    return _values(settings, IDENTITY_KEYS)
+
+
+def pipeline_values(settings: GenerationSettings) -> dict[str, Any]:
+    """Keyword arguments of the pipeline's ``GenerationRequest`` (besides prompt and references)."""
+    return {k: getattr(settings, k) for k, s in SPECS.items() if s.pipeline}
+
+
+def record_types() -> dict[str, tuple[type, ...]]:
+    """Types of the identity settings in a record: required (schema 1) and optional (later)."""
+    kinds = {"int": (int,), "float": (int, float), "str": (str,)}
+    return {k: kinds[_TYPES[k] if isinstance(_TYPES[k], str) else _TYPES[k].__name__] for k in IDENTITY_KEYS}
+
+
+def flag_of(key: str) -> str:
+    """The ``easyref generate`` flag of a setting (``--images-per-prompt``), or ``--key`` spelled out."""
+    flags = SPECS[key].flags if key in SPECS else ()
+    return flags[0] if flags else "--" + str(key).replace("_", "-")
