@@ -39,6 +39,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, Qwen2VLConfig
+
+    #: ``(processor name, Attention module)`` pairs of a UNet (see ``_unet_attention_modules``).
+    AttentionModules = list[tuple[str, torch.nn.Module]]
 
 __all__ = [
     "QWEN2_PRETOKENIZE_REGEX",
@@ -207,38 +212,9 @@ def _build_qwen2_tokenizer():
     )
 
 
-def build_tiny_qwen2vl(
-    path: Path,
-    seed: int = 0,
-    *,
-    text_overrides: dict | None = None,
-    vision_overrides: dict | None = None,
-    vocab_size: int | None = None,
-) -> Path:
-    """Build a tiny random ``Qwen2VLForConditionalGeneration`` folder at ``path``.
-
-    Text model: hidden 64, 3 layers, 4 heads / 2 KV heads, M-RoPE sections (2, 3, 3), tied
-    embeddings. Vision tower: depth 2, width 32, patch 14, merge 2 (its merger outputs 64).
-    The folder holds ``config.json``, ``model.safetensors``, the tokenizer files and
-    ``preprocessor_config.json``. Returns ``path``.
-
-    ``text_overrides`` / ``vision_overrides`` change config entries (benchmarks build mid-size or
-    full-size shapes this way); ``vocab_size`` pads the embedding (the tokenizer stays byte-level).
-    """
-    import torch
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-    )
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_qwen2_tokenizer()
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2VL_SPECIAL_TOKENS}
-    vocab_size = max(vocab_size or 0, -(-len(tokenizer) // 64) * 64)  # the embedding covers every id
-
-    text_config = {
+def _tiny_qwen2vl_text_config(ids: dict[str, int], vocab_size: int) -> dict:
+    """The tiny text model's config entries (hidden 64, 3 layers, M-RoPE sections (2, 3, 3))."""
+    return {
         "vocab_size": vocab_size,
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -259,7 +235,11 @@ def build_tiny_qwen2vl(
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
     }
-    vision_config = {
+
+
+def _tiny_qwen2vl_vision_config() -> dict:
+    """The tiny vision tower's config entries (depth 2, width 32, patch 14, merge 2)."""
+    return {
         "depth": 2,
         "embed_dim": 32,
         "num_heads": 2,
@@ -271,9 +251,22 @@ def build_tiny_qwen2vl(
         "in_channels": 3,
         "initializer_range": 0.1,
     }
+
+
+def _tiny_qwen2vl_config(
+    ids: dict[str, int],
+    vocab_size: int,
+    text_overrides: dict | None,
+    vision_overrides: dict | None,
+) -> Qwen2VLConfig:
+    """The ``Qwen2VLConfig`` of the tiny model, with the overrides applied."""
+    from transformers import Qwen2VLConfig
+
+    text_config = _tiny_qwen2vl_text_config(ids, vocab_size)
+    vision_config = _tiny_qwen2vl_vision_config()
     text_config.update(text_overrides or {})
     vision_config.update(vision_overrides or {})
-    config = Qwen2VLConfig(
+    return Qwen2VLConfig(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"],
@@ -282,10 +275,12 @@ def build_tiny_qwen2vl(
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+
+
+def _save_qwen2vl_image_processor(path: Path) -> None:
+    """Save the PIL image processor with the real Qwen2-VL pixel bounds into ``path``."""
+    from transformers import Qwen2VLImageProcessorPil
+
     # The real Qwen2-VL preprocessor bounds (min_pixels 56², max_pixels 16384·28²).
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": 56 * 56, "longest_edge": 16384 * 28 * 28}
@@ -297,6 +292,40 @@ def build_tiny_qwen2vl(
     data = json.loads(config_file.read_text())
     data.update({"min_pixels": 56 * 56, "max_pixels": 16384 * 28 * 28})
     config_file.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def build_tiny_qwen2vl(
+    path: Path,
+    seed: int = 0,
+    *,
+    text_overrides: dict | None = None,
+    vision_overrides: dict | None = None,
+    vocab_size: int | None = None,
+) -> Path:
+    """Build a tiny random ``Qwen2VLForConditionalGeneration`` folder at ``path``.
+
+    Text model: hidden 64, 3 layers, 4 heads / 2 KV heads, M-RoPE sections (2, 3, 3), tied
+    embeddings. Vision tower: depth 2, width 32, patch 14, merge 2 (its merger outputs 64).
+    The folder holds ``config.json``, ``model.safetensors``, the tokenizer files and
+    ``preprocessor_config.json``. Returns ``path``.
+
+    ``text_overrides`` / ``vision_overrides`` change config entries (benchmarks build mid-size or
+    full-size shapes this way); ``vocab_size`` pads the embedding (the tokenizer stays byte-level).
+    """
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_qwen2_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2VL_SPECIAL_TOKENS}
+    vocab_size = max(vocab_size or 0, -(-len(tokenizer) // 64) * 64)  # the embedding covers every id
+    config = _tiny_qwen2vl_config(ids, vocab_size, text_overrides, vision_overrides)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    _save_qwen2vl_image_processor(path)
     return path
 
 
@@ -325,28 +354,12 @@ def build_clip_tokenizer(pad_token: str):
     )
 
 
-def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
-    """Build a tiny random SDXL pipeline folder at ``path``, loadable with
-    ``StableDiffusionXLPipeline.from_pretrained``.
+def _tiny_sdxl_unet() -> UNet2DConditionModel:
+    """The tiny SDXL UNet (channels 32/64, cross-attention dim 64), random weights from the
+    global torch RNG."""
+    from diffusers import UNet2DConditionModel
 
-    Components as in diffusers' SDXL fast tests: UNet (channels 32/64, cross-attention dim 64,
-    24 attention layers: 12 ``attn1`` + 12 ``attn2``), VAE (channels 32/64, scale factor 4),
-    two 5-layer CLIP text encoders of width 32 (the second with projection), Euler scheduler.
-    ``tokenizer`` pads with ``<|endoftext|>``, ``tokenizer_2`` with ``!`` like SDXL's.
-    Returns ``path``.
-    """
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    path = Path(path)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
@@ -363,15 +376,26 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         cross_attention_dim=64,  # 32 + 32: both text encoders' hidden states, concatenated
         norm_num_groups=1,
     )
-    scheduler = EulerDiscreteScheduler(
+
+
+def _tiny_sdxl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL's Euler scheduler settings."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         steps_offset=1,
         beta_schedule="scaled_linear",
         timestep_spacing="leading",
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
+
+
+def _tiny_sdxl_vae() -> AutoencoderKL:
+    """The tiny VAE (channels 32/64, scale factor 4), random weights from the global torch RNG."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=[32, 64],
         in_channels=3,
         out_channels=3,
@@ -380,29 +404,57 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         latent_channels=4,
         sample_size=128,
     )
+
+
+def _tiny_clip_text_config(tokenizer, pad_token_id: int) -> CLIPTextConfig:
+    """A 5-layer CLIP text config of width 32; BOS/EOS ids from ``tokenizer``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # pooling looks for this id (not the legacy 2)
+        pad_token_id=pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=1000,
+        hidden_act="gelu",
+        projection_dim=32,
+        max_position_embeddings=77,
+    )
+
+
+def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+    """Build a tiny random SDXL pipeline folder at ``path``, loadable with
+    ``StableDiffusionXLPipeline.from_pretrained``.
+
+    Components as in diffusers' SDXL fast tests: UNet (channels 32/64, cross-attention dim 64,
+    24 attention layers: 12 ``attn1`` + 12 ``attn2``), VAE (channels 32/64, scale factor 4),
+    two 5-layer CLIP text encoders of width 32 (the second with projection), Euler scheduler.
+    ``tokenizer`` pads with ``<|endoftext|>``, ``tokenizer_2`` with ``!`` like SDXL's.
+    Returns ``path``.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    # Each seeded model draws from the global RNG right after its manual_seed.
+    torch.manual_seed(seed)
+    unet = _tiny_sdxl_unet()
+    scheduler = _tiny_sdxl_scheduler()
+    torch.manual_seed(seed)
+    vae = _tiny_sdxl_vae()
     tokenizer = build_clip_tokenizer(pad_token="<|endoftext|>")
     tokenizer_2 = build_clip_tokenizer(pad_token="!")
-
-    def text_config(pad_token_id: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,  # pooling looks for this id (not the legacy 2)
-            pad_token_id=pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=1000,
-            hidden_act="gelu",
-            projection_dim=32,
-            max_position_embeddings=77,
-        )
-
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(text_config(tokenizer.pad_token_id))
+    text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer, tokenizer.pad_token_id))
     torch.manual_seed(seed)
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2.pad_token_id))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _tiny_clip_text_config(tokenizer, tokenizer_2.pad_token_id)
+    )
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -489,6 +541,119 @@ def _unet_attention_modules(base_model_path: Path):
     return unet.config, modules
 
 
+def _read_mllm_v445(mllm_path: Path, layer_prefix: str, *, everything: bool) -> dict[str, torch.Tensor]:
+    """The MLLM tensors in transformers-4.45 names: all of them with ``everything``, else only
+    the decoder layer under ``layer_prefix`` and the final norm."""
+
+    def wanted(key: str) -> bool:
+        name = _to_v445_name(key)
+        return everything or name.startswith(layer_prefix) or name == "model.norm.weight"
+
+    return {_to_v445_name(k): v for k, v in _read_safetensors_folder(mllm_path, wanted).items()}
+
+
+def _projector_state(hidden: int, cross: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Projector: Linear(h, h) -> GELU -> Linear(h, cross) -> LayerNorm(cross)."""
+    return {
+        "image_proj_model.proj.0.weight": _randn((hidden, hidden), g, hidden**-0.5),
+        "image_proj_model.proj.0.bias": _randn((hidden,), g, 0.02),
+        "image_proj_model.proj.2.weight": _randn((cross, hidden), g, hidden**-0.5),
+        "image_proj_model.proj.2.bias": _randn((cross,), g, 0.02),
+        "image_proj_model.proj.3.weight": 1.0 + _randn((cross,), g, 0.05),
+        "image_proj_model.proj.3.bias": _randn((cross,), g, 0.02),
+    }
+
+
+def _final_layer_state(
+    mllm: dict[str, torch.Tensor], layer_prefix: str, hidden: int, num_tokens: int, g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Final layer: the official init copies the MLLM's last decoder layer (and its norm)."""
+    state: dict[str, torch.Tensor] = {}
+    for key in sorted(k for k in mllm if k.startswith(layer_prefix)):
+        state["mllm_final_layer.layers.0." + key[len(layer_prefix) :]] = _perturb(mllm[key], g)
+    state["mllm_final_layer.norm.weight"] = _perturb(mllm["model.norm.weight"], g)
+    state["mllm_final_layer.reference_tokens"] = _randn((num_tokens, hidden), g, 0.1)
+    return state
+
+
+def _ip_state(
+    base_model_path: Path, attention: AttentionModules, cross: int, g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Decoupled cross-attention: to_k_ip / to_v_ip on every attn2 (official init: copies of
+    to_k / to_v). The UNet weights are read from disk; the modules give names and shapes."""
+    attn2 = [(name, module) for name, module in attention if name.endswith("attn2.processor")]
+    wanted_unet = {
+        f"{name[: -len('.processor')]}.{proj}.weight"
+        for name, _ in attn2
+        for proj in ("to_k", "to_v")
+    }
+    unet_weights = _read_safetensors_folder(
+        Path(base_model_path) / "unet", wanted_unet.__contains__
+    )
+    state: dict[str, torch.Tensor] = {}
+    for name, module in attn2:
+        base = name[: -len(".processor")]
+        for proj in ("to_k", "to_v"):
+            weight = unet_weights.get(f"{base}.{proj}.weight")
+            shape = (getattr(module, proj).out_features, cross)
+            if weight is None or tuple(weight.shape) != shape:
+                weight = _randn(shape, g, cross**-0.5)
+            state[f"unet.{name}.{proj}_ip.weight"] = _perturb(weight, g)
+    return state
+
+
+def _lora_state(attention: AttentionModules, lora_rank: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """LoRA on to_q / to_k / to_v / to_out.0 of every attention module; up != 0 so merging matters."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in attention:
+        for lora_name, linear in (
+            ("to_q_lora", module.to_q),
+            ("to_k_lora", module.to_k),
+            ("to_v_lora", module.to_v),
+            ("to_out_lora", module.to_out[0]),
+        ):
+            fan_in = linear.in_features
+            state[f"unet.{name}.{lora_name}.down.weight"] = _randn(
+                (lora_rank, fan_in), g, fan_in**-0.5
+            )
+            state[f"unet.{name}.{lora_name}.up.weight"] = _randn(
+                (linear.out_features, lora_rank), g, 0.09 * lora_rank**-0.5
+            )
+    return state
+
+
+def _adapter_module_duplicates(
+    state: dict[str, torch.Tensor], attention: AttentionModules
+) -> dict[str, torch.Tensor]:
+    """The official training code's `adapter_modules` ModuleList (unet.attn_processors.values())
+    duplicated the processor weights under its own index; a couple of such keys (the first
+    attn2's to_k_ip / to_v_ip, copied from ``state``) stand for them."""
+    index, name = next(
+        (i, n) for i, (n, _) in enumerate(attention) if n.endswith("attn2.processor")
+    )
+    duplicates: dict[str, torch.Tensor] = {}
+    for proj in ("to_k_ip", "to_v_ip"):
+        duplicate = state[f"unet.{name}.{proj}.weight"].clone()
+        duplicates[f"adapter_modules.{index}.{proj}.weight"] = duplicate
+    return duplicates
+
+
+def _mllm_state(
+    mllm: dict[str, torch.Tensor], layer_prefix: str, tied: bool, g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """A fine-tuned MLLM, in transformers-4.45 names, without its last decoder layer."""
+    state: dict[str, torch.Tensor] = {}
+    for key in sorted(mllm):
+        if key.startswith(layer_prefix) or (tied and key == "lm_head.weight"):
+            continue
+        state["multimodal_llm." + key] = _perturb(mllm[key], g)
+    if tied:  # 4.45 state dicts list the tied head too (transformers 5 saves only one)
+        state["multimodal_llm.lm_head.weight"] = state[
+            "multimodal_llm.model.embed_tokens.weight"
+        ].clone()
+    return state
+
+
 def official_state_dict(
     mllm_path: Path,
     base_model_path: Path,
@@ -520,101 +685,29 @@ def official_state_dict(
     * ``adapter_modules.<i>.to_{k,v}_ip.weight``: duplicates of the first ``attn2``'s adapter
       weights (the official training code saved such copies; loaders must ignore them).
     """
-    import torch
     from transformers import AutoConfig
 
+    # 1. Shapes from the two models (and the MLLM tensors the parts copy)
     mllm_config = AutoConfig.from_pretrained(mllm_path)
     text_config = mllm_config.get_text_config()
     hidden = text_config.hidden_size
     last = text_config.num_hidden_layers - 1
     unet_config, attention = _unet_attention_modules(base_model_path)
     cross = unet_config.cross_attention_dim
-    state: dict[str, torch.Tensor] = {}
-
-    # Projector: Linear(h, h) -> GELU -> Linear(h, cross) -> LayerNorm(cross).
-    g = _generator(seed, 1)
-    state["image_proj_model.proj.0.weight"] = _randn((hidden, hidden), g, hidden**-0.5)
-    state["image_proj_model.proj.0.bias"] = _randn((hidden,), g, 0.02)
-    state["image_proj_model.proj.2.weight"] = _randn((cross, hidden), g, hidden**-0.5)
-    state["image_proj_model.proj.2.bias"] = _randn((cross,), g, 0.02)
-    state["image_proj_model.proj.3.weight"] = 1.0 + _randn((cross,), g, 0.05)
-    state["image_proj_model.proj.3.bias"] = _randn((cross,), g, 0.02)
-
-    # Final layer: the official init copies the MLLM's last decoder layer (and its norm).
-    g = _generator(seed, 2)
     layer_prefix = f"model.layers.{last}."
+    mllm = _read_mllm_v445(mllm_path, layer_prefix, everything=multimodal_llm)
 
-    def wanted(key: str) -> bool:
-        name = _to_v445_name(key)
-        return multimodal_llm or name.startswith(layer_prefix) or name == "model.norm.weight"
-
-    mllm = {_to_v445_name(k): v for k, v in _read_safetensors_folder(mllm_path, wanted).items()}
-    for key in sorted(k for k in mllm if k.startswith(layer_prefix)):
-        state["mllm_final_layer.layers.0." + key[len(layer_prefix) :]] = _perturb(mllm[key], g)
-    state["mllm_final_layer.norm.weight"] = _perturb(mllm["model.norm.weight"], g)
-    state["mllm_final_layer.reference_tokens"] = _randn((num_tokens, hidden), g, 0.1)
-
-    # Decoupled cross-attention: to_k_ip / to_v_ip on every attn2 (official init: copies of
-    # to_k / to_v). The UNet weights are read from disk; the modules give names and shapes.
-    g = _generator(seed, 3)
-    attn2 = [(name, module) for name, module in attention if name.endswith("attn2.processor")]
-    wanted_unet = {
-        f"{name[: -len('.processor')]}.{proj}.weight"
-        for name, _ in attn2
-        for proj in ("to_k", "to_v")
-    }
-    unet_weights = _read_safetensors_folder(
-        Path(base_model_path) / "unet", wanted_unet.__contains__
-    )
-    for name, module in attn2:
-        base = name[: -len(".processor")]
-        for proj in ("to_k", "to_v"):
-            weight = unet_weights.get(f"{base}.{proj}.weight")
-            shape = (getattr(module, proj).out_features, cross)
-            if weight is None or tuple(weight.shape) != shape:
-                weight = _randn(shape, g, cross**-0.5)
-            state[f"unet.{name}.{proj}_ip.weight"] = _perturb(weight, g)
-
-    # LoRA on to_q / to_k / to_v / to_out.0 of every attention module; up != 0 so merging matters.
+    # 2. One part per generator, in key order: projector, final layer, IP, LoRA, duplicates, MLLM
+    state: dict[str, torch.Tensor] = {}
+    state.update(_projector_state(hidden, cross, _generator(seed, 1)))
+    state.update(_final_layer_state(mllm, layer_prefix, hidden, num_tokens, _generator(seed, 2)))
+    state.update(_ip_state(base_model_path, attention, cross, _generator(seed, 3)))
     if lora:
-        g = _generator(seed, 4)
-        for name, module in attention:
-            for lora_name, linear in (
-                ("to_q_lora", module.to_q),
-                ("to_k_lora", module.to_k),
-                ("to_v_lora", module.to_v),
-                ("to_out_lora", module.to_out[0]),
-            ):
-                fan_in = linear.in_features
-                state[f"unet.{name}.{lora_name}.down.weight"] = _randn(
-                    (lora_rank, fan_in), g, fan_in**-0.5
-                )
-                state[f"unet.{name}.{lora_name}.up.weight"] = _randn(
-                    (linear.out_features, lora_rank), g, 0.09 * lora_rank**-0.5
-                )
-
-    # The official training code's `adapter_modules` ModuleList (unet.attn_processors.values())
-    # duplicated the processor weights under its own index; a couple of such keys (the first
-    # attn2's to_k_ip / to_v_ip) stand for them.
-    index, name = next(
-        (i, n) for i, (n, _) in enumerate(attention) if n.endswith("attn2.processor")
-    )
-    for proj in ("to_k_ip", "to_v_ip"):
-        duplicate = state[f"unet.{name}.{proj}.weight"].clone()
-        state[f"adapter_modules.{index}.{proj}.weight"] = duplicate
-
-    # A fine-tuned MLLM, in transformers-4.45 names, without its last decoder layer.
+        state.update(_lora_state(attention, lora_rank, _generator(seed, 4)))
+    state.update(_adapter_module_duplicates(state, attention))
     if multimodal_llm:
-        g = _generator(seed, 5)
         tied = bool(getattr(mllm_config, "tie_word_embeddings", False))
-        for key in sorted(mllm):
-            if key.startswith(layer_prefix) or (tied and key == "lm_head.weight"):
-                continue
-            state["multimodal_llm." + key] = _perturb(mllm[key], g)
-        if tied:  # 4.45 state dicts list the tied head too (transformers 5 saves only one)
-            state["multimodal_llm.lm_head.weight"] = state[
-                "multimodal_llm.model.embed_tokens.weight"
-            ].clone()
+        state.update(_mllm_state(mllm, layer_prefix, tied, _generator(seed, 5)))
 
     return {key: value.contiguous() for key, value in state.items()}
 

@@ -23,6 +23,7 @@ The recipe (every step seeded; the defaults take about 45 minutes on two CPU cor
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -32,10 +33,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from easyref_cli.demo import weights_dir
 from easyref_cli.demo.synthetic import COLOURS, IMAGE_SIZE, Drawing, dominant_colour, iter_drawings, make_group
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig
 
 #: Where ``--install`` puts the trained model (and where ``--model demo`` looks for it).
 WEIGHTS_DIR = weights_dir()
@@ -54,16 +62,12 @@ def _log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_base_pipeline(path: Path, seed: int = 0):
-    """The untrained demo SDXL pipeline (returned, and saved at ``path``)."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _demo_unet() -> UNet2DConditionModel:
+    """The demo's SDXL-layout UNet (16² latents, cross-attention dim 64); random weights from the
+    global torch RNG."""
+    from diffusers import UNet2DConditionModel
 
-    from easyref_cli.tiny import build_clip_tokenizer
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4,
         in_channels=4,
         out_channels=4,
@@ -80,7 +84,14 @@ def build_base_pipeline(path: Path, seed: int = 0):
         cross_attention_dim=64,  # both text encoders' hidden states (32 + 32), concatenated
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
+
+
+def _demo_vae() -> AutoencoderKL:
+    """The demo's three-level VAE (64² pixels → 4×16² latents); random weights from the global
+    torch RNG."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=(16, 32, 32),  # three levels: 64² pixels → 16² latents (scale factor 4)
@@ -92,32 +103,37 @@ def build_base_pipeline(path: Path, seed: int = 0):
         sample_size=IMAGE_SIZE,
         mid_block_add_attention=False,
     )
-    tokenizer = build_clip_tokenizer(pad_token="<|endoftext|>")
-    tokenizer_2 = build_clip_tokenizer(pad_token="!")
 
-    def text_config(pad_token_id: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad_token_id,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=3,
-            vocab_size=len(tokenizer),
-            projection_dim=32,
-            max_position_embeddings=77,
-        )
 
-    torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(text_config(tokenizer.pad_token_id))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2.pad_token_id))
-    # SDXL's betas, rescaled to zero terminal SNR, with v-prediction and trailing timesteps (Lin et
-    # al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). On 16² latents of
-    # one flat shape, SDXL's own schedule leaves so much of the picture's colour in the noisiest
-    # training inputs that the model learns to read the colour from the starting noise instead of
-    # from its conditioning: in sampling, the seed then picks the colour (see docs/DEMO.md).
-    scheduler = EulerDiscreteScheduler(
+def _demo_text_config(tokenizer, pad_token_id: int) -> CLIPTextConfig:
+    """A 3-layer CLIP text config of width 32 over ``tokenizer``'s vocabulary."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_token_id,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=len(tokenizer),
+        projection_dim=32,
+        max_position_embeddings=77,
+    )
+
+
+def _demo_scheduler() -> EulerDiscreteScheduler:
+    """SDXL's betas, rescaled to zero terminal SNR, with v-prediction and trailing timesteps (Lin et
+    al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+
+    On 16² latents of one flat shape, SDXL's own schedule leaves so much of the picture's colour in
+    the noisiest training inputs that the model learns to read the colour from the starting noise
+    instead of from its conditioning: in sampling, the seed then picks the colour (see docs/DEMO.md).
+    """
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -125,6 +141,26 @@ def build_base_pipeline(path: Path, seed: int = 0):
         rescale_betas_zero_snr=True,
         timestep_spacing="trailing",
     )
+
+
+def build_base_pipeline(path: Path, seed: int = 0):
+    """The untrained demo SDXL pipeline (returned, and saved at ``path``)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from easyref_cli.tiny import build_clip_tokenizer
+
+    # The UNet then the VAE draw from one seeded stream, both text encoders from a second one.
+    torch.manual_seed(seed)
+    unet = _demo_unet()
+    vae = _demo_vae()
+    tokenizer = build_clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_demo_text_config(tokenizer, tokenizer.pad_token_id))
+    text_encoder_2 = CLIPTextModelWithProjection(_demo_text_config(tokenizer, tokenizer_2.pad_token_id))
+    scheduler = _demo_scheduler()
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -214,6 +250,74 @@ def encode_text(pipe, ids_1, ids_2):
     return torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1), out_2[0]
 
 
+@dataclass(frozen=True)
+class CaptionTable:
+    """Every caption form of every drawing (and ``""``), sorted, with both tokenizers' ids."""
+
+    captions: list[str]
+    index: dict[str, int]
+    ids_1: torch.Tensor
+    ids_2: torch.Tensor
+
+
+def _encode_drawings(pipe, drawings: list[Drawing], *, seed: int) -> torch.Tensor:
+    """Scaled VAE latents of ``drawings``, sampled 256 at a time from one seeded generator."""
+    import torch
+
+    images = len(drawings)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.cat(
+            [
+                pipe.vae.encode(_pixels(drawings[i : i + 256])).latent_dist.sample(generator)
+                for i in range(0, images, 256)
+            ]
+        ) * pipe.vae.config.scaling_factor
+    return latents
+
+
+def _caption_table(pipe, drawings: list[Drawing]) -> CaptionTable:
+    """Every caption form of every drawing, tokenized once."""
+    forms = [form for form, _ in CAPTION_FORMS]
+    captions = sorted({d.caption(colour=c, shape=s) for d in drawings for c, s in forms} | {""})
+    index = {caption: i for i, caption in enumerate(captions)}
+    ids_1, ids_2 = tokenize_captions(pipe, captions)
+    return CaptionTable(captions=captions, index=index, ids_1=ids_1, ids_2=ids_2)
+
+
+def _pick_captions(rng: random.Random, picks: list[int], drawings: list[Drawing], index: dict[str, int]) -> list[int]:
+    """A caption (row of the :class:`CaptionTable`) per picked drawing: empty at
+    ``EMPTY_CAPTION_RATE``, else one of the ``CAPTION_FORMS`` at its weight."""
+    forms = [form for form, _ in CAPTION_FORMS]
+    weights = [w for _, w in CAPTION_FORMS]
+    caption_ids = []
+    for i in picks:
+        if rng.random() < EMPTY_CAPTION_RATE:
+            caption_ids.append(index[""])
+        else:
+            colour, shape = rng.choices(forms, weights)[0]
+            caption_ids.append(index[drawings[i].caption(colour=colour, shape=shape)])
+    return caption_ids
+
+
+def _unet_loss(pipe, scheduler, x0, hidden, pooled, time_ids, generator) -> torch.Tensor:
+    """The diffusion loss of one batch: seeded noise and timesteps, then the UNet's prediction
+    against the noise (or the velocity, for v-prediction)."""
+    import torch
+
+    batch_size = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    prediction = pipe.unet(
+        scheduler.add_noise(x0, noise, t),
+        t,
+        hidden,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(batch_size, -1)},
+    ).sample
+    target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    return torch.nn.functional.mse_loss(prediction, target)
+
+
 def train_base_unet(
     pipe, steps: int, *, seed: int, images: int = 8000, batch_size: int = 32, lr: float = 1e-3, log: Callable = _log
 ) -> dict:
@@ -228,20 +332,9 @@ def train_base_unet(
     rng = random.Random(f"easyref-demo-unet-{seed}")
     stream = iter_drawings(seed + 1000)
     drawings = [next(stream) for _ in range(images)]
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(seed)
-        latents = torch.cat(
-            [
-                pipe.vae.encode(_pixels(drawings[i : i + 256])).latent_dist.sample(generator)
-                for i in range(0, images, 256)
-            ]
-        ) * pipe.vae.config.scaling_factor
-    # every caption form of every drawing, tokenized once
-    forms = [form for form, _ in CAPTION_FORMS]
-    captions = sorted({d.caption(colour=c, shape=s) for d in drawings for c, s in forms} | {""})
-    index = {caption: i for i, caption in enumerate(captions)}
-    ids_1, ids_2 = tokenize_captions(pipe, captions)
-    log(f"unet: {images} images, {len(captions)} captions")
+    latents = _encode_drawings(pipe, drawings, seed=seed)
+    table = _caption_table(pipe, drawings)
+    log(f"unet: {images} images, {len(table.captions)} captions")
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     modules = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
@@ -252,29 +345,12 @@ def train_base_unet(
     schedule = get_cosine_schedule_with_warmup(optimizer, min(200, steps // 10), steps)
     time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
-    weights = [w for _, w in CAPTION_FORMS]
     loss = torch.tensor(0.0)
     for step in range(steps):
         picks = [rng.randrange(images) for _ in range(batch_size)]
-        caption_ids = []
-        for i in picks:
-            if rng.random() < EMPTY_CAPTION_RATE:
-                caption_ids.append(index[""])
-            else:
-                colour, shape = rng.choices(forms, weights)[0]
-                caption_ids.append(index[drawings[i].caption(colour=colour, shape=shape)])
-        hidden, pooled = encode_text(pipe, ids_1[caption_ids], ids_2[caption_ids])
-        x0 = latents[picks]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        prediction = pipe.unet(
-            scheduler.add_noise(x0, noise, t),
-            t,
-            hidden,
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(batch_size, -1)},
-        ).sample
-        target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-        loss = torch.nn.functional.mse_loss(prediction, target)
+        caption_ids = _pick_captions(rng, picks, drawings, table.index)
+        hidden, pooled = encode_text(pipe, table.ids_1[caption_ids], table.ids_2[caption_ids])
+        loss = _unet_loss(pipe, scheduler, latents[picks], hidden, pooled, time_ids, generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -284,7 +360,7 @@ def train_base_unet(
             log(f"unet step {step + 1}/{steps} loss {loss.item():.4f}")
     for module in modules:
         module.eval().requires_grad_(False)
-    return {"final_loss": loss.item(), "images": images, "captions": len(captions)}
+    return {"final_loss": loss.item(), "images": images, "captions": len(table.captions)}
 
 
 def text_colour_accuracy(pipe, *, seeds: int = 8, steps: int = 25, guidance: float = 5.0) -> dict:
@@ -368,61 +444,62 @@ def run_stage(
 # ---------------------------------------------------------------------------------------------
 
 
-def build(
-    work: Path, *, quick: bool = False, seed: int = 0, install: bool = False, reuse_base: bool = False, base_only: bool = False
-) -> dict:
-    """Run the recipe in ``work`` (see the module docstring); returns what ``build.json`` records."""
+def _machine_record() -> dict:
+    """The machine a build ran on (recorded in ``build.json``)."""
     import torch
 
-    from easyref_cli.tiny import build_tiny_qwen2vl
-
-    steps = {k: max(2, v // 20) if quick else v for k, v in STEPS.items()}
-    work.mkdir(parents=True, exist_ok=True)
-    record: dict = {
-        "seed": seed,
-        "steps": steps,
-        "lora_rank": LORA_RANK,
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "seconds": {},
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
 
-    def timed(name: str, fn: Callable):
-        t0 = time.time()
-        result = fn()
-        record["seconds"][name] = round(time.time() - t0, 1)
-        _log(f"{name}: {record['seconds'][name]} s")
-        return result
+
+def _timed(record: dict, name: str, fn: Callable):
+    """``fn()``, its wall time recorded as ``record["seconds"][name]`` and logged."""
+    t0 = time.time()
+    result = fn()
+    record["seconds"][name] = round(time.time() - t0, 1)
+    _log(f"{name}: {record['seconds'][name]} s")
+    return result
+
+
+def _reuse_base(work: Path, record: dict, steps: dict[str, int], seed: int) -> None:
+    """Steps 1-3 of a previous build in ``work`` (``--reuse-base``): its ``base.json`` into ``record``."""
+    base_record = work / "base.json"
+    _log(f"reusing the trained base models of {work} (--reuse-base)")
+    base = json.loads(base_record.read_text())
+    if any(base["steps"][k] != steps[k] for k in ("vae", "unet")) or base["seed"] != seed:
+        raise SystemExit(f"{base_record} was built with other steps or another seed; drop --reuse-base")
+    record["seconds"].update(base["seconds"])
+    record["vae"], record["unet"] = base["vae"], base["unet"]
+
+
+def _build_base(work: Path, record: dict, steps: dict[str, int], seed: int) -> None:
+    """Steps 1-3: base models, VAE, base UNet into ``work/sdxl`` and ``work/qwen2vl``; ``base.json``."""
+    from easyref_cli.tiny import build_tiny_qwen2vl
 
     sdxl, mllm = work / "sdxl", work / "qwen2vl"
-    base_record = work / "base.json"
-    if reuse_base and base_record.exists():
-        _log(f"reusing the trained base models of {work} (--reuse-base)")
-        base = json.loads(base_record.read_text())
-        if any(base["steps"][k] != steps[k] for k in ("vae", "unet")) or base["seed"] != seed:
-            raise SystemExit(f"{base_record} was built with other steps or another seed; drop --reuse-base")
-        record["seconds"].update(base["seconds"])
-        record["vae"], record["unet"] = base["vae"], base["unet"]
-    else:
-        pipe = timed("base_models", lambda: build_base_pipeline(sdxl, seed))
-        timed("qwen2vl", lambda: build_tiny_qwen2vl(mllm, seed))
-        record["vae"] = timed("vae", lambda: fit_vae(pipe.vae, steps["vae"], seed=seed))
-        record["unet"] = timed("unet", lambda: train_base_unet(pipe, steps["unet"], seed=seed))
-        record["unet"]["text_colour"] = text_colour_accuracy(pipe)
-        pipe.save_pretrained(sdxl, safe_serialization=True)
-        base = {k: record[k] for k in ("seed", "vae", "unet", "seconds")}
-        base["steps"] = {k: steps[k] for k in ("vae", "unet")}
-        base_record.write_text(json.dumps(base, indent=2) + "\n")
-    if base_only:
-        return record
+    pipe = _timed(record, "base_models", lambda: build_base_pipeline(sdxl, seed))
+    _timed(record, "qwen2vl", lambda: build_tiny_qwen2vl(mllm, seed))
+    record["vae"] = _timed(record, "vae", lambda: fit_vae(pipe.vae, steps["vae"], seed=seed))
+    record["unet"] = _timed(record, "unet", lambda: train_base_unet(pipe, steps["unet"], seed=seed))
+    record["unet"]["text_colour"] = text_colour_accuracy(pipe)
+    pipe.save_pretrained(sdxl, safe_serialization=True)
+    base = {k: record[k] for k in ("seed", "vae", "unet", "seconds")}
+    base["steps"] = {k: steps[k] for k in ("vae", "unet")}
+    (work / "base.json").write_text(json.dumps(base, indent=2) + "\n")
 
+
+def _train_easyref(work: Path, record: dict, steps: dict[str, int], seed: int, *, quick: bool) -> Path:
+    """Step 4: training data, then the ``align`` → ``single`` → ``multi`` stages; the last checkpoint."""
+    sdxl, mllm = work / "sdxl", work / "qwen2vl"
     data_root = work / "data"
-    data = timed("data", lambda: write_training_data(data_root, groups=40 if quick else 400, per_group=6, seed=seed))
+    data = _timed(
+        record, "data", lambda: write_training_data(data_root, groups=40 if quick else 400, per_group=6, seed=seed)
+    )
     stage_settings = {"align": (16, 1e-3), "single": (16, 5e-4), "multi": (8, 5e-4)}
     init = None
     for stage in ("align", "single", "multi"):
@@ -430,14 +507,42 @@ def build(
         out = work / f"train-{stage}"
         if out.exists():
             shutil.rmtree(out)
-        init = timed(
+        init = _timed(
+            record,
             stage,
-            lambda: run_stage(
-                stage, data=data, data_root=data_root, sdxl=sdxl, mllm=mllm, out=out, steps=steps[stage],
+            functools.partial(
+                run_stage, stage, data=data, data_root=data_root, sdxl=sdxl, mllm=mllm, out=out, steps=steps[stage],
                 init=init, seed=seed, batch_size=batch_size, learning_rate=lr,
             ),
-        )
+        )  # fmt: skip
         record[f"{stage}_settings"] = {"batch_size": batch_size, "learning_rate": lr}
+    return init
+
+
+def build(
+    work: Path, *, quick: bool = False, seed: int = 0, install: bool = False, reuse_base: bool = False, base_only: bool = False
+) -> dict:
+    """Run the recipe in ``work`` (see the module docstring); returns what ``build.json`` records."""
+    steps = {k: max(2, v // 20) if quick else v for k, v in STEPS.items()}
+    work.mkdir(parents=True, exist_ok=True)
+    record: dict = {
+        "seed": seed,
+        "steps": steps,
+        "lora_rank": LORA_RANK,
+        "machine": _machine_record(),
+        "seconds": {},
+    }
+
+    # 1.-3. base models, VAE and base UNet (or those of a previous build)
+    if reuse_base and (work / "base.json").exists():
+        _reuse_base(work, record, steps, seed)
+    else:
+        _build_base(work, record, steps, seed)
+    if base_only:
+        return record
+
+    # 4. EasyRef stages; 5. install
+    init = _train_easyref(work, record, steps, seed, quick=quick)
     shutil.copyfile(init, work / "easyref.safetensors")
     record["total_seconds"] = round(sum(record["seconds"].values()), 1)
     (work / "build.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -540,6 +540,108 @@ def _jsonl(rows: Iterable[Mapping[str, Any]]) -> str:
     return "".join(json.dumps(dict(r), ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
 
 
+@dataclass(frozen=True)
+class Embeddings:
+    """Unit-norm embeddings of every distinct image (by resolved path) and prompt of a run."""
+
+    clip_images: dict[Path, np.ndarray]
+    clip_texts: dict[str, np.ndarray]
+    dino_images: dict[Path, np.ndarray]
+
+
+def _embed_all(
+    clip_source: ModelSource,
+    dino_source: ModelSource,
+    device: str,
+    paths: Sequence[Path],
+    prompts: Sequence[str],
+    *,
+    batch_size: int,
+    progress: bool,
+) -> Embeddings:
+    """CLIP image and text embeddings, then DINO CLS embeddings; one model in memory at a time."""
+    from easyref_cli.model.compat import quiet_loading
+
+    quiet_loading()
+    clip = ClipEmbedder.load(clip_source, device)
+    clip_images = clip.embed_images(paths, batch_size, progress)
+    clip_texts = clip.embed_texts(prompts, batch_size)
+    del clip
+    _release(device)
+
+    dino = DinoEmbedder.load(dino_source, device)
+    dino_images = dino.embed_images(paths, batch_size, progress)
+    del dino
+    _release(device)
+    return Embeddings(clip_images=clip_images, clip_texts=clip_texts, dino_images=dino_images)
+
+
+def _score_row(
+    im: GeneratedImage, embeddings: Embeddings, target: Path | None, *, with_targets: bool
+) -> dict[str, Any]:
+    """The ``per_image.jsonl`` row of one generated image (target columns ``with_targets``)."""
+    clip_images, dino_images = embeddings.clip_images, embeddings.dino_images
+    key = im.path.resolve()
+    refs = [r.resolve() for r in im.references]
+    scores = image_scores(
+        clip_image=clip_images[key],
+        clip_refs=[clip_images[r] for r in refs],
+        clip_text=embeddings.clip_texts[im.prompt],
+        dino_image=dino_images[key],
+        dino_refs=[dino_images[r] for r in refs],
+        clip_target=None if target is None else clip_images[target.resolve()],
+        dino_target=None if target is None else dino_images[target.resolve()],
+    )
+    row: dict[str, Any] = {
+        "job_id": im.job_id,
+        "group": im.group,
+        "prompt_id": im.prompt_id,
+        "seed": im.seed,
+        "path": im.name,
+        "prompt": im.prompt,
+        "references": len(im.references),
+        "clip_i": scores["clip_i"],
+        "clip_t": scores["clip_t"],
+        "dino_i": scores["dino_i"],
+    }
+    if with_targets:
+        row["target"] = None if target is None else str(target)
+        row["clip_i_target"] = scores["clip_i_target"]
+        row["dino_i_target"] = scores["dino_i_target"]
+    return row
+
+
+def _metrics_record(
+    rows: list[dict[str, Any]],
+    *,
+    clip_spec: str,
+    dino_spec: str,
+    targets: Path | None,
+    device: str,
+    counts: dict[str, int],
+) -> dict[str, Any]:
+    """The content of ``metrics.json``: the run's settings and the summaries of ``rows``."""
+    return {
+        "schema": METRICS_SCHEMA,
+        "easyref_cli": __version__,
+        "models": {"clip": clip_spec, "dino": dino_spec},
+        "targets": None if targets is None else str(targets),
+        "device": device,
+        "counts": counts,
+        **summarize(rows, with_targets=targets is not None),
+    }
+
+
+def _write_results(out_dir: Path, rows: list[dict[str, Any]], metrics: dict[str, Any]) -> EvalResult:
+    """Write ``OUT/eval/per_image.jsonl`` and ``OUT/eval/metrics.json``."""
+    eval_dir = out_dir / EVAL_DIRNAME
+    per_image_path = eval_dir / PER_IMAGE_NAME
+    metrics_path = eval_dir / METRICS_NAME
+    write_text_atomic(per_image_path, _jsonl(rows))
+    write_text_atomic(metrics_path, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    return EvalResult(rows=rows, metrics=metrics, per_image_path=per_image_path, metrics_path=metrics_path)
+
+
 def evaluate(
     out_dir: Path,
     *,
@@ -580,71 +682,20 @@ def evaluate(
     prompts = [im.prompt for im in images]
     logger.info("scoring %d image(s): %d distinct image file(s), %d prompt(s)", len(images), len(all_images), len(set(prompts)))
 
-    # 3. CLIP image and text embeddings, then release CLIP
-    from easyref_cli.model.compat import quiet_loading
-
-    quiet_loading()
-    clip = ClipEmbedder.load(clip_source, device)
-    clip_images = clip.embed_images(all_images, batch_size, progress)
-    clip_texts = clip.embed_texts(prompts, batch_size)
-    del clip
-    _release(device)
-
-    # 4. DINO CLS embeddings
-    dino = DinoEmbedder.load(dino_source, device)
-    dino_images = dino.embed_images(all_images, batch_size, progress)
-    del dino
-    _release(device)
+    # 3. CLIP image and text embeddings, then (4.) DINO CLS embeddings
+    embeddings = _embed_all(
+        clip_source, dino_source, device, all_images, prompts, batch_size=batch_size, progress=progress
+    )
 
     # 5. Per-image scores
-    rows: list[dict[str, Any]] = []
-    for im in images:
-        key = im.path.resolve()
-        refs = [r.resolve() for r in im.references]
-        target = target_of.get(im.job_id)
-        scores = image_scores(
-            clip_image=clip_images[key],
-            clip_refs=[clip_images[r] for r in refs],
-            clip_text=clip_texts[im.prompt],
-            dino_image=dino_images[key],
-            dino_refs=[dino_images[r] for r in refs],
-            clip_target=None if target is None else clip_images[target.resolve()],
-            dino_target=None if target is None else dino_images[target.resolve()],
-        )
-        row: dict[str, Any] = {
-            "job_id": im.job_id,
-            "group": im.group,
-            "prompt_id": im.prompt_id,
-            "seed": im.seed,
-            "path": im.name,
-            "prompt": im.prompt,
-            "references": len(im.references),
-            "clip_i": scores["clip_i"],
-            "clip_t": scores["clip_t"],
-            "dino_i": scores["dino_i"],
-        }
-        if targets is not None:
-            row["target"] = None if target is None else str(target)
-            row["clip_i_target"] = scores["clip_i_target"]
-            row["dino_i_target"] = scores["dino_i_target"]
-        rows.append(row)
+    with_targets = targets is not None
+    rows = [_score_row(im, embeddings, target_of.get(im.job_id), with_targets=with_targets) for im in images]
 
     # 6. Summaries and files
-    metrics: dict[str, Any] = {
-        "schema": METRICS_SCHEMA,
-        "easyref_cli": __version__,
-        "models": {"clip": clip_spec, "dino": dino_spec},
-        "targets": None if targets is None else str(targets),
-        "device": device,
-        "counts": folder.counts(),
-        **summarize(rows, with_targets=targets is not None),
-    }
-    eval_dir = out_dir / EVAL_DIRNAME
-    per_image_path = eval_dir / PER_IMAGE_NAME
-    metrics_path = eval_dir / METRICS_NAME
-    write_text_atomic(per_image_path, _jsonl(rows))
-    write_text_atomic(metrics_path, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    return EvalResult(rows=rows, metrics=metrics, per_image_path=per_image_path, metrics_path=metrics_path)
+    metrics = _metrics_record(
+        rows, clip_spec=clip_spec, dino_spec=dino_spec, targets=targets, device=device, counts=folder.counts()
+    )
+    return _write_results(out_dir, rows, metrics)
 
 
 def read_metrics(out_dir: Path) -> dict[str, Any] | None:

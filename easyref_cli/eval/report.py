@@ -187,6 +187,85 @@ def _summary_line(summary: Mapping[str, Any] | None) -> str | None:
     return "mean " + ", ".join(parts) if parts else None
 
 
+#: A caption or header line: ``(text, fill colour)`` / ``(text, font, fill colour)``.
+_Caption = list[tuple[str, Any]]
+_HeaderLine = tuple[str, Any, Any]
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The cell geometry of a contact sheet: ``columns`` thumbnails of ``thumb`` pixels, each
+    followed by caption lines of ``line`` pixels in ``font``."""
+
+    thumb: int
+    columns: int
+    line: int
+    font: Any
+
+    def height(self, n: int, caption_lines: int) -> int:
+        """The height of a grid of ``n`` cells with ``caption_lines`` caption lines each."""
+        rows = -(-n // self.columns) if n else 0
+        return rows * (self.thumb + caption_lines * self.line + _GAP)
+
+    def draw(
+        self,
+        sheet: Image.Image,
+        draw: ImageDraw.ImageDraw,
+        paths: Sequence[Path],
+        captions: Sequence[Sequence[tuple[str, Any]]],
+        lines_per_cell: int,
+        top: int,
+    ) -> int:
+        """Paste the cells of ``paths`` with their captions from ``top``; returns the y below them."""
+        thumb, line, font = self.thumb, self.line, self.font
+        row_h = thumb + lines_per_cell * line + _GAP
+        for i, (path, caption) in enumerate(zip(paths, captions)):
+            r, c = divmod(i, self.columns)
+            x, cy = _MARGIN + c * (thumb + _GAP), top + r * row_h
+            sheet.paste(_cell(path, thumb, font), (x, cy))
+            for k, (text, fill) in enumerate(caption):
+                _text(draw, (x, cy + thumb + 2 + k * line), text, font, fill)
+        return top + self.height(len(paths), lines_per_cell)
+
+
+def _generated_caption(
+    draw: ImageDraw.ImageDraw, im: GeneratedImage, font: Any, thumb: int, scores: Mapping[str, Mapping[str, Any]]
+) -> _Caption:
+    """A generated image's caption: its prompt (at most ``_PROMPT_LINES``), seed, and scores if any."""
+    lines = [(t, _TEXT) for t in fit_lines(draw, im.prompt or "(empty prompt)", font, thumb, _PROMPT_LINES)]
+    seed = f"seed {im.seed}" if im.seed is not None else im.name
+    lines.append((fit_lines(draw, seed, font, thumb, 1)[0], _TEXT))
+    score = _score_line(scores.get(im.job_id))
+    if score:
+        lines.append((score, _MUTED))
+    return lines
+
+
+def _header_lines(
+    group: str, references: int, images: int, shown: int, summary: Mapping[str, Any] | None, font: Any, title_font: Any
+) -> list[_HeaderLine]:
+    """The sheet's header: the group as title, the counts, the group's mean metrics when known."""
+    hidden = images - shown
+    header = [(f"{group}", title_font, _TEXT)]
+    counts = f"{references} reference image(s), {images} generated image(s)"
+    if hidden:
+        counts += f" (first {shown} shown)"
+    header.append((counts, font, _MUTED))
+    if (s := _summary_line(summary)) is not None:
+        header.append((s, font, _TEXT))
+    return header
+
+
+def _draw_header(draw: ImageDraw.ImageDraw, header: Sequence[_HeaderLine], width: int) -> int:
+    """Draw the header lines (each cut to one line of the sheet's width); returns the y below it."""
+    y = _MARGIN
+    for text, f, colour in header:
+        for piece in fit_lines(draw, text, f, width - 2 * _MARGIN, 1):
+            _text(draw, (_MARGIN, y), piece, f, colour)
+        y += _line_height(f)
+    return y + _GAP
+
+
 def contact_sheet(
     group: str,
     images: Sequence[GeneratedImage],
@@ -205,73 +284,41 @@ def contact_sheet(
     shown = list(images[:max_images])
     hidden = len(images) - len(shown)
     columns = max(1, min(columns, max(len(references), len(shown), 1)))
+    grid = _Grid(thumb=thumb, columns=columns, line=line, font=font)
     width = 2 * _MARGIN + columns * thumb + (columns - 1) * _GAP
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
-    # Captions first: their line counts set the row heights.
+    # 1. Captions first: their line counts set the row heights.
     ref_captions = [[(t, _TEXT) for t in fit_lines(scratch, p.name, font, thumb, 1)] for p in references]
-    gen_captions = []
-    for im in shown:
-        lines = [(t, _TEXT) for t in fit_lines(scratch, im.prompt or "(empty prompt)", font, thumb, _PROMPT_LINES)]
-        seed = f"seed {im.seed}" if im.seed is not None else im.name
-        lines.append((fit_lines(scratch, seed, font, thumb, 1)[0], _TEXT))
-        score = _score_line(scores.get(im.job_id))
-        if score:
-            lines.append((score, _MUTED))
-        gen_captions.append(lines)
-
-    header = [(f"{group}", title_font, _TEXT)]
-    counts = f"{len(references)} reference image(s), {len(images)} generated image(s)"
-    if hidden:
-        counts += f" (first {len(shown)} shown)"
-    header.append((counts, font, _MUTED))
-    if (s := _summary_line(summary)) is not None:
-        header.append((s, font, _TEXT))
+    gen_captions = [_generated_caption(scratch, im, font, thumb, scores) for im in shown]
+    header = _header_lines(group, len(references), len(images), len(shown), summary, font, title_font)
     header_h = sum(_line_height(f) for _, f, _ in header) + _GAP
 
-    def grid_height(n: int, caption_lines: int) -> int:
-        rows = -(-n // columns) if n else 0
-        return rows * (thumb + caption_lines * line + _GAP)
-
+    # 2. The sheet's size
     ref_lines = 1
     gen_lines = max((len(c) for c in gen_captions), default=0)
     label_h = line + 4
     height = (
         _MARGIN + header_h
-        + label_h + max(grid_height(len(references), ref_lines), thumb // 4)
-        + label_h + grid_height(len(shown), gen_lines)
+        + label_h + max(grid.height(len(references), ref_lines), thumb // 4)
+        + label_h + grid.height(len(shown), gen_lines)
         + (line if hidden else 0) + _MARGIN
     )
     sheet = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
 
-    y = _MARGIN
-    for text, f, colour in header:
-        for piece in fit_lines(draw, text, f, width - 2 * _MARGIN, 1):
-            _text(draw, (_MARGIN, y), piece, f, colour)
-        y += _line_height(f)
-    y += _GAP
-
-    def grid(paths: Sequence[Path], captions: Sequence[Sequence[tuple[str, Any]]], lines_per_cell: int, top: int) -> int:
-        row_h = thumb + lines_per_cell * line + _GAP
-        for i, (path, caption) in enumerate(zip(paths, captions)):
-            r, c = divmod(i, columns)
-            x, cy = _MARGIN + c * (thumb + _GAP), top + r * row_h
-            sheet.paste(_cell(path, thumb, font), (x, cy))
-            for k, (text, fill) in enumerate(caption):
-                _text(draw, (x, cy + thumb + 2 + k * line), text, font, fill)
-        return top + grid_height(len(paths), lines_per_cell)
-
+    # 3. Header, references, generated images
+    y = _draw_header(draw, header, width)
     _text(draw, (_MARGIN, y), "References", font, _MUTED)
     y += label_h
     if references:
-        y = grid(references, ref_captions, ref_lines, y)
+        y = grid.draw(sheet, draw, references, ref_captions, ref_lines, y)
     else:
         _text(draw, (_MARGIN, y), "(none recorded)", font, _MUTED)
         y += thumb // 4
     _text(draw, (_MARGIN, y), "Generated", font, _MUTED)
     y += label_h
-    y = grid([im.path for im in shown], gen_captions, gen_lines, y)
+    y = grid.draw(sheet, draw, [im.path for im in shown], gen_captions, gen_lines, y)
     if hidden:
         _text(draw, (_MARGIN, y), f"... and {hidden} more (raise --max-images to see them)", font, _MUTED)
     return sheet

@@ -192,34 +192,16 @@ class ReferenceEncoder(nn.Module):
         bidirectional_final: bool = False,
     ) -> "ReferenceEncoder":
         """Build from a Qwen2-VL folder and an :class:`~easyref_cli.model.checkpoint.EasyRefCheckpoint`."""
-        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
+        # 1. the MLLM folder: tokenizer, image processor (rule 2 bounds), weights
         mllm_path = Path(mllm_path)
         _check_mllm_dir(mllm_path)
         compat.quiet_loading()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(mllm_path)
-        except Exception as exc:  # noqa: BLE001 - transformers raises many types here
-            raise ModelError(f"cannot load the tokenizer from {mllm_path}: {exc}") from exc
-        min_pixels, max_pixels = processor_pixel_bounds(cond_image_size)
-        try:
-            # The real preprocessor_config.json carries top-level min_pixels/max_pixels, which beat a
-            # `size=` override: override those keys themselves (and size, for configs without them).
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(
-                mllm_path,
-                min_pixels=min_pixels,
-                max_pixels=max_pixels,
-                size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-            )
-        except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"cannot load the Qwen2-VL image processor config from {mllm_path}: {exc}") from exc
-        try:
-            model = Qwen2VLForConditionalGeneration.from_pretrained(mllm_path, dtype=dtype, attn_implementation="sdpa")
-        except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"cannot load Qwen2-VL weights from {mllm_path}: {exc}") from exc
-
+        tokenizer = _load_tokenizer(mllm_path)
+        image_processor = _load_image_processor(mllm_path, cond_image_size)
+        model = _load_qwen2vl(mllm_path, dtype)
         _check_pixel_bounds(image_processor, cond_image_size, mllm_path)
+
+        # 2. the trunk (rule 3), then the final layer and projector with the checkpoint's weights
         if checkpoint.mllm:
             checkpoint.apply_mllm(model)
         visual, language_model = compat.split_qwen2vl(model)
@@ -462,6 +444,44 @@ def black_image():
     from PIL import Image
 
     return Image.new("RGB", (UNCOND_IMAGE_SIZE, UNCOND_IMAGE_SIZE))
+
+
+def _load_tokenizer(mllm_path: Path):
+    """The MLLM's tokenizer; any loading failure becomes a :class:`ModelError`."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(mllm_path)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types here
+        raise ModelError(f"cannot load the tokenizer from {mllm_path}: {exc}") from exc
+
+
+def _load_image_processor(mllm_path: Path, cond_image_size: int):
+    """The PIL Qwen2-VL image processor with the official pixel bounds for ``cond_image_size`` (rule 2)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    min_pixels, max_pixels = processor_pixel_bounds(cond_image_size)
+    try:
+        # The real preprocessor_config.json carries top-level min_pixels/max_pixels, which beat a
+        # `size=` override: override those keys themselves (and size, for configs without them).
+        return Qwen2VLImageProcessorPil.from_pretrained(
+            mllm_path,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot load the Qwen2-VL image processor config from {mllm_path}: {exc}") from exc
+
+
+def _load_qwen2vl(mllm_path: Path, dtype: torch.dtype) -> nn.Module:
+    """The full ``Qwen2VLForConditionalGeneration`` (SDPA attention) in ``dtype``."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    try:
+        return Qwen2VLForConditionalGeneration.from_pretrained(mllm_path, dtype=dtype, attn_implementation="sdpa")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot load Qwen2-VL weights from {mllm_path}: {exc}") from exc
 
 
 def _check_pixel_bounds(image_processor, cond_image_size: int, path: Path) -> None:

@@ -88,15 +88,22 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with the stage defaults filled in; raises :class:`UsageError` listing every bad value."""
-        problems: list[str] = []
         if self.stage not in STAGES:
             raise UsageError(f"--stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
+        cfg = self._with_stage_defaults()
+        problems = cfg._problems()
+        if problems:
+            raise UsageError("invalid training options:\n  " + "\n  ".join(problems))
+        return cfg
+
+    def _with_stage_defaults(self) -> TrainConfig:
+        """A copy with the stage's defaults for the options left ``None`` and every path a ``Path``."""
         defaults = STAGE_DEFAULTS[self.stage]
         filled = {
             name: defaults[name] if getattr(self, name) is None else getattr(self, name)
             for name in ("batch_size", "gradient_accumulation", "learning_rate", "truncate_rate")
         }
-        cfg = dataclasses.replace(
+        return dataclasses.replace(
             self,
             batch_size=int(filled["batch_size"]),
             gradient_accumulation=int(filled["gradient_accumulation"]),
@@ -110,44 +117,45 @@ class TrainConfig:
             init=None if self.init is None else Path(self.init),
         )
 
-        def positive(name: str, flag: str) -> None:
-            if getattr(cfg, name) < 1:
-                problems.append(f"{flag} must be at least 1, got {getattr(cfg, name)}")
-
-        positive("max_steps", "--max-steps")
-        positive("batch_size", "--batch-size")
-        positive("gradient_accumulation", "--gradient-accumulation")
-        positive("save_steps", "--save-steps")
-        positive("max_references", "--max-references")
-        if cfg.resolution < 64 or cfg.resolution % 64:
-            problems.append(f"--resolution must be a positive multiple of 64, got {cfg.resolution}")
-        if cfg.resize not in RESIZE_MODES:
-            problems.append(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {cfg.resize!r}")
-        elif cfg.resize == "aspect" and cfg.batch_size != 1:
+    def _problems(self) -> list[str]:
+        """Every invalid value of this (resolved) configuration, as messages naming the option."""
+        problems: list[str] = []
+        for name, flag in (
+            ("max_steps", "--max-steps"),
+            ("batch_size", "--batch-size"),
+            ("gradient_accumulation", "--gradient-accumulation"),
+            ("save_steps", "--save-steps"),
+            ("max_references", "--max-references"),
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{flag} must be at least 1, got {getattr(self, name)}")
+        if self.resolution < 64 or self.resolution % 64:
+            problems.append(f"--resolution must be a positive multiple of 64, got {self.resolution}")
+        if self.resize not in RESIZE_MODES:
+            problems.append(f"--resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
+        elif self.resize == "aspect" and self.batch_size != 1:
             problems.append(
                 "--resize aspect gives every image its own size, so it needs --batch-size 1 "
                 "(use --gradient-accumulation for larger effective batches)"
             )
-        if cfg.mixed_precision is not None and cfg.mixed_precision not in MIXED_PRECISION:
-            problems.append(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {cfg.mixed_precision!r}")
-        if cfg.report_to not in REPORT_TO:
-            problems.append(f"--report-to must be one of {', '.join(REPORT_TO)}, not {cfg.report_to!r}")
-        if cfg.lr_scheduler not in LR_SCHEDULERS:
-            problems.append(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, not {cfg.lr_scheduler!r}")
-        if not cfg.learning_rate > 0:
-            problems.append(f"--learning-rate must be positive, got {cfg.learning_rate}")
-        if cfg.lr_warmup_steps < 0 or cfg.num_workers < 0 or cfg.noise_offset < 0 or cfg.weight_decay < 0:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
+        if self.report_to not in REPORT_TO:
+            problems.append(f"--report-to must be one of {', '.join(REPORT_TO)}, not {self.report_to!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, not {self.lr_scheduler!r}")
+        if not self.learning_rate > 0:
+            problems.append(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.lr_warmup_steps < 0 or self.num_workers < 0 or self.noise_offset < 0 or self.weight_decay < 0:
             problems.append("--lr-warmup-steps, --num-workers, --noise-offset and --weight-decay cannot be negative")
-        if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
-            problems.append(f"--max-grad-norm must be positive, got {cfg.max_grad_norm}")
-        if cfg.lora_rank is not None and cfg.lora_rank < 1:
-            problems.append(f"--lora-rank must be at least 1, got {cfg.lora_rank}")
-        rates = (cfg.image_drop_rate, cfg.text_drop_rate, cfg.both_drop_rate, cfg.truncate_rate)
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            problems.append(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            problems.append(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        rates = (self.image_drop_rate, self.text_drop_rate, self.both_drop_rate, self.truncate_rate)
         if any(not 0 <= r <= 1 for r in rates) or sum(rates[:3]) > 1:
             problems.append("drop and truncation rates must lie in [0, 1] and the three drop rates sum to at most 1")
-        if problems:
-            raise UsageError("invalid training options:\n  " + "\n  ".join(problems))
-        return cfg
+        return problems
 
     def run_record(self) -> dict:
         """The settings a resumed run must share with the original (checked by ``--resume``)."""

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,18 @@ def trainable_parameter_names(model: nn.Module) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _StepWindow:
+    """The micro-batch losses and samples since the last optimiser step, and when it began."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    samples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def reset(self) -> None:
+        self.losses, self.samples, self.started = [], 0, time.perf_counter()
+
+
 class Trainer:
     """``Trainer(config, items).setup()`` then ``.run()``; ``train_step``/``compute_loss`` for one batch."""
 
@@ -286,12 +299,39 @@ class Trainer:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
 
     def _load_models(self) -> None:
+        """The frozen SDXL parts, the starting weights, the trainable processors and the reference
+        encoder, assembled into ``self.model`` (on the accelerator's device for the frozen parts)."""
+        cfg = self.config
+        unet = self._load_sdxl()
+        # 1. starting weights: --init (official layout, strict) or the official initialisation
+        ckpt = self._starting_checkpoint(unet)
+        # 2. LoRA: trained in single/multi (fresh, or continued from --init); carried frozen in align
+        self.lora_rank = self._resolve_lora_rank(ckpt, unet)
+        # 3. frozen UNet base in the compute dtype; trainable processors stay fp32 masters
+        self._install_processors(unet, ckpt)
+        # 4. reference encoder: final layer, reference tokens, projector always train; the MLLM in single/multi
+        encoder = self._load_encoder(ckpt)
+
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if cfg.trains_mllm:
+                compat.enable_activation_checkpointing(encoder.language_model)
+                compat.enable_activation_checkpointing(encoder.visual)
+
+        self.model = EasyRefTrainModel(encoder, unet, train_mllm=cfg.trains_mllm).train()
+        device = self.accelerator.device
+        self.vae.to(device)  # loaded in fp32 and kept there: SDXL's VAE overflows in fp16
+        for text_encoder in (self.text_encoder, self.text_encoder_2):
+            text_encoder.to(device, dtype=self.weight_dtype)
+
+    def _load_sdxl(self) -> nn.Module:
+        """Load the base model in fp32: keep its frozen VAE, text encoders, tokenizers and a DDPM
+        scheduler on ``self``; return its UNet."""
         from diffusers import DDPMScheduler
 
         from easyref_cli.model.pipeline import load_sdxl
 
-        cfg = self.config
-        sdxl = load_sdxl(cfg.base_model, torch.float32)
+        sdxl = load_sdxl(self.config.base_model, torch.float32)
         unet = sdxl.unet
         self.noise_scheduler = DDPMScheduler.from_config(sdxl.scheduler.config)
         self.vae = sdxl.vae.requires_grad_(False).eval()
@@ -299,8 +339,12 @@ class Trainer:
         self.text_encoder_2 = sdxl.text_encoder_2.requires_grad_(False).eval()
         self.tokenizers = (sdxl.tokenizer, sdxl.tokenizer_2)
         del sdxl
+        return unet
 
-        # 1. starting weights: --init (official layout, strict) or the official initialisation
+    def _starting_checkpoint(self, unet: nn.Module) -> EasyRefCheckpoint:
+        """``--init`` (official layout, strict) or the official initialisation, checked against
+        ``unet`` (its extra UNet weights loaded into it); kept as ``self.init_checkpoint``."""
+        cfg = self.config
         if cfg.init is not None:
             ckpt = load_checkpoint(cfg.init)
         else:
@@ -314,8 +358,12 @@ class Trainer:
             if unknown:
                 raise CheckpointError(f"{ckpt.source}: unet weights the base model does not have: {unknown[:8]}")
             unet.load_state_dict(ckpt.unet_weights, strict=False)
+        return ckpt
 
-        # 2. LoRA: trained in single/multi (fresh, or continued from --init); carried frozen in align
+    def _resolve_lora_rank(self, ckpt: EasyRefCheckpoint, unet: nn.Module) -> int | None:
+        """The LoRA rank: ``--init``'s, else ``--lora-rank`` (default 128) when LoRA trains; ``None``
+        when there is no LoRA at all."""
+        cfg = self.config
         if cfg.trains_lora:
             rank = ckpt.lora_rank if ckpt.has_lora else (cfg.lora_rank or DEFAULT_LORA_RANK)
             if ckpt.has_lora and cfg.lora_rank not in (None, rank):
@@ -325,16 +373,19 @@ class Trainer:
             rank = ckpt.lora_rank if ckpt.has_lora else None
             if cfg.lora_rank is not None:
                 logger.warning("--lora-rank is ignored by --stage align (no LoRA trains)")
-        self.lora_rank = rank
+        return rank
 
-        # 3. frozen UNet base in the compute dtype; trainable processors stay fp32 masters
+    def _install_processors(self, unet: nn.Module, ckpt: EasyRefCheckpoint) -> None:
+        """Freeze ``unet`` (in the compute dtype) and install the trainable attention processors
+        (``self.processors``): ``to_k_ip``/``to_v_ip`` always train, LoRA when the stage trains it."""
+        cfg = self.config
         unet.requires_grad_(False)
         if self.weight_dtype != torch.float32:
             unet.to(self.weight_dtype)
         self.processors = lora_mod.install_train_processors(
             unet,
             ip_weights=ckpt.ip,
-            lora_rank=rank,
+            lora_rank=self.lora_rank,
             lora_weights=ckpt.lora or None,
             num_tokens=ckpt.num_tokens,
             cross_attention_dim=ckpt.cross_attention_dim,
@@ -344,7 +395,10 @@ class Trainer:
                 for name, p in proc.named_parameters():
                     p.requires_grad_(name.startswith(("to_k_ip.", "to_v_ip.")) or (cfg.trains_lora and "_lora." in name))
 
-        # 4. reference encoder: final layer, reference tokens, projector always train; the MLLM in single/multi
+    def _load_encoder(self, ckpt: EasyRefCheckpoint) -> ReferenceEncoder:
+        """The reference encoder from ``--mllm`` and ``ckpt``, with its trainable parts unfrozen; a
+        frozen MLLM runs in bf16 under bf16 mixed precision."""
+        cfg = self.config
         encoder = ReferenceEncoder.from_pretrained(cfg.mllm, ckpt, device="cpu", dtype=torch.float32)
         encoder.final_layer.requires_grad_(True)
         encoder.projector.requires_grad_(True)
@@ -354,18 +408,7 @@ class Trainer:
         elif self.weight_dtype == torch.bfloat16:  # frozen: bf16 as the official code (fp16 risks overflow)
             encoder.visual.to(torch.bfloat16)
             encoder.language_model.to(torch.bfloat16)
-
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            if cfg.trains_mllm:
-                compat.enable_activation_checkpointing(encoder.language_model)
-                compat.enable_activation_checkpointing(encoder.visual)
-
-        self.model = EasyRefTrainModel(encoder, unet, train_mllm=cfg.trains_mllm).train()
-        device = self.accelerator.device
-        self.vae.to(device)  # loaded in fp32 and kept there: SDXL's VAE overflows in fp16
-        for text_encoder in (self.text_encoder, self.text_encoder_2):
-            text_encoder.to(device, dtype=self.weight_dtype)
+        return encoder
 
     def _build_data(self) -> None:
         from torch.utils.data import DataLoader
@@ -623,55 +666,9 @@ class Trainer:
         )
         restore = self._install_interrupt_handler()
         try:
-            losses: list[torch.Tensor] = []
-            samples, started = 0, time.perf_counter()
+            window = _StepWindow()
             while self.step < cfg.max_steps:
-                loader = self.loader
-                if self.batches_in_epoch:
-                    loader = acc.skip_first_batches(self.loader, self.batches_in_epoch)
-                loader.set_epoch(self.epoch)  # data order
-                self.dataset.set_epoch(self.epoch)  # augmentation (accelerate skips this for a skipping loader)
-                micro = 0
-                finished_epoch = True
-                for batch in loader:
-                    losses.append(self.train_step(batch, micro_index=micro))
-                    samples += len(batch["captions"])
-                    micro += 1
-                    if not acc.sync_gradients:
-                        continue
-                    self.step += 1
-                    self.batches_in_epoch += micro
-                    micro = 0
-                    loss = acc.gather(torch.stack(losses).mean().reshape(1)).mean().item()
-                    seen = int(acc.gather(torch.tensor([samples], device=acc.device)).sum().item())
-                    elapsed = time.perf_counter() - started
-                    self.last_loss = loss
-                    lr = self.lr_scheduler.get_last_lr()[0]
-                    record = {
-                        "step": self.step,
-                        "epoch": self.epoch,
-                        "loss": loss,
-                        "lr": lr,
-                        "samples_per_s": round(seen / elapsed, 4) if elapsed > 0 else None,
-                        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    }
-                    if log is not None:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                    if cfg.report_to != "none":
-                        acc.log({"loss": loss, "lr": lr, "samples_per_s": record["samples_per_s"] or 0.0}, step=self.step)
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                    losses, samples, started = [], 0, time.perf_counter()
-                    stop = self._stop_requested()
-                    if self.step % cfg.save_steps == 0 or self.step >= cfg.max_steps or stop:
-                        self.save()
-                    if stop:
-                        raise KeyboardInterrupt
-                    if self.step >= cfg.max_steps:
-                        finished_epoch = False
-                        break
-                if finished_epoch:
+                if self._train_epoch(window, log, progress):
                     self.epoch += 1
                     self.batches_in_epoch = 0
         finally:
@@ -682,6 +679,66 @@ class Trainer:
             if cfg.report_to != "none":
                 acc.end_training()
         return self._result()
+
+    def _epoch_loader(self):
+        """The data loader of the current epoch, past the batches it already trained on (resume)."""
+        loader = self.loader
+        if self.batches_in_epoch:
+            loader = self.accelerator.skip_first_batches(self.loader, self.batches_in_epoch)
+        loader.set_epoch(self.epoch)  # data order
+        self.dataset.set_epoch(self.epoch)  # augmentation (accelerate skips this for a skipping loader)
+        return loader
+
+    def _train_epoch(self, window: _StepWindow, log, progress) -> bool:
+        """Train through the rest of the current epoch, logging and saving after each optimiser step.
+
+        Returns whether the epoch ran to its end (``False`` when ``max_steps`` came first).
+        """
+        cfg, acc = self.config, self.accelerator
+        micro = 0
+        for batch in self._epoch_loader():
+            window.losses.append(self.train_step(batch, micro_index=micro))
+            window.samples += len(batch["captions"])
+            micro += 1
+            if not acc.sync_gradients:
+                continue
+            self.step += 1
+            self.batches_in_epoch += micro
+            micro = 0
+            self._log_step(window, log, progress)
+            window.reset()
+            stop = self._stop_requested()
+            if self.step % cfg.save_steps == 0 or self.step >= cfg.max_steps or stop:
+                self.save()
+            if stop:
+                raise KeyboardInterrupt
+            if self.step >= cfg.max_steps:
+                return False
+        return True
+
+    def _log_step(self, window: _StepWindow, log, progress) -> None:
+        """One ``train_log.jsonl`` record (loss and throughput over all processes), the trackers and the bar."""
+        cfg, acc = self.config, self.accelerator
+        loss = acc.gather(torch.stack(window.losses).mean().reshape(1)).mean().item()
+        seen = int(acc.gather(torch.tensor([window.samples], device=acc.device)).sum().item())
+        elapsed = time.perf_counter() - window.started
+        self.last_loss = loss
+        lr = self.lr_scheduler.get_last_lr()[0]
+        record = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": loss,
+            "lr": lr,
+            "samples_per_s": round(seen / elapsed, 4) if elapsed > 0 else None,
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if cfg.report_to != "none":
+            acc.log({"loss": loss, "lr": lr, "samples_per_s": record["samples_per_s"] or 0.0}, step=self.step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
     def _result(self) -> TrainResult:
         return TrainResult(
