@@ -260,6 +260,16 @@ class GenerationSettings:
         flags=("--batch-size",),
     )
 
+    guidance_rescale: float = setting(
+        0.0,
+        "Rescale the guided noise prediction toward the text branch's spread (Lin et al. 2023; diffusers' "
+        "guidance_rescale): 0 is plain CFG, ~0.7 counters over-exposure at high guidance.",
+        lambda v: as_float(v, minimum=0.0, maximum=1.0),
+        flags=("--guidance-rescale",),
+        since=2,
+        **_SAMPLE,
+    )
+
     def caption(self, prompt: str) -> str:
         """What the MLLM reads after the instruction for ``prompt``."""
         return prompt if self.ref_text == "prompt" else ""

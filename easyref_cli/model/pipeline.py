@@ -51,6 +51,7 @@ class GenerationRequest:
     width: int = 1024
     height: int = 1024
     scheduler: str = "euler"
+    guidance_rescale: float = 0.0
 
     def batch_key(self) -> tuple:
         """What requests of one batch must share: every field but the per-image ones. An empty
@@ -213,6 +214,7 @@ class EasyRefPipeline:
         scale: float = 1.0,
         width: int = 1024,
         height: int = 1024,
+        guidance_rescale: float = 0.0,
         caption: str | None = None,
         instruction: str = INSTRUCTION,
     ):
@@ -226,6 +228,7 @@ class EasyRefPipeline:
         request = GenerationRequest(
             prompt=prompt, ref_embeds=ref_embeds, seed=seed, negative_prompt=negative_prompt,
             steps=steps, guidance=guidance, scale=scale, width=width, height=height, scheduler=self._scheduler_name,
+            guidance_rescale=guidance_rescale,
         )
         return self.generate([request])[0]
 
@@ -301,6 +304,7 @@ class EasyRefPipeline:
             negative_pooled_prompt_embeds=negative_pooled,
             num_inference_steps=first.steps,
             guidance_scale=first.guidance,
+            guidance_rescale=first.guidance_rescale,
             width=first.width,
             height=first.height,
             generator=generators,

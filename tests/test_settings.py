@@ -1,0 +1,176 @@
+"""The settings schema: everything derived from one definition, and a setting added through it.
+
+``guidance_rescale`` is the proof: added after record schema 1 as one field in ``settings.py`` plus
+its use in ``model/pipeline.py``, it reaches the CLI, prompt files, presets, the job id, the PNG
+record, replay, the batch key and diffusers, and at its default it changes no existing job id or
+record byte.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from easyref_cli import plan as P
+from easyref_cli import prompts, records, settings
+from easyref_cli.cli import app
+from easyref_cli.errors import InputError, UsageError
+from easyref_cli.settings import DEFAULTS, SPECS, GenerationSettings, identity_values, pipeline_values
+from easyref_cli.testing import make_reference_images
+
+PACKAGE = Path(__file__).resolve().parents[1] / "easyref_cli"
+
+
+@pytest.fixture
+def refs(tmp_path):
+    make_reference_images(tmp_path / "refs" / "cats", n=2, size=(16, 16))
+    return tmp_path / "refs"
+
+
+def _plan(tmp_path, refs, **kw):
+    return P.build_plan(groups=[refs], out_dir=tmp_path / "out", prompt="a cat", **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Derived, not repeated
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pipeline_settings_are_request_fields_with_the_same_defaults():
+    from easyref_cli.model.pipeline import GenerationRequest
+
+    request = {f.name: f.default for f in fields(GenerationRequest)}
+    for key, value in pipeline_values(GenerationSettings()).items():
+        assert key in request, f"{key} is a pipeline setting but not a GenerationRequest field"
+        if key != "seed":
+            assert request[key] == value, key
+
+
+def test_keys_of_prompt_files_presets_and_records_come_from_the_schema():
+    from easyref_cli.presets import PRESET_KEYS
+
+    assert set(PRESET_KEYS) == set(SPECS) | {"description"}
+    assert set(prompts.PROMPT_KEYS) == {s for s, spec in SPECS.items() if spec.per_prompt} | {
+        "prompt", "id", "seeds", "groups",
+    }  # fmt: skip
+    assert set(settings.record_types()) == set(settings.IDENTITY_KEYS)
+    assert all(SPECS[k].identity for k in pipeline_values(GenerationSettings()))  # pixels → job id
+
+
+def test_every_flagged_setting_is_a_generate_option_with_its_default():
+    res = CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "400"})
+    text = " ".join(res.output.split())
+    for key, spec in SPECS.items():
+        for flag in spec.flags:
+            assert flag in text, flag
+        if spec.flags:
+            assert spec.cli_help(DEFAULTS[key]) in text, key
+
+
+def test_no_module_spells_out_a_list_of_setting_names():
+    """Only settings.py may hold a literal collection of setting keys (one definition)."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "settings.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                names = [e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in SPECS]
+                if len(names) >= 3:
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {names}")
+    assert not offenders, offenders
+
+
+def test_validation_wording_is_shared(tmp_path, refs):
+    with pytest.raises(UsageError, match="--guidance-rescale: must be ≤ 1.0, got 2.0"):
+        _plan(tmp_path, refs, cli={"guidance_rescale": 2.0})
+    (tmp_path / "p.yaml").write_text("defaults:\n  guidance_rescale: -1\nprompts: [a]\n")
+    with pytest.raises(UsageError, match=r"p\.yaml:2: defaults\.guidance_rescale: must be ≥ 0.0"):
+        P.build_plan(groups=[refs], out_dir=tmp_path / "o", prompts_file=tmp_path / "p.yaml")
+
+
+# ----------------------------------------------------------------------------------------------
+# guidance_rescale end to end through the schema
+# ----------------------------------------------------------------------------------------------
+
+
+def test_new_setting_at_its_default_changes_no_job_id_or_record(tmp_path, refs):
+    plain = _plan(tmp_path, refs).jobs[0]
+    explicit = _plan(tmp_path, refs, cli={"guidance_rescale": 0}).jobs[0]
+    rescaled = _plan(tmp_path, refs, cli={"guidance_rescale": 0.7}).jobs[0]
+    assert explicit.job_id == plain.job_id and rescaled.job_id != plain.job_id
+    assert "guidance_rescale" not in identity_values(plain.settings)
+    assert records.job_record(plain, {"base_model": "b", "mllm": "m", "adapter": "a"}).keys() == records.job_record(
+        explicit, {"base_model": "b", "mllm": "m", "adapter": "a"}
+    ).keys()
+    assert identity_values(rescaled.settings)["guidance_rescale"] == 0.7
+
+
+def test_new_setting_from_prompt_file_and_preset(tmp_path, refs):
+    (tmp_path / "preset.yaml").write_text("guidance_rescale: 0.3\n")
+    (tmp_path / "p.yaml").write_text("prompts:\n  - a\n  - prompt: b\n    guidance_rescale: 0.9\n")
+    plan = P.build_plan(
+        groups=[refs], out_dir=tmp_path / "o", prompts_file=tmp_path / "p.yaml", preset=str(tmp_path / "preset.yaml")
+    )
+    assert [j.settings.guidance_rescale for j in plan.jobs] == [0.3, 0.9]
+
+
+def test_new_setting_replays_and_old_records_default_it(tmp_path, refs):
+    job = _plan(tmp_path, refs, cli={"guidance_rescale": 0.5}).jobs[0]
+    record = records.job_record(job, {"base_model": "b", "mllm": "m", "adapter": "a"})
+    assert records.parse_record(record).settings == job.settings
+    old = {k: v for k, v in record.items() if k != "guidance_rescale"}
+    assert records.parse_record(old).settings.guidance_rescale == 0.0
+    with pytest.raises(InputError, match="guidance_rescale: unexpected value 'x'"):
+        records.parse_record({**record, "guidance_rescale": "x"})
+
+
+def test_requests_with_other_rescale_are_not_batched():
+    from easyref_cli.model.pipeline import GenerationRequest
+
+    a = GenerationRequest(prompt="p", ref_embeds=None, seed=1)
+    assert a.batch_key() == replace(a, seed=2, prompt="q").batch_key()
+    assert a.batch_key() != replace(a, guidance_rescale=0.7).batch_key()
+
+
+def test_rescale_reaches_diffusers_and_changes_pixels(tiny, ref_group, monkeypatch):
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl as sdxl_module
+    import numpy as np
+
+    from easyref_cli.files import load_image
+    from easyref_cli.model.pipeline import EasyRefPipeline
+
+    seen = []
+    real = sdxl_module.rescale_noise_cfg
+    monkeypatch.setattr(
+        sdxl_module, "rescale_noise_cfg", lambda *a, **k: seen.append(k.get("guidance_rescale")) or real(*a, **k)
+    )
+    pipe = EasyRefPipeline.from_pretrained(tiny.base_model, tiny.mllm, tiny.adapter_lora, device="cpu")
+    embeds = pipe.encode_references([load_image(p) for p in sorted(ref_group.iterdir())], "a cat")
+    kw = dict(ref_embeds=embeds, seed=3, steps=2, width=64, height=64, guidance=7.0)
+    plain, zero = pipe("a cat", **kw), pipe("a cat", guidance_rescale=0.0, **kw)
+    rescaled = pipe("a cat", guidance_rescale=0.7, **kw)
+    assert seen == [0.7, 0.7]  # diffusers rescales only when asked, once per step
+    assert np.array_equal(np.asarray(plain), np.asarray(zero))
+    assert not np.array_equal(np.asarray(plain), np.asarray(rescaled))
+
+
+def test_cli_flag_record_and_replay(tiny, tmp_path, refs):
+    runner = CliRunner()
+    models = ["--base-model", str(tiny.base_model), "--mllm", str(tiny.mllm), "--adapter", str(tiny.adapter_lora)]
+    common = [*models, "--device", "cpu", "--width", "64", "--height", "64", "--steps", "2", "-q", "--no-cache"]
+    res = runner.invoke(app, ["generate", str(refs), "--prompt", "a cat", "-o", str(tmp_path / "a"),
+                              "--guidance-rescale", "0.7", *common])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    [png] = sorted((tmp_path / "a").rglob("*.png"))
+    record = records.parse_record(json.loads(__import__("PIL.Image").Image.open(png).text["easyref"]))
+    assert record.settings.guidance_rescale == 0.7
+    res = runner.invoke(app, ["generate", "--from-image", str(png), "-o", str(tmp_path / "b"), *models,
+                              "--device", "cpu", "-q", "--no-cache"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b" / png.relative_to(tmp_path / "a")).read_bytes() == png.read_bytes()
