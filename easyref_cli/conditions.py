@@ -28,8 +28,8 @@ import torch
 from easyref_cli import files
 from easyref_cli.env import package_versions
 from easyref_cli.errors import InputError, ModelError
+from easyref_cli.jobs import Job
 from easyref_cli.model.pipeline import RefEmbeds
-from easyref_cli.plan import Job
 from easyref_cli.records import reference_entries
 from easyref_cli.runlog import RunLog, job_error
 

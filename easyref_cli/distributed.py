@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from easyref_cli import files
-from easyref_cli.plan import Job, Plan
+from easyref_cli.jobs import Job
+from easyref_cli.plan import Plan
 from easyref_cli.runlog import RunSummary
 
 logger = logging.getLogger(__name__)
@@ -74,10 +75,10 @@ def current(device: str | None) -> Processes:
     """Join the distributed run if there is one (``accelerate.PartialState``), else a single process."""
     if not is_distributed():
         return Processes()
+    from datetime import timedelta
+
     import torch
     from accelerate import PartialState
-
-    from datetime import timedelta
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     # Processes meet at two barriers only (start, end); a fast one may wait hours for the slowest,

@@ -22,8 +22,10 @@ from typing import Any
 from easyref_cli import files
 from easyref_cli.errors import UsageError
 from easyref_cli.files import Group, find_groups, sha256_file
+from easyref_cli.jobs import Job, make_job
 from easyref_cli.models import MODEL_DEFAULTS, ModelIds, chosen_models
-from easyref_cli.naming import DEFAULT_NAME_TEMPLATE, assign_prompt_ids, check_name_template, make_job_id, render_name
+from easyref_cli.naming import DEFAULT_NAME_TEMPLATE, assign_prompt_ids, check_name_template
+from easyref_cli.presets import load_preset
 from easyref_cli.prompts import PromptFile, PromptSpec, load_prompt_file
 from easyref_cli.records import parse_record
 from easyref_cli.settings import (
@@ -36,68 +38,11 @@ from easyref_cli.settings import (
     check_device_name,
     check_dtype,
     flag_of,
-    identity_values,
     resolve_settings,
     validate_settings,
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One image to generate. Everything needed to reproduce it, nothing about how to run it.
-
-    ``caption`` is what the MLLM reads after ``settings.instruction`` (the prompt, or ``""`` for
-    ``ref_text: none``); ``settings.seed`` is this image's seed and ``index`` its 0-based place
-    among the prompt's seeds; ``output`` is relative to the plan's ``out_dir``. ``job_id`` hashes
-    the group name, prompt id, texts, every identity setting and the model ids.
-    """
-
-    job_id: str
-    group: Group
-    prompt_id: str
-    prompt: str
-    caption: str
-    index: int
-    settings: GenerationSettings
-    output: Path
-    preset: str | None = None
-
-    @property
-    def seed(self) -> int:
-        return self.settings.seed
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (group as name, directory and image paths; identity settings)."""
-        return {
-            "job_id": self.job_id,
-            "group": self.group.name,
-            "group_path": str(self.group.path),
-            "images": [str(p) for p in self.group.images],
-            "prompt_id": self.prompt_id,
-            "prompt": self.prompt,
-            "caption": self.caption,
-            "index": self.index,
-            **identity_values(self.settings),
-            "output": self.output.as_posix(),
-            "preset": self.preset,
-        }
-
-
-def make_job(
-    *, group: Group, prompt_id: str, prompt: str, caption: str, index: int,
-    settings: GenerationSettings, template: str, preset: str | None, models: ModelIds,
-) -> Job:  # fmt: skip
-    """One :class:`Job`: its id from everything that changes pixels, its output from the template."""
-    job_id = make_job_id(
-        group=group.name, prompt_id=prompt_id, prompt=prompt, caption=caption,
-        **identity_values(settings), **models.as_dict(),
-    )  # fmt: skip
-    output = render_name(
-        template, group=group.name, prompt_id=prompt_id, seed=settings.seed, index=index, preset=preset
-    )
-    return Job(job_id, group, prompt_id, prompt, caption, index, settings, output, preset)
 
 
 @dataclass(frozen=True)
@@ -346,8 +291,6 @@ def build_plan(
     cli_settings = _check_cli_settings(cli)
     preset_settings: Mapping[str, Any] = {}
     if preset is not None:
-        from easyref_cli.presets import load_preset
-
         preset_settings = load_preset(preset)
     prompt_file = load_prompt_file(Path(prompts_file)) if prompts_file is not None else PromptFile.single(prompt)
     found = _find_groups(groups, prompt_file)

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from easyref_cli import __version__
 from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, DEFAULT_MLLM
 from easyref_cli.errors import InputError
 from easyref_cli.files import Group, sha256_file
+from easyref_cli.jobs import Job
 from easyref_cli.naming import slugify
 from easyref_cli.settings import (
     SPECS,
@@ -25,9 +26,6 @@ from easyref_cli.settings import (
     identity_values,
     record_types,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from easyref_cli.plan import Job
 
 #: Version of the record layout written into PNGs.
 RECORD_SCHEMA = 1

@@ -32,8 +32,9 @@ from typing import IO, Any
 
 from easyref_cli import distributed, files
 from easyref_cli.errors import EasyRefError, InputError, JobError, UsageError
+from easyref_cli.jobs import Job
 from easyref_cli.models import ensure_built
-from easyref_cli.plan import Job, Plan
+from easyref_cli.plan import Plan
 from easyref_cli.records import job_record
 from easyref_cli.runlog import RunLog, RunSummary, Stop, job_error
 from easyref_cli.settings import pipeline_values

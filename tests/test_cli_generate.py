@@ -385,7 +385,7 @@ LAYER_SETS = [tuple(layer for bit, layer in enumerate(LAYERS) if mask >> bit & 1
 @pytest.mark.parametrize("key", list(PRECEDENCE_VALUES))
 def test_precedence_table(tmp_path, key, present):
     builtin, values = PRECEDENCE_VALUES[key]
-    value = dict(zip(LAYERS, values))
+    value = dict(zip(LAYERS, values, strict=False))
     groups = make_groups(tmp_path / "groups", names=("alpha",), n=1)
     args = []
     if "preset" in present:

@@ -52,7 +52,7 @@ def test_captions_for_the_adapter_name_neither_colour_nor_shape():
 def test_examples_are_the_documented_groups(tmp_path):
     folders = synthetic.write_examples(tmp_path)
     assert [f.name for f in folders] == [f"{c}-{s}" for c, s, _ in synthetic.EXAMPLE_GROUPS]
-    for folder, (colour, _, _) in zip(folders, synthetic.EXAMPLE_GROUPS):
+    for folder, (colour, _, _) in zip(folders, synthetic.EXAMPLE_GROUPS, strict=False):
         images = sorted(folder.glob("*.png"))
         assert len(images) == 3
         assert all(synthetic.dominant_colour(Image.open(p)) == colour for p in images)
@@ -64,7 +64,7 @@ def test_held_out_groups_cover_every_pair_and_swapping_changes_every_colour():
     assert {g.colour for g in evidence.held_out_groups(6)} == set(synthetic.COLOURS)
     swapped = evidence.swapped(groups)
     assert [g.name for g in swapped] == [g.name for g in groups]
-    assert all(s.colour != g.colour for s, g in zip(swapped, groups))
+    assert all(s.colour != g.colour for s, g in zip(swapped, groups, strict=False))
     assert all(s.references[0].colour == s.colour for s in swapped)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from easyref_cli import distributed, files
 from easyref_cli.files import Group
-from easyref_cli.plan import Job
+from easyref_cli.jobs import Job
 from easyref_cli.settings import GenerationSettings
 
 

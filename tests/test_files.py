@@ -190,7 +190,7 @@ def test_load_image_modes(tmp_path, make, size, pixel):
     assert im.mode == "RGB"
     assert im.size == size
     got = im.getpixel((1, 0))
-    assert all(abs(a - b) <= 3 for a, b in zip(got, pixel)), got
+    assert all(abs(a - b) <= 3 for a, b in zip(got, pixel, strict=False)), got
 
 
 def test_load_image_16bit_keeps_range(tmp_path):

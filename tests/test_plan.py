@@ -11,8 +11,8 @@ from PIL import Image
 from easyref_cli import naming, prompts, records
 from easyref_cli import plan as P
 from easyref_cli.constants import INSTRUCTION
-from easyref_cli.settings import DEFAULTS, GenerationSettings, resolve_settings
 from easyref_cli.errors import InputError, UsageError
+from easyref_cli.settings import DEFAULTS, GenerationSettings, resolve_settings
 
 
 def _group(root: Path, name: str, n: int = 2) -> Path:

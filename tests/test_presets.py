@@ -131,7 +131,7 @@ def test_user_preset_errors(tmp_path, text, lines):
     if len(lines) > 1:
         assert body.pop(0) == f"invalid preset {path} ({len(lines)} problems):"
     assert len(body) == len(lines)
-    for got, want in zip(body, lines):
+    for got, want in zip(body, lines, strict=False):
         assert got.strip().startswith(f"{path}:{want}")
 
 

@@ -164,7 +164,7 @@ def hue_agreement(images: Sequence[Image.Image], colours: Sequence[str]) -> floa
     """The share of ``images`` whose dominant colour is the matching entry of ``colours``."""
     if len(images) != len(colours) or not images:
         raise ValueError("hue_agreement needs one expected colour per image, and at least one image")
-    return sum(dominant_colour(im) == c for im, c in zip(images, colours)) / len(images)
+    return sum(dominant_colour(im) == c for im, c in zip(images, colours, strict=True)) / len(images)
 
 
 #: The example groups shipped in ``examples/groups`` (colour, shape, seed).

@@ -67,9 +67,8 @@ def eval_command(
     Exit codes: 0 ok, 2 usage/input/model error (missing manifest, missing references, weights not found).
     """
     setup_logging(verbose, quiet)
-    from easyref_cli.eval.metrics import TINY_NOTICE, evaluate, markdown_table, model_specs
-
     from easyref_cli.eval import manifest_path
+    from easyref_cli.eval.metrics import TINY_NOTICE, evaluate, markdown_table, model_specs
 
     manifest_path(out)  # a wrong OUT fails before any model is built or loaded
     clip_spec, dino_spec = model_specs(model, clip_model, dino_model)

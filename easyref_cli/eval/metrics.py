@@ -270,8 +270,8 @@ def model_specs(model: str | None, clip_model: str | None, dino_model: str | Non
         raise UsageError(f"--model must be one of {', '.join(MODEL_CHOICES)}, got {model!r}")
     if clip_model is not None or dino_model is not None:
         raise UsageError("--model tiny replaces --clip-model/--dino-model; give one or the other")
-    from easyref_cli.eval.tiny import ensure_tiny_scorers
     from easyref_cli.env import easyref_home
+    from easyref_cli.eval.tiny import ensure_tiny_scorers
 
     clip, dino = ensure_tiny_scorers(easyref_home() / "tiny-eval-models")
     return str(clip), str(dino)
@@ -368,7 +368,7 @@ def _embed_images(
             images = [files.load_image(p) for p in chunk]
             pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
             vectors = normalize(forward(pixel_values).float().cpu().numpy())
-            for path, vector in zip(chunk, vectors):
+            for path, vector in zip(chunk, vectors, strict=True):
                 out[Path(path).resolve()] = vector
             bar.update(len(chunk))
     return out
@@ -424,7 +424,7 @@ class ClipEmbedder:
                     input_ids=tokens["input_ids"].to(self.device),
                     attention_mask=tokens["attention_mask"].to(self.device),
                 ))
-            for text, vector in zip(chunk, normalize(features.float().cpu().numpy())):
+            for text, vector in zip(chunk, normalize(features.float().cpu().numpy()), strict=True):
                 out[text] = vector
         return out
 
@@ -495,7 +495,7 @@ def _check_references(images: Sequence[GeneratedImage]) -> None:
     missing: dict[Path, GeneratedImage] = {}
     expected: dict[Path, str] = {}
     for image in images:
-        for ref, entry in zip(image.references, image.record.get("references") or []):
+        for ref, entry in zip(image.references, image.record.get("references") or [], strict=False):
             if not ref.is_file():
                 missing.setdefault(ref, image)
             elif isinstance(entry, dict) and isinstance(entry.get("sha256"), str):

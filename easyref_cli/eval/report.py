@@ -219,7 +219,7 @@ class _Grid:
         """Paste the cells of ``paths`` with their captions from ``top``; returns the y below them."""
         thumb, line, font = self.thumb, self.line, self.font
         row_h = thumb + lines_per_cell * line + _GAP
-        for i, (path, caption) in enumerate(zip(paths, captions)):
+        for i, (path, caption) in enumerate(zip(paths, captions, strict=False)):
             r, c = divmod(i, self.columns)
             x, cy = _MARGIN + c * (thumb + _GAP), top + r * row_h
             sheet.paste(_cell(path, thumb, font), (x, cy))

@@ -7,13 +7,13 @@ Tested range: transformers 5.17 – 5.24 (``pyproject.toml`` pins ``<5.40``, whe
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
 
 
-@lru_cache(maxsize=None)
+@cache
 def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 

@@ -190,7 +190,7 @@ class ReferenceEncoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         cond_image_size: int = COND_IMAGE_SIZE,
         bidirectional_final: bool = False,
-    ) -> "ReferenceEncoder":
+    ) -> ReferenceEncoder:
         """Build from a Qwen2-VL folder and an :class:`~easyref_cli.model.checkpoint.EasyRefCheckpoint`."""
         # 1. the MLLM folder: tokenizer, image processor (rule 2 bounds), weights
         mllm_path = Path(mllm_path)
@@ -364,7 +364,7 @@ class ReferenceEncoder(nn.Module):
         x = self.final_layer.norm(x)[:, -self.num_tokens :]
         return self.projector(x)[0]
 
-    def _layers(self, layers, x: torch.Tensor, start: int, kv: "PrefixKV", *, causal: bool) -> torch.Tensor:
+    def _layers(self, layers, x: torch.Tensor, start: int, kv: PrefixKV, *, causal: bool) -> torch.Tensor:
         """Decoder layers over positions ``start … start+len-1`` attending to ``kv``'s cached prefix, with an
         explicit mask (SDPA's own ``is_causal`` is top-left aligned, wrong once a prefix is cached)."""
         q_len = x.shape[1]

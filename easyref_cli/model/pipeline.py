@@ -135,7 +135,7 @@ class EasyRefPipeline:
         bidirectional_final: bool = False,
         compile: bool = False,
         offload: str = "none",
-    ) -> "EasyRefPipeline":
+    ) -> EasyRefPipeline:
         device = device or default_device()
         sdxl_dtype, encoder_dtype = resolve_dtypes(dtype, device)
         checkpoint = adapter if isinstance(adapter, EasyRefCheckpoint) else load_checkpoint(adapter)
@@ -285,7 +285,7 @@ class EasyRefPipeline:
                 out = self._denoise(*args[:5], generators, callback)
         images = [pipe.image_processor.numpy_to_pil(a[None])[0] if np.isfinite(a).all() else None for a in out.images]
         if any(im is None for im in images):
-            raise NonFiniteImages(images, [r.seed for r, im in zip(requests, images) if im is None])
+            raise NonFiniteImages(images, [r.seed for r, im in zip(requests, images, strict=True) if im is None])
         return images
 
     def _denoise(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback):

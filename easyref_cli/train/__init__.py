@@ -86,7 +86,7 @@ class TrainConfig:
     def trains_lora(self) -> bool:
         return self.stage in ("single", "multi")
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with the stage defaults filled in; raises :class:`UsageError` listing every bad value."""
         if self.stage not in STAGES:
             raise UsageError(f"--stage must be one of {', '.join(STAGES)}, not {self.stage!r}")

@@ -208,7 +208,7 @@ def validate_data(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         reasons = list(pool.map(lambda n: _check_file(data_root / n, decode), names))
     problems = []
-    for name, reason in zip(names, reasons):
+    for name, reason in zip(names, reasons, strict=True):
         if reason is not None:
             where = users[name]
             shown = ", ".join(map(str, where[:5])) + (f" … {len(where) - 5} more" if len(where) > 5 else "")
@@ -387,7 +387,7 @@ class MllmPreprocessor:
         self.instruction = instruction
 
     @classmethod
-    def from_encoder(cls, encoder, instruction: str = INSTRUCTION) -> "MllmPreprocessor":
+    def from_encoder(cls, encoder, instruction: str = INSTRUCTION) -> MllmPreprocessor:
         return cls(encoder.tokenizer, encoder.image_processor, instruction)
 
     def __call__(self, images: Sequence[Image.Image], caption: str):

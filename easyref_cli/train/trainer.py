@@ -46,7 +46,7 @@ from torch import nn
 
 from easyref_cli.errors import CheckpointError, ModelError, UsageError
 from easyref_cli.model import compat
-from easyref_cli.model.checkpoint import EasyRefCheckpoint, read_folder_tensors, load_checkpoint, save_checkpoint
+from easyref_cli.model.checkpoint import EasyRefCheckpoint, load_checkpoint, read_folder_tensors, save_checkpoint
 from easyref_cli.model.encoder import ImageBatch, ReferenceEncoder, ReferenceProjector
 from easyref_cli.train import DEFAULT_LORA_RANK, TrainConfig, TrainResult
 from easyref_cli.train import data as data_mod
@@ -134,7 +134,7 @@ class EasyRefTrainModel(nn.Module):
         with grad:
             images = ImageBatch(pixel_values=mllm["pixel_values"], grid_thw=mllm["grid_thw"], token_counts=())
             features = torch.split(enc.image_features(images), list(mllm["image_tokens"]))
-            embeds = [enc.embed(ids, feats) for ids, feats in zip(mllm["input_ids"], features)]
+            embeds = [enc.embed(ids, feats) for ids, feats in zip(mllm["input_ids"], features, strict=True)]
             groups: dict[int, list[int]] = {}
             for i, e in enumerate(embeds):
                 groups.setdefault(e.shape[1], []).append(i)
@@ -195,7 +195,7 @@ class Trainer:
 
     # ---- setup ---------------------------------------------------------------------------------
 
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         cfg = self.config
         self._check_output_dir()
         if cfg.report_to == "tensorboard" and not any(
