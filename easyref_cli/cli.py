@@ -37,6 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"easyref-cli {__version__}")
@@ -45,7 +46,9 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version.")
+    ] = False,
 ) -> None:
     """Multi-reference image generation with EasyRef (SDXL + Qwen2-VL reference tokens).
 
@@ -57,7 +60,9 @@ def _root(
 @handle_errors
 def encode(
     group_dir: Annotated[Path, typer.Argument(help="Folder of reference images (one group).")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Caption given to the MLLM after the instruction.")] = "",
+    prompt: Annotated[
+        str, typer.Option("--prompt", "-p", help="Caption given to the MLLM after the instruction.")
+    ] = "",
     mllm: MllmOpt = None,
     adapter: AdapterOpt = None,
     out: OutFileOpt = Path("conditions.safetensors"),
@@ -93,30 +98,124 @@ def encode(
 @handle_errors
 @with_setting_options
 def generate(
-    groups: Annotated[list[Path] | None, typer.Argument(help="Group folders: a folder of images is one group; a folder of folders is many.", show_default=False)] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="YAML prompt file (defaults: + prompts:).", rich_help_panel="Input")] = None,
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="One prompt (instead of --prompts).", rich_help_panel="Input")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (required).", rich_help_panel="Input", show_default=False)] = ...,
-    from_image: Annotated[Path | None, typer.Option("--from-image", help="Regenerate the image an easyref PNG records.", rich_help_panel="Input")] = None,
-    preset: Annotated[str | None, typer.Option("--preset", help="Built-in preset name (see `easyref presets list`) or a YAML file.", rich_help_panel="Settings")] = None,
+    groups: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Group folders: a folder of images is one group; a folder of folders is many.", show_default=False
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="YAML prompt file (defaults: + prompts:).", rich_help_panel="Input")
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="One prompt (instead of --prompts).", rich_help_panel="Input")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (required).", rich_help_panel="Input", show_default=False)
+    ] = ...,
+    from_image: Annotated[
+        Path | None,
+        typer.Option("--from-image", help="Regenerate the image an easyref PNG records.", rich_help_panel="Input"),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="Built-in preset name (see `easyref presets list`) or a YAML file.",
+            rich_help_panel="Settings",
+        ),
+    ] = None,
     settings: dict | None = None,  # one option per setting of the schema (easyref_cli/settings.py)
-    model: Annotated[str | None, typer.Option("--model", help="'demo': the tiny EasyRef shipped with the package, trained on synthetic coloured shapes (64×64; offline). 'tiny': random tiny models built locally, for a smoke run (noise pictures).", rich_help_panel="Models")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="'demo': the tiny EasyRef shipped with the package, trained on synthetic coloured shapes (64×64; offline). 'tiny': random tiny models built locally, for a smoke run (noise pictures).",
+            rich_help_panel="Models",
+        ),
+    ] = None,
     base_model: BaseModelOpt = None,
     mllm: MllmOpt = None,
     adapter: AdapterOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    attention: Annotated[str | None, typer.Option("--attention", help="auto (xformers if a real probe call works, else PyTorch SDPA), sdpa or xformers.", rich_help_panel="Runtime")] = None,
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Condition cache folder (share it between runs and machines). Default: $EASYREF_HOME/conditions.", rich_help_panel="Runtime")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the condition cache.", rich_help_panel="Runtime")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (CUDA only; falls back to eager elsewhere).", rich_help_panel="Runtime")] = False,
-    offload: Annotated[str | None, typer.Option("--offload", help="none, model (accelerate model CPU offload) or sequential, for small GPUs. Default: none.", rich_help_panel="Runtime")] = None,
-    num_processes: Annotated[int | None, typer.Option("--num-processes", min=1, help="Run N processes on this node through `accelerate launch` (one per GPU); groups are sharded across them.", rich_help_panel="Runtime")] = None,
-    name_template: Annotated[str | None, typer.Option("--name-template", help="Output names from {group} {prompt_id} {seed} {index} {preset}. Default: {group}/{prompt_id}_{seed}.png.", rich_help_panel="Output")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Regenerate images that already exist (default: skip them, i.e. resume).", rich_help_panel="Output")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (jobs, outputs, which exist) and stop. Loads no model.", rich_help_panel="Output")] = False,
-    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed job.", rich_help_panel="Output")] = False,
-    json_lines: Annotated[bool, typer.Option("--json", help="Print manifest lines (JSON) to stdout; logs stay on stderr.", rich_help_panel="Output")] = False,
+    attention: Annotated[
+        str | None,
+        typer.Option(
+            "--attention",
+            help="auto (xformers if a real probe call works, else PyTorch SDPA), sdpa or xformers.",
+            rich_help_panel="Runtime",
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            help="Condition cache folder (share it between runs and machines). Default: $EASYREF_HOME/conditions.",
+            rich_help_panel="Runtime",
+        ),
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither read nor write the condition cache.", rich_help_panel="Runtime")
+    ] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the UNet (CUDA only; falls back to eager elsewhere).",
+            rich_help_panel="Runtime",
+        ),
+    ] = False,
+    offload: Annotated[
+        str | None,
+        typer.Option(
+            "--offload",
+            help="none, model (accelerate model CPU offload) or sequential, for small GPUs. Default: none.",
+            rich_help_panel="Runtime",
+        ),
+    ] = None,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-processes",
+            min=1,
+            help="Run N processes on this node through `accelerate launch` (one per GPU); groups are sharded across them.",
+            rich_help_panel="Runtime",
+        ),
+    ] = None,
+    name_template: Annotated[
+        str | None,
+        typer.Option(
+            "--name-template",
+            help="Output names from {group} {prompt_id} {seed} {index} {preset}. Default: {group}/{prompt_id}_{seed}.png.",
+            rich_help_panel="Output",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Regenerate images that already exist (default: skip them, i.e. resume).",
+            rich_help_panel="Output",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the plan (jobs, outputs, which exist) and stop. Loads no model.",
+            rich_help_panel="Output",
+        ),
+    ] = False,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Stop at the first failed job.", rich_help_panel="Output")
+    ] = False,
+    json_lines: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print manifest lines (JSON) to stdout; logs stay on stderr.", rich_help_panel="Output"
+        ),
+    ] = False,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -145,7 +244,9 @@ def generate(
 @handle_errors
 def inspect(
     image: Annotated[Path, typer.Argument(help="A PNG written by easyref.")],
-    parameters: Annotated[bool, typer.Option("--parameters", help="Print the A1111 'parameters' text instead of the JSON record.")] = False,
+    parameters: Annotated[
+        bool, typer.Option("--parameters", help="Print the A1111 'parameters' text instead of the JSON record.")
+    ] = False,
 ) -> None:
     """Print the provenance record stored in an easyref PNG."""
     import json
@@ -153,7 +254,11 @@ def inspect(
     from easyref_cli import files
 
     record = files.read_png_record(image)
-    typer.echo(files.format_parameters(record) if parameters else json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True))
+    typer.echo(
+        files.format_parameters(record)
+        if parameters
+        else json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True)
+    )
 
 
 presets_app = typer.Typer(help="List and show presets (built-in and user YAML files).", no_args_is_help=True)

@@ -46,5 +46,3 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         # transformers/diffusers configure their loggers on import, from these variables.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-
-

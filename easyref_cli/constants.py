@@ -27,9 +27,20 @@ DEFAULT_MLLM = "Qwen/Qwen2-VL-2B-Instruct"
 DEFAULT_ADAPTER = "zongzhuofan/EasyRef"
 #: Qwen2-VL control tokens: never allowed inside user text (captions, instructions).
 QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_pad|>",
 )
 #: ``--offload`` choices (accelerate CPU offload of SDXL for small GPUs).
 OFFLOAD_CHOICES = ("none", "model", "sequential")

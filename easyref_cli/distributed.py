@@ -86,7 +86,13 @@ def current(device: str | None) -> Processes:
     state = PartialState(cpu=cpu, timeout=timedelta(hours=BARRIER_TIMEOUT_HOURS))
     chosen = "cpu" if cpu else str(state.device)  # one GPU per process, whatever --device index says
     if device not in (None, "cpu", "cuda") and device != chosen:
-        logger.warning("--device %s ignored in a %d-process run: process %d uses %s", device, state.num_processes, state.process_index, chosen)
+        logger.warning(
+            "--device %s ignored in a %d-process run: process %d uses %s",
+            device,
+            state.num_processes,
+            state.process_index,
+            chosen,
+        )
     return Processes(index=state.process_index, count=state.num_processes, device=chosen, _state=state)
 
 
@@ -124,7 +130,9 @@ def run(plan: Plan, execute: Execute, *, progress: bool = True) -> RunSummary:
             merge_shards(plan.out_dir)  # left behind by a crashed distributed run
             return execute(plan, plan.out_dir / files.MANIFEST_NAME, progress=progress)
         pending_ids = {j.job_id for j in plan.pending()}
-        mine = {j.job_id for j in shard_jobs([j for j in plan.jobs if j.job_id in pending_ids], procs.count, procs.index)}
+        mine = {
+            j.job_id for j in shard_jobs([j for j in plan.jobs if j.job_id in pending_ids], procs.count, procs.index)
+        }
         jobs = [j for j in plan.jobs if j.job_id in mine or (procs.is_main and j.job_id not in pending_ids)]
         if procs.is_main:
             merge_shards(plan.out_dir)  # left behind by a crashed run
@@ -172,10 +180,21 @@ def relaunch(num_processes: int, argv: Sequence[str]) -> int:
     without GPUs (accelerate's ``--cpu`` launcher needs MPI for that).
     """
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "easyref_cli", *argv,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "easyref_cli",
+        *argv,
     ]
     import signal
     import tempfile

@@ -85,9 +85,7 @@ def natural_key(s: str) -> tuple:
 
 def is_image_file(path: Path) -> bool:
     """True for a non-hidden regular file with an image extension (case-insensitive)."""
-    return (
-        not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-    )
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
 def _list_dir(path: Path) -> list[Path]:
@@ -147,9 +145,7 @@ def find_groups(paths: Sequence[Path]) -> list[Group]:
         found = [g for g in (_scan_group(d, d.name) for d in subdirs) if g is not None]
         if not found:
             exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-            detail = (
-                f" or its sub-directories ({', '.join(d.name for d in subdirs)})" if subdirs else ""
-            )
+            detail = f" or its sub-directories ({', '.join(d.name for d in subdirs)})" if subdirs else ""
             raise UsageError(f"no images found in {path}{detail} (looked for {exts})")
         groups.extend(found)
     seen: dict[str, Path] = {}
@@ -230,13 +226,11 @@ def load_image(path: Path) -> Image.Image:
             return _to_rgb(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError as e:
         raise InputError(
-            f"cannot use reference image {path}: too many pixels ({e}); refusing a possible "
-            "decompression bomb"
+            f"cannot use reference image {path}: too many pixels ({e}); refusing a possible decompression bomb"
         ) from None
     except UnidentifiedImageError:
         raise InputError(
-            f"cannot use reference image {path}: not an image Pillow can read "
-            "(wrong extension or corrupt file)"
+            f"cannot use reference image {path}: not an image Pillow can read (wrong extension or corrupt file)"
         ) from None
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise InputError(f"cannot read reference image {path}: {e.strerror or e}") from None
@@ -320,6 +314,7 @@ def group_content_hash(group: Group, digests: Sequence[str] | None = None) -> st
 # ----------------------------------------------------------------------------------------------
 # PNG metadata
 # ----------------------------------------------------------------------------------------------
+
 
 def _a1111_quote(value: Any) -> str:
     text = str(value)
@@ -462,9 +457,7 @@ def read_png_record(path: Path) -> dict:
         raise InputError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     raw = text.get(RECORD_CHUNK)
     if raw is None:
-        raise InputError(
-            f"{path} has no {RECORD_CHUNK!r} metadata chunk (was it made by easyref generate?)"
-        )
+        raise InputError(f"{path} has no {RECORD_CHUNK!r} metadata chunk (was it made by easyref generate?)")
     try:
         record = json.loads(raw)
     except json.JSONDecodeError as e:

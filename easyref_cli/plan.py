@@ -216,9 +216,7 @@ def _seeds(spec: PromptSpec, settings: GenerationSettings) -> tuple[int, ...]:
         return spec.seeds
     first, count = settings.seed, settings.images_per_prompt
     if first + count - 1 > MAX_SEED:
-        raise UsageError(
-            f"prompts[{spec.index}]: seeds {first}…{first + count - 1} exceed the maximum seed {MAX_SEED}"
-        )
+        raise UsageError(f"prompts[{spec.index}]: seeds {first}…{first + count - 1} exceed the maximum seed {MAX_SEED}")
     return tuple(range(first, first + count))
 
 

@@ -72,8 +72,7 @@ def find_preset(name_or_path: str) -> Path:
     if name_or_path not in files:
         available = ", ".join(files) or "(none installed)"
         raise UsageError(
-            f"unknown preset {name_or_path!r}; available: {available} "
-            "(or give the path of a .yaml preset file)"
+            f"unknown preset {name_or_path!r}; available: {available} (or give the path of a .yaml preset file)"
         )
     return files[name_or_path]
 

@@ -64,8 +64,7 @@ class RunSummary:
     def line(self) -> str:
         rate = self.ok / self.seconds if self.seconds > 0 and self.ok else 0.0
         text = (
-            f"{self.ok} done, {self.skipped} skipped, {self.failed} failed in {self.seconds:.1f}s "
-            f"({rate:.2f} images/s)"
+            f"{self.ok} done, {self.skipped} skipped, {self.failed} failed in {self.seconds:.1f}s ({rate:.2f} images/s)"
         )
         return text + (" — interrupted; rerun the same command to finish" if self.interrupted else "")
 
@@ -138,9 +137,7 @@ class RunLog:
 
     def fail(self, job, exc: BaseException) -> None:
         message = str(exc) if isinstance(exc, EasyRefError) else f"{type(exc).__name__}: {exc}"
-        logger.error(
-            "job %s (%s/%s seed %s) failed: %s", job.job_id, job.group.name, job.prompt_id, job.seed, message
-        )
+        logger.error("job %s (%s/%s seed %s) failed: %s", job.job_id, job.group.name, job.prompt_id, job.seed, message)
         self.write(job, "error", error=message)
         if self.fail_fast:
             self.stop.requested = True

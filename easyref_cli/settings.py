@@ -254,8 +254,7 @@ class GenerationSettings:
     )
     batch_size: int = setting(
         1,
-        "Images per UNet batch (same seeds as batch 1; batched kernels may round a few pixels one level "
-        "differently).",
+        "Images per UNet batch (same seeds as batch 1; batched kernels may round a few pixels one level differently).",
         lambda v: as_int(v, minimum=1),
         flags=("--batch-size",),
     )

@@ -11,9 +11,7 @@ from pathlib import Path
 __all__ = ["make_reference_images"]
 
 
-def make_reference_images(
-    directory: Path, n: int = 3, size: tuple[int, int] = (64, 64), seed: int = 0
-) -> list[Path]:
+def make_reference_images(directory: Path, n: int = 3, size: tuple[int, int] = (64, 64), seed: int = 0) -> list[Path]:
     """Write ``n`` deterministic PNGs ``ref_00.png``, ``ref_01.png``… into ``directory``.
 
     Each is a grey background with a few coloured ellipses and rectangles. The colours come from

@@ -88,26 +88,108 @@ _BUILD_VERSION = "easyref-tiny-models v2"  # v2: preprocessor_config.json with m
 #: Each merge only uses symbols that exist by then; the merged symbols join the vocabulary in
 #: this order.
 _QWEN_MERGES = (
-    ("Ġ", "t"), ("Ġ", "a"), ("h", "e"), ("i", "n"), ("r", "e"), ("o", "n"), ("Ġt", "he"),
-    ("e", "r"), ("Ġ", "s"), ("a", "t"), ("Ġ", "w"), ("Ġ", "o"), ("e", "n"), ("Ġ", "c"),
-    ("i", "t"), ("i", "s"), ("a", "n"), ("o", "r"), ("e", "s"), ("Ġ", "b"), ("e", "d"),
-    ("Ġ", "f"), ("in", "g"), ("Ġ", "p"), ("o", "u"), ("Ġa", "n"), ("a", "l"), ("a", "r"),
-    ("Ġt", "o"), ("Ġ", "m"), ("Ġo", "f"), ("Ġ", "in"), ("Ġ", "d"), ("Ġ", "h"), ("Ġan", "d"),
-    ("i", "c"), ("a", "s"), ("l", "e"), ("Ġt", "h"), ("i", "on"), ("o", "m"), ("l", "l"),
-    ("en", "t"), ("Ġ", "n"), ("Ġ", "l"), ("s", "t"), ("Ġ", "re"), ("v", "e"), ("Ġ", "e"),
-    ("r", "o"), ("l", "y"), ("Ġb", "e"), ("Ġ", "g"), ("Ġ", "T"), ("c", "t"), ("Ġ", "S"),
-    ("i", "d"), ("o", "t"), ("Ġ", "I"), ("u", "t"), ("Ġ", "A"), ("Ġ", "is"), ("Ġ", "on"),
-    ("i", "m"), ("a", "m"), ("o", "w"), ("a", "y"), ("a", "d"), ("s", "e"), ("Ġth", "at"),
-    ("Ġ", "C"), ("Ġf", "or"), ("Ġ", "y"), ("v", "er"), ("u", "r"), ("Ġ", "u"), ("Ġy", "ou"),
-    ("it", "h"), ("Ġw", "ith"), ("at", "ion"), ("a", "g"), ("Ġ", "im"), ("Ġim", "ag"),
+    ("Ġ", "t"),
+    ("Ġ", "a"),
+    ("h", "e"),
+    ("i", "n"),
+    ("r", "e"),
+    ("o", "n"),
+    ("Ġt", "he"),
+    ("e", "r"),
+    ("Ġ", "s"),
+    ("a", "t"),
+    ("Ġ", "w"),
+    ("Ġ", "o"),
+    ("e", "n"),
+    ("Ġ", "c"),
+    ("i", "t"),
+    ("i", "s"),
+    ("a", "n"),
+    ("o", "r"),
+    ("e", "s"),
+    ("Ġ", "b"),
+    ("e", "d"),
+    ("Ġ", "f"),
+    ("in", "g"),
+    ("Ġ", "p"),
+    ("o", "u"),
+    ("Ġa", "n"),
+    ("a", "l"),
+    ("a", "r"),
+    ("Ġt", "o"),
+    ("Ġ", "m"),
+    ("Ġo", "f"),
+    ("Ġ", "in"),
+    ("Ġ", "d"),
+    ("Ġ", "h"),
+    ("Ġan", "d"),
+    ("i", "c"),
+    ("a", "s"),
+    ("l", "e"),
+    ("Ġt", "h"),
+    ("i", "on"),
+    ("o", "m"),
+    ("l", "l"),
+    ("en", "t"),
+    ("Ġ", "n"),
+    ("Ġ", "l"),
+    ("s", "t"),
+    ("Ġ", "re"),
+    ("v", "e"),
+    ("Ġ", "e"),
+    ("r", "o"),
+    ("l", "y"),
+    ("Ġb", "e"),
+    ("Ġ", "g"),
+    ("Ġ", "T"),
+    ("c", "t"),
+    ("Ġ", "S"),
+    ("i", "d"),
+    ("o", "t"),
+    ("Ġ", "I"),
+    ("u", "t"),
+    ("Ġ", "A"),
+    ("Ġ", "is"),
+    ("Ġ", "on"),
+    ("i", "m"),
+    ("a", "m"),
+    ("o", "w"),
+    ("a", "y"),
+    ("a", "d"),
+    ("s", "e"),
+    ("Ġth", "at"),
+    ("Ġ", "C"),
+    ("Ġf", "or"),
+    ("Ġ", "y"),
+    ("v", "er"),
+    ("u", "r"),
+    ("Ġ", "u"),
+    ("Ġy", "ou"),
+    ("it", "h"),
+    ("Ġw", "ith"),
+    ("at", "ion"),
+    ("a", "g"),
+    ("Ġ", "im"),
+    ("Ġim", "ag"),
     ("Ġimag", "e"),
 )
 
 #: A few CLIP merges (word-final symbols carry CLIP's "</w>" suffix).
 _CLIP_MERGES = (
-    ("a", "t</w>"), ("c", "at</w>"), ("t", "h"), ("th", "e</w>"), ("o", "f</w>"),
-    ("o", "g</w>"), ("d", "og</w>"), ("p", "h"), ("o", "t"), ("ph", "ot"), ("phot", "o</w>"),
-    ("i", "n</w>"), ("a", "n"), ("an", "d</w>"),
+    ("a", "t</w>"),
+    ("c", "at</w>"),
+    ("t", "h"),
+    ("th", "e</w>"),
+    ("o", "f</w>"),
+    ("o", "g</w>"),
+    ("d", "og</w>"),
+    ("p", "h"),
+    ("o", "t"),
+    ("ph", "ot"),
+    ("phot", "o</w>"),
+    ("i", "n</w>"),
+    ("a", "n"),
+    ("an", "d</w>"),
 )
 
 
@@ -151,10 +233,7 @@ def quiet_progress_bars() -> Iterator[None]:
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
-    states = [
-        (module, module.is_progress_bar_enabled())
-        for module in (transformers_logging, diffusers_logging)
-    ]
+    states = [(module, module.is_progress_bar_enabled()) for module in (transformers_logging, diffusers_logging)]
     for module, _ in states:
         module.disable_progress_bar()
     try:
@@ -282,9 +361,7 @@ def _save_qwen2vl_image_processor(path: Path) -> None:
     from transformers import Qwen2VLImageProcessorPil
 
     # The real Qwen2-VL preprocessor bounds (min_pixels 56², max_pixels 16384·28²).
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 56 * 56, "longest_edge": 16384 * 28 * 28}
-    )
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 16384 * 28 * 28})
     image_processor.save_pretrained(path)
     # Like the real Qwen/Qwen2-VL-2B-Instruct file: top-level min_pixels/max_pixels too (they take
     # precedence over `size` when loading, so loaders must override them explicitly).
@@ -452,9 +529,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_tiny_clip_text_config(tokenizer, tokenizer.pad_token_id))
     torch.manual_seed(seed)
-    text_encoder_2 = CLIPTextModelWithProjection(
-        _tiny_clip_text_config(tokenizer, tokenizer_2.pad_token_id)
-    )
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_text_config(tokenizer, tokenizer_2.pad_token_id))
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -473,9 +548,7 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_safetensors_folder(
-    folder: Path, keep: Callable[[str], bool] = lambda key: True
-) -> dict[str, torch.Tensor]:
+def _read_safetensors_folder(folder: Path, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
     """The tensors of a ``save_pretrained`` folder whose names pass ``keep`` (see
     :func:`easyref_cli.model.checkpoint.read_folder_tensors`)."""
     from easyref_cli.model.checkpoint import read_folder_tensors
@@ -510,9 +583,7 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator, std: float) -> to
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32) * std
 
 
-def _perturb(
-    tensor: torch.Tensor, generator: torch.Generator, rel: float = 0.1, floor: float = 0.02
-) -> torch.Tensor:
+def _perturb(tensor: torch.Tensor, generator: torch.Generator, rel: float = 0.1, floor: float = 0.02) -> torch.Tensor:
     """A float32 copy of ``tensor`` plus Gaussian noise of ``rel`` × its std (``floor`` for
     constant tensors such as norm weights or zero biases)."""
     base = tensor.detach().to("cpu").float()
@@ -534,9 +605,7 @@ def _unet_attention_modules(base_model_path: Path):
         unet = UNet2DConditionModel.from_config(config)
     suffix = ".processor"
     modules = [
-        (name, unet.get_submodule(name[: -len(suffix)]))
-        for name in unet.attn_processors
-        if name.endswith(suffix)
+        (name, unet.get_submodule(name[: -len(suffix)])) for name in unet.attn_processors if name.endswith(suffix)
     ]
     return unet.config, modules
 
@@ -582,14 +651,8 @@ def _ip_state(
     """Decoupled cross-attention: to_k_ip / to_v_ip on every attn2 (official init: copies of
     to_k / to_v). The UNet weights are read from disk; the modules give names and shapes."""
     attn2 = [(name, module) for name, module in attention if name.endswith("attn2.processor")]
-    wanted_unet = {
-        f"{name[: -len('.processor')]}.{proj}.weight"
-        for name, _ in attn2
-        for proj in ("to_k", "to_v")
-    }
-    unet_weights = _read_safetensors_folder(
-        Path(base_model_path) / "unet", wanted_unet.__contains__
-    )
+    wanted_unet = {f"{name[: -len('.processor')]}.{proj}.weight" for name, _ in attn2 for proj in ("to_k", "to_v")}
+    unet_weights = _read_safetensors_folder(Path(base_model_path) / "unet", wanted_unet.__contains__)
     state: dict[str, torch.Tensor] = {}
     for name, module in attn2:
         base = name[: -len(".processor")]
@@ -613,24 +676,18 @@ def _lora_state(attention: AttentionModules, lora_rank: int, g: torch.Generator)
             ("to_out_lora", module.to_out[0]),
         ):
             fan_in = linear.in_features
-            state[f"unet.{name}.{lora_name}.down.weight"] = _randn(
-                (lora_rank, fan_in), g, fan_in**-0.5
-            )
+            state[f"unet.{name}.{lora_name}.down.weight"] = _randn((lora_rank, fan_in), g, fan_in**-0.5)
             state[f"unet.{name}.{lora_name}.up.weight"] = _randn(
                 (linear.out_features, lora_rank), g, 0.09 * lora_rank**-0.5
             )
     return state
 
 
-def _adapter_module_duplicates(
-    state: dict[str, torch.Tensor], attention: AttentionModules
-) -> dict[str, torch.Tensor]:
+def _adapter_module_duplicates(state: dict[str, torch.Tensor], attention: AttentionModules) -> dict[str, torch.Tensor]:
     """The official training code's `adapter_modules` ModuleList (unet.attn_processors.values())
     duplicated the processor weights under its own index; a couple of such keys (the first
     attn2's to_k_ip / to_v_ip, copied from ``state``) stand for them."""
-    index, name = next(
-        (i, n) for i, (n, _) in enumerate(attention) if n.endswith("attn2.processor")
-    )
+    index, name = next((i, n) for i, (n, _) in enumerate(attention) if n.endswith("attn2.processor"))
     duplicates: dict[str, torch.Tensor] = {}
     for proj in ("to_k_ip", "to_v_ip"):
         duplicate = state[f"unet.{name}.{proj}.weight"].clone()
@@ -648,9 +705,7 @@ def _mllm_state(
             continue
         state["multimodal_llm." + key] = _perturb(mllm[key], g)
     if tied:  # 4.45 state dicts list the tied head too (transformers 5 saves only one)
-        state["multimodal_llm.lm_head.weight"] = state[
-            "multimodal_llm.model.embed_tokens.weight"
-        ].clone()
+        state["multimodal_llm.lm_head.weight"] = state["multimodal_llm.model.embed_tokens.weight"].clone()
     return state
 
 
@@ -735,15 +790,11 @@ def build_tiny_models(root: Path, seed: int = 0) -> TinyModels:
         build_tiny_qwen2vl(layout.mllm, seed=seed)
         build_tiny_sdxl(layout.base_model, seed=seed)
     common = {"seed": seed}
-    _save_safetensors(
-        official_state_dict(layout.mllm, layout.base_model, lora=False, **common), layout.adapter
-    )
+    _save_safetensors(official_state_dict(layout.mllm, layout.base_model, lora=False, **common), layout.adapter)
     lora_state = official_state_dict(layout.mllm, layout.base_model, lora=True, **common)
     _save_safetensors(lora_state, layout.adapter_lora)
     _save_safetensors(
-        official_state_dict(
-            layout.mllm, layout.base_model, lora=True, multimodal_llm=True, **common
-        ),
+        official_state_dict(layout.mllm, layout.base_model, lora=True, multimodal_llm=True, **common),
         layout.adapter_mllm,
     )
     torch.save({"module": lora_state}, layout.adapter_deepspeed)
@@ -778,9 +829,7 @@ def ensure_tiny_models(cache_dir: Path) -> TinyModels:
     if _is_complete(cache_dir):
         return tiny_layout(cache_dir)
     if _is_foreign(cache_dir):
-        raise FileExistsError(
-            f"{cache_dir} exists and is not a tiny-model cache; choose an empty or new folder"
-        )
+        raise FileExistsError(f"{cache_dir} exists and is not a tiny-model cache; choose an empty or new folder")
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
     try:

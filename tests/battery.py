@@ -101,28 +101,193 @@ def _cases() -> list[tuple[str, list[str]]]:
     tiny = ["--model", "tiny"]
     cases: list[tuple[str, list[str]]] = [
         ("demo", ["generate", demo, "--prompts", demo_prompts, "--model", "demo", "-o", "OUT/demo", "-q"]),
-        ("demo_json", ["generate", demo, "--prompt", "a small shape on the right", "--model", "demo", "-o", "OUT/demo_json", "--seed", "3", "--json", "-q"]),
+        (
+            "demo_json",
+            [
+                "generate",
+                demo,
+                "--prompt",
+                "a small shape on the right",
+                "--model",
+                "demo",
+                "-o",
+                "OUT/demo_json",
+                "--seed",
+                "3",
+                "--json",
+                "-q",
+            ],
+        ),
         ("tiny_file", ["generate", g, "--prompts", p, *tiny, "-o", "OUT/tiny_file", "-q"]),
         ("tiny_file_resume", ["generate", g, "--prompts", p, *tiny, "-o", "OUT/tiny_file", "-q", "--json"]),
         ("tiny_batch2", ["generate", g, "--prompts", p, *tiny, "-o", "OUT/tiny_batch2", "--batch-size", "2", "-q"]),
-        ("tiny_preset_file", ["generate", g, "--prompt", "a red boat", *tiny, "--preset", str(WORK / "preset.yaml"), "-o", "OUT/tiny_preset_file", "-n", "2", "-q"]),
-        ("tiny_preset_builtin", ["generate", g + "/alpha", "--prompt", "a tree", *tiny, "--preset", "style", "--width", "64", "--height", "64", "--steps", "2", "-o", "OUT/tiny_preset_builtin", "--name-template", "{preset}/{group}-{seed:03d}", "-q"]),
-        ("tiny_cli_overrides", ["generate", g, "--prompts", p, *tiny, "--steps", "2", "--guidance", "6", "--scale", "0.9", "--negative-prompt", "bad", "--scheduler", "ddim", "-o", "OUT/tiny_cli_overrides", "-q"]),
-        ("tiny_from_image", ["generate", "--from-image", "OUT/tiny_file/alpha/knight_1.png", *tiny, "-o", "OUT/tiny_from_image", "-q"]),
-        ("demo_from_image", ["generate", "--from-image", "OUT/demo/red-circle/centre_0.png", "--model", "demo", "-o", "OUT/demo_from_image", "-q"]),
+        (
+            "tiny_preset_file",
+            [
+                "generate",
+                g,
+                "--prompt",
+                "a red boat",
+                *tiny,
+                "--preset",
+                str(WORK / "preset.yaml"),
+                "-o",
+                "OUT/tiny_preset_file",
+                "-n",
+                "2",
+                "-q",
+            ],
+        ),
+        (
+            "tiny_preset_builtin",
+            [
+                "generate",
+                g + "/alpha",
+                "--prompt",
+                "a tree",
+                *tiny,
+                "--preset",
+                "style",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--steps",
+                "2",
+                "-o",
+                "OUT/tiny_preset_builtin",
+                "--name-template",
+                "{preset}/{group}-{seed:03d}",
+                "-q",
+            ],
+        ),
+        (
+            "tiny_cli_overrides",
+            [
+                "generate",
+                g,
+                "--prompts",
+                p,
+                *tiny,
+                "--steps",
+                "2",
+                "--guidance",
+                "6",
+                "--scale",
+                "0.9",
+                "--negative-prompt",
+                "bad",
+                "--scheduler",
+                "ddim",
+                "-o",
+                "OUT/tiny_cli_overrides",
+                "-q",
+            ],
+        ),
+        (
+            "tiny_from_image",
+            ["generate", "--from-image", "OUT/tiny_file/alpha/knight_1.png", *tiny, "-o", "OUT/tiny_from_image", "-q"],
+        ),
+        (
+            "demo_from_image",
+            [
+                "generate",
+                "--from-image",
+                "OUT/demo/red-circle/centre_0.png",
+                "--model",
+                "demo",
+                "-o",
+                "OUT/demo_from_image",
+                "-q",
+            ],
+        ),
         ("dry_run", ["generate", g, "--prompts", p, *tiny, "-o", "OUT/tiny_file", "--dry-run"]),
         ("dry_run_json", ["generate", g, "--prompts", p, *tiny, "-o", "OUT/tiny_file", "--dry-run", "--json"]),
-        ("dry_run_json_new", ["generate", g, "--prompts", p, *tiny, "-o", "OUT/nothing", "--dry-run", "--json", "--preset", "identity"]),
-        ("from_image_dry", ["generate", "--from-image", "OUT/tiny_file/beta/a-cat-on-a-sofa_0.png", *tiny, "-o", "OUT/x", "--dry-run", "--json"]),
+        (
+            "dry_run_json_new",
+            ["generate", g, "--prompts", p, *tiny, "-o", "OUT/nothing", "--dry-run", "--json", "--preset", "identity"],
+        ),
+        (
+            "from_image_dry",
+            [
+                "generate",
+                "--from-image",
+                "OUT/tiny_file/beta/a-cat-on-a-sofa_0.png",
+                *tiny,
+                "-o",
+                "OUT/x",
+                "--dry-run",
+                "--json",
+            ],
+        ),
         ("other_settings_clash", ["generate", g, "--prompts", p, *tiny, "--steps", "1", "-o", "OUT/tiny_file", "-q"]),
-        ("overwrite_one", ["generate", g + "/gamma", "--prompt", "a lighthouse at dusk", *tiny, "--steps", "3", "--guidance", "4", "-o", "OUT/tiny_file", "-q", "--overwrite", "--name-template", "{group}/{prompt_id}_{seed}"]),
-        ("encode", ["encode", g + "/alpha", "--prompt", "a cat", "--mllm", "HOME/tiny-models/qwen2-vl", "--adapter", "HOME/tiny-models/easyref/adapter_lora.safetensors", "-o", "OUT/encode/cond.safetensors", "--dtype", "float32", "--device", "cpu"]),
+        (
+            "overwrite_one",
+            [
+                "generate",
+                g + "/gamma",
+                "--prompt",
+                "a lighthouse at dusk",
+                *tiny,
+                "--steps",
+                "3",
+                "--guidance",
+                "4",
+                "-o",
+                "OUT/tiny_file",
+                "-q",
+                "--overwrite",
+                "--name-template",
+                "{group}/{prompt_id}_{seed}",
+            ],
+        ),
+        (
+            "encode",
+            [
+                "encode",
+                g + "/alpha",
+                "--prompt",
+                "a cat",
+                "--mllm",
+                "HOME/tiny-models/qwen2-vl",
+                "--adapter",
+                "HOME/tiny-models/easyref/adapter_lora.safetensors",
+                "-o",
+                "OUT/encode/cond.safetensors",
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+            ],
+        ),
     ]
     for name in BAD_PROMPTS:
-        cases.append((f"err_{name}", ["generate", g, "--prompts", str(WORK / f"bad_{name}.yaml"), *tiny, "-o", "OUT/err", "--dry-run"]))
+        cases.append(
+            (
+                f"err_{name}",
+                ["generate", g, "--prompts", str(WORK / f"bad_{name}.yaml"), *tiny, "-o", "OUT/err", "--dry-run"],
+            )
+        )
     cases += [
-        ("err_bad_preset", ["generate", g, "--prompt", "a", *tiny, "--preset", str(WORK / "bad_preset.yaml"), "-o", "OUT/err", "--dry-run"]),
-        ("err_unknown_preset", ["generate", g, "--prompt", "a", *tiny, "--preset", "nope", "-o", "OUT/err", "--dry-run"]),
+        (
+            "err_bad_preset",
+            [
+                "generate",
+                g,
+                "--prompt",
+                "a",
+                *tiny,
+                "--preset",
+                str(WORK / "bad_preset.yaml"),
+                "-o",
+                "OUT/err",
+                "--dry-run",
+            ],
+        ),
+        (
+            "err_unknown_preset",
+            ["generate", g, "--prompt", "a", *tiny, "--preset", "nope", "-o", "OUT/err", "--dry-run"],
+        ),
         ("err_two_sources", ["generate", g, "--prompt", "a", "--prompts", p, *tiny, "-o", "OUT/err", "--dry-run"]),
         ("err_no_source", ["generate", g, *tiny, "-o", "OUT/err", "--dry-run"]),
         ("err_missing_group", ["generate", str(WORK / "nope"), "--prompt", "a", *tiny, "-o", "OUT/err", "--dry-run"]),
@@ -130,15 +295,43 @@ def _cases() -> list[tuple[str, list[str]]]:
         ("err_bad_model", ["generate", g, "--prompt", "a", "--model", "huge", "-o", "OUT/err", "--dry-run"]),
         ("err_bad_width", ["generate", g, "--prompt", "a", *tiny, "--width", "65", "-o", "OUT/err", "--dry-run"]),
         ("err_bad_dtype", ["generate", g, "--prompt", "a", *tiny, "--dtype", "int8", "-o", "OUT/err", "--dry-run"]),
-        ("err_bad_attention", ["generate", g, "--prompt", "a", *tiny, "--attention", "flash", "-o", "OUT/err", "--dry-run"]),
+        (
+            "err_bad_attention",
+            ["generate", g, "--prompt", "a", *tiny, "--attention", "flash", "-o", "OUT/err", "--dry-run"],
+        ),
         ("err_bad_offload", ["generate", g, "--prompt", "a", *tiny, "--offload", "disk", "-o", "OUT/err", "--dry-run"]),
         ("err_bad_device", ["generate", g, "--prompt", "a", *tiny, "--device", "gpu0", "-o", "OUT/err", "--dry-run"]),
-        ("err_bad_template", ["generate", g, "--prompt", "a", *tiny, "--name-template", "{colour}", "-o", "OUT/err", "--dry-run"]),
-        ("err_template_collision", ["generate", g, "--prompt", "a", *tiny, "--name-template", "{prompt_id}", "-o", "OUT/err", "--dry-run"]),
-        ("err_from_image_flags", ["generate", "--from-image", "OUT/tiny_file/alpha/knight_1.png", *tiny, "--steps", "3", "-o", "OUT/err", "--dry-run"]),
-        ("err_from_image_groups", ["generate", g, "--from-image", "OUT/tiny_file/alpha/knight_1.png", *tiny, "-o", "OUT/err", "--dry-run"]),
+        (
+            "err_bad_template",
+            ["generate", g, "--prompt", "a", *tiny, "--name-template", "{colour}", "-o", "OUT/err", "--dry-run"],
+        ),
+        (
+            "err_template_collision",
+            ["generate", g, "--prompt", "a", *tiny, "--name-template", "{prompt_id}", "-o", "OUT/err", "--dry-run"],
+        ),
+        (
+            "err_from_image_flags",
+            [
+                "generate",
+                "--from-image",
+                "OUT/tiny_file/alpha/knight_1.png",
+                *tiny,
+                "--steps",
+                "3",
+                "-o",
+                "OUT/err",
+                "--dry-run",
+            ],
+        ),
+        (
+            "err_from_image_groups",
+            ["generate", g, "--from-image", "OUT/tiny_file/alpha/knight_1.png", *tiny, "-o", "OUT/err", "--dry-run"],
+        ),
         ("err_control_prompt", ["generate", g, "--prompt", "x <|im_end|>", *tiny, "-o", "OUT/err", "--dry-run"]),
-        ("err_seed_overflow", ["generate", g, "--prompt", "a", *tiny, "--seed", str(2**64 - 1), "-n", "2", "-o", "OUT/err", "--dry-run"]),
+        (
+            "err_seed_overflow",
+            ["generate", g, "--prompt", "a", *tiny, "--seed", str(2**64 - 1), "-n", "2", "-o", "OUT/err", "--dry-run"],
+        ),
         ("err_empty_prompt", ["generate", g, "--prompt", "  ", *tiny, "-o", "OUT/err", "--dry-run"]),
         ("presets_list", ["presets", "list"]),
         ("presets_show", ["presets", "show", "identity"]),
@@ -200,14 +393,22 @@ def _outputs(root: Path) -> dict[str, object]:
 
 def record(dest: Path) -> None:
     _setup()
-    env = {**os.environ, "EASYREF_HOME": str(WORK / "home"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "120", "NO_COLOR": "1"}
+    env = {
+        **os.environ,
+        "EASYREF_HOME": str(WORK / "home"),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "COLUMNS": "120",
+        "NO_COLOR": "1",
+    }
     env.pop("EASYREF_DEBUG", None)
     results = {}
     for name, args in _cases():
         args = [a.replace("OUT/", str(WORK / "out") + "/").replace("HOME/", str(WORK / "home") + "/") for a in args]
-        proc = subprocess.run([sys.executable, "-m", "easyref_cli", *args], cwd=WORK, env=env,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "easyref_cli", *args], cwd=WORK, env=env, capture_output=True, text=True, timeout=600
+        )
         results[name] = {"exit": proc.returncode, "stdout": _mask(proc.stdout), "stderr": _mask(proc.stderr)}
         print(f"{name:<28} exit {proc.returncode}", file=sys.stderr)
     results["_files"] = _outputs(WORK / "out")
@@ -242,7 +443,9 @@ def compare(before: Path, after: Path) -> int:
                 va, vb = _json_lines(va), _json_lines(vb)
             if va != vb:
                 diffs += 1
-                print(f"DIFF {name}.{key}:\n  before: {a.get(name, {}).get(key)!r}\n  after:  {b.get(name, {}).get(key)!r}")
+                print(
+                    f"DIFF {name}.{key}:\n  before: {a.get(name, {}).get(key)!r}\n  after:  {b.get(name, {}).get(key)!r}"
+                )
     fa, fb = a["_files"], b["_files"]
     for rel in sorted(set(fa) | set(fb)):
         if fa.get(rel) != fb.get(rel):
@@ -250,8 +453,10 @@ def compare(before: Path, after: Path) -> int:
             print(f"DIFF file {rel}")
     pngs = sum(rel.endswith(".png") for rel in fa)
     manifests = sum(len(v) for v in fa.values() if isinstance(v, list))
-    print(f"{len(a) - 1} cases ({sum(1 for k in a if k != '_files' and a[k]['exit'] != 0)} with non-zero exit), "
-          f"{pngs} PNGs, {manifests} manifest lines: {diffs} difference(s)")
+    print(
+        f"{len(a) - 1} cases ({sum(1 for k in a if k != '_files' and a[k]['exit'] != 0)} with non-zero exit), "
+        f"{pngs} PNGs, {manifests} manifest lines: {diffs} difference(s)"
+    )
     return 1 if diffs else 0
 
 

@@ -25,7 +25,10 @@ def _inputs(unet, num_tokens=64, seed=0):
         sample=torch.randn(2, 4, 8, 8, generator=g),
         timestep=torch.tensor(500),
         encoder_hidden_states=torch.randn(2, 77 + num_tokens, cross, generator=g),
-        added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2).float()},
+        added_cond_kwargs={
+            "text_embeds": torch.randn(2, 32, generator=g),
+            "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2).float(),
+        },
     )
 
 
@@ -126,13 +129,19 @@ def test_reference_tokens_only_reach_attn2_through_ip_weights(tiny):
         sh = lambda t: t.view(1, -1, h, t.shape[-1] // h).transpose(1, 2)  # noqa: E731
         q = sh(attn.to_q(x))
         text = F.scaled_dot_product_attention(q, sh(attn.to_k(ctx[:, :77])), sh(attn.to_v(ctx[:, :77])))
-        ip = F.scaled_dot_product_attention(q, sh(F.linear(ctx[:, 77:], ckpt.ip[attn_path]["to_k_ip"])), sh(F.linear(ctx[:, 77:], ckpt.ip[attn_path]["to_v_ip"])))
+        ip = F.scaled_dot_product_attention(
+            q,
+            sh(F.linear(ctx[:, 77:], ckpt.ip[attn_path]["to_k_ip"])),
+            sh(F.linear(ctx[:, 77:], ckpt.ip[attn_path]["to_v_ip"])),
+        )
         want = attn.to_out[0]((text + ip).transpose(1, 2).reshape(1, 16, -1))
     assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_attention_auto_falls_back_to_sdpa_when_xformers_cannot_run(monkeypatch):
-    monkeypatch.setattr(adapter, "probe_xformers", lambda device, dtype: (False, "xformers not importable: ImportError"))
+    monkeypatch.setattr(
+        adapter, "probe_xformers", lambda device, dtype: (False, "xformers not importable: ImportError")
+    )
     choice = adapter.resolve_attention("auto", "cpu", torch.float32)
     assert choice.backend == "sdpa" and "fallback" in choice.reason
     with pytest.raises(UsageError, match="xformers"):

@@ -149,13 +149,20 @@ def test_save_load_round_trip_in_official_names(tiny, tmp_path, suffix):
     out = ck.save_checkpoint(c, tmp_path / f"rt{suffix}")
     raw = load_file(str(tiny.adapter_mllm))
     saved = ck.read_state_dict(out)
-    official = {k: v for k, v in raw.items() if not k.startswith("adapter_modules.") and k != "multimodal_llm.lm_head.weight"}
+    official = {
+        k: v for k, v in raw.items() if not k.startswith("adapter_modules.") and k != "multimodal_llm.lm_head.weight"
+    }
     assert set(saved) == set(official)  # same official (transformers-4.45) key names
     assert all(torch.equal(saved[k], official[k]) for k in official)
 
 
 def test_mllm_key_mapping_both_ways():
-    old = {"visual.blocks.0.attn.qkv.weight": 1, "model.layers.0.mlp.up_proj.weight": 2, "model.norm.weight": 3, "lm_head.weight": 4}
+    old = {
+        "visual.blocks.0.attn.qkv.weight": 1,
+        "model.layers.0.mlp.up_proj.weight": 2,
+        "model.norm.weight": 3,
+        "lm_head.weight": 4,
+    }
     new = ck.mllm_keys_445_to_5(old)
     assert set(new) == {
         "model.visual.blocks.0.attn.qkv.weight",

@@ -15,7 +15,21 @@ runner = CliRunner()
 
 
 def _encode(tiny, group, out, *extra, adapter=None, mllm=None):
-    args = ["encode", str(group), "--prompt", "a cat", "--mllm", str(mllm or tiny.mllm), "--adapter", str(adapter or tiny.adapter), "--out", str(out), "--device", "cpu", *extra]
+    args = [
+        "encode",
+        str(group),
+        "--prompt",
+        "a cat",
+        "--mllm",
+        str(mllm or tiny.mllm),
+        "--adapter",
+        str(adapter or tiny.adapter),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     return runner.invoke(app, args)
 
 

@@ -67,13 +67,20 @@ def _restore_logging():
 
 def model_args(tiny) -> list[str]:
     return [
-        "--base-model", str(tiny.base_model),
-        "--mllm", str(tiny.mllm),
-        "--adapter", str(tiny.adapter_lora),
-        "--device", "cpu",
-        "--width", "64",
-        "--height", "64",
-        "--steps", "2",
+        "--base-model",
+        str(tiny.base_model),
+        "--mllm",
+        str(tiny.mllm),
+        "--adapter",
+        str(tiny.adapter_lora),
+        "--device",
+        "cpu",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
     ]
 
 
@@ -320,8 +327,16 @@ def repeat_run(base_run, tiny):
 def batch2_run(base_run, tiny):
     out = base_run["root"] / "out_batch2"
     res = generate(
-        tiny, base_run["groups"], "--prompts", base_run["prompts"], "-o", out, "--batch-size", "2",
-        "--cache-dir", base_run["root"] / "cache",
+        tiny,
+        base_run["groups"],
+        "--prompts",
+        base_run["prompts"],
+        "-o",
+        out,
+        "--batch-size",
+        "2",
+        "--cache-dir",
+        base_run["root"] / "cache",
     )
     return {"res": res, "out": out}
 
@@ -424,12 +439,45 @@ def test_cli_maps_options_onto_the_plan(tmp_path, monkeypatch):
         defaults={"guidance": 2.0, "scale": 0.5, "steps": 7},
     )
     res = invoke(
-        "generate", groups, "--prompts", prompts, "-o", tmp_path / "out",
-        "--preset", "identity", "--steps", "8", "--width", "128", "--height", "64",
-        "--seed", "11", "-n", "2", "--scheduler", "DDIM", "--batch-size", "3",
-        "--base-model", "bm", "--mllm", "ml", "--adapter", "ad.safetensors",
-        "--device", "cpu", "--dtype", "fp16", "--attention", "sdpa",
-        "--name-template", "{preset}/{group}-{prompt_id}-{index}", "--overwrite", "--fail-fast", "--json",
+        "generate",
+        groups,
+        "--prompts",
+        prompts,
+        "-o",
+        tmp_path / "out",
+        "--preset",
+        "identity",
+        "--steps",
+        "8",
+        "--width",
+        "128",
+        "--height",
+        "64",
+        "--seed",
+        "11",
+        "-n",
+        "2",
+        "--scheduler",
+        "DDIM",
+        "--batch-size",
+        "3",
+        "--base-model",
+        "bm",
+        "--mllm",
+        "ml",
+        "--adapter",
+        "ad.safetensors",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp16",
+        "--attention",
+        "sdpa",
+        "--name-template",
+        "{preset}/{group}-{prompt_id}-{index}",
+        "--overwrite",
+        "--fail-fast",
+        "--json",
     )
     assert res.exit_code == 0, res.output
     plan = seen["plan"]
@@ -448,7 +496,10 @@ def test_cli_maps_options_onto_the_plan(tmp_path, monkeypatch):
     assert {j.settings.negative_prompt for j in one} == {"blurry"}
     assert all((j.settings.guidance, j.settings.scale, j.settings.scheduler) == (2.0, 0.5, "ddim") for j in plan.jobs)
     assert all((j.settings.width, j.settings.height) == (128, 64) for j in plan.jobs)
-    assert {j.output.as_posix() for j in one if j.group.name == "alpha"} == {"identity/alpha-one-0.png", "identity/alpha-one-1.png"}
+    assert {j.output.as_posix() for j in one if j.group.name == "alpha"} == {
+        "identity/alpha-one-0.png",
+        "identity/alpha-one-1.png",
+    }
 
 
 @pytest.mark.parametrize(
@@ -505,7 +556,9 @@ def test_dry_run_with_model_tiny_builds_no_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(testing, "build_tiny_models", boom)
     groups = make_groups(tmp_path / "groups", names=("alpha",), n=1)
-    res = invoke("generate", groups, "--prompt", "a cat", "-o", tmp_path / "out", "--model", "tiny", "--dry-run", "--json")
+    res = invoke(
+        "generate", groups, "--prompt", "a cat", "-o", tmp_path / "out", "--model", "tiny", "--dry-run", "--json"
+    )
     assert res.exit_code == 0
     assert [json.loads(line)["width"] for line in res.stdout.splitlines()] == [64]
 
@@ -550,7 +603,9 @@ def test_resume_regenerates_only_missing_outputs(tmp_path, tiny, monkeypatch):
     entries = read_manifest(out)
     assert [e["status"] for e in entries[:3]] == ["ok"] * 3 and len(entries) == 6
     assert {Path(e["path"]).name: e["status"] for e in entries[3:]} == {
-        "cat_0.png": "skipped", "cat_1.png": "ok", "cat_2.png": "skipped",
+        "cat_0.png": "skipped",
+        "cat_1.png": "ok",
+        "cat_2.png": "skipped",
     }
     assert no_tmp_files(out)
 
@@ -622,7 +677,20 @@ def test_forbid_model_load_fixture_bites(tmp_path, forbid_model_load):
     """Guard for the guard: with pending jobs, the patched loaders are reached."""
     groups = make_groups(tmp_path / "groups", names=("alpha",), n=1)
     with pytest.raises(AssertionError, match="a model was loaded"):
-        invoke("generate", groups, "--prompt", "a cat", "-o", tmp_path / "out", "--base-model", "x", "--mllm", "y", "--adapter", "z")
+        invoke(
+            "generate",
+            groups,
+            "--prompt",
+            "a cat",
+            "-o",
+            tmp_path / "out",
+            "--base-model",
+            "x",
+            "--mllm",
+            "y",
+            "--adapter",
+            "z",
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,7 +727,14 @@ def test_failed_group_is_recorded_and_others_still_run(tmp_path, tiny):
     res = generate(tiny, groups, "--prompt", "a cat", "-n", "2", "-o", out)
     assert res.exit_code == 1
     assert all(p.stat().st_mtime_ns == OLD_NS for p in pngs(out))
-    assert sorted(e["status"] for e in read_manifest(out)[6:]) == ["error", "error", "skipped", "skipped", "skipped", "skipped"]
+    assert sorted(e["status"] for e in read_manifest(out)[6:]) == [
+        "error",
+        "error",
+        "skipped",
+        "skipped",
+        "skipped",
+        "skipped",
+    ]
 
 
 def test_fail_fast_stops_at_the_first_failure(tmp_path, tiny):
@@ -957,7 +1032,9 @@ def odd_inputs_run(tiny, tmp_path_factory):
         d.mkdir(parents=True)
         make(d)
     out = root / "out"
-    res = invoke("generate", groups, "--prompt", "a cat", "-o", out, *model_args(tiny), "-v", "--cache-dir", root / "cache")
+    res = invoke(
+        "generate", groups, "--prompt", "a cat", "-o", out, *model_args(tiny), "-v", "--cache-dir", root / "cache"
+    )
     return {"res": res, "out": out, "groups": groups, "entries": read_manifest(out) if out.exists() else []}
 
 
@@ -971,7 +1048,9 @@ def test_odd_but_valid_reference_images_work(odd_inputs_run, case):
     [entry] = [e for e in run["entries"] if e["group"] == name]
     assert entry["status"] == "ok" and Path(entry["path"]) == png
     record = record_of(png)
-    images = sorted(p for p in (run["groups"] / case).iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".txt")
+    images = sorted(
+        p for p in (run["groups"] / case).iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".txt"
+    )
     assert [Path(r["path"]).name for r in record["references"]] == [p.name for p in images]
     assert [r["sha256"] for r in record["references"]] == [sha256(p) for p in images]
 

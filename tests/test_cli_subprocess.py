@@ -27,13 +27,20 @@ SUBPROCESS_TIMEOUT = 300
 
 def tiny_args(tiny, steps: int = 2) -> list[str]:
     return [
-        "--base-model", str(tiny.base_model),
-        "--mllm", str(tiny.mllm),
-        "--adapter", str(tiny.adapter_lora),
-        "--device", "cpu",
-        "--width", "64",
-        "--height", "64",
-        "--steps", str(steps),
+        "--base-model",
+        str(tiny.base_model),
+        "--mllm",
+        str(tiny.mllm),
+        "--adapter",
+        str(tiny.adapter_lora),
+        "--device",
+        "cpu",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        str(steps),
     ]
 
 
@@ -98,7 +105,16 @@ def test_sigint_exits_130_and_rerun_completes(tmp_path, tiny):
         prompts = write_prompts(tmp_path / f"prompts{attempt}.yaml", n_prompts)
         out = tmp_path / f"out{attempt}"
         expected = {f"{g}/p{i:02d}_0.png" for g in ("alpha", "beta") for i in range(n_prompts)}
-        cmd = [*easyref_command(), "generate", str(groups), "--prompts", str(prompts), "-o", str(out), *tiny_args(tiny, steps=4)]
+        cmd = [
+            *easyref_command(),
+            "generate",
+            str(groups),
+            "--prompts",
+            str(prompts),
+            "-o",
+            str(out),
+            *tiny_args(tiny, steps=4),
+        ]
         log_path = tmp_path / f"interrupted{attempt}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
@@ -145,7 +161,7 @@ def test_sigint_exits_130_and_rerun_completes(tmp_path, tiny):
         assert (out / rel).read_bytes() == data and (out / rel).stat().st_mtime_ns == mtime, rel
     for rel in expected - done:
         assert_complete_png(out / rel)
-    rerun = read_manifest(out)[len(entries):]
+    rerun = read_manifest(out)[len(entries) :]
     assert len(rerun) == len(expected)
     assert {Path(e["path"]).relative_to(out).as_posix() for e in rerun if e["status"] == "skipped"} == done
     assert {Path(e["path"]).relative_to(out).as_posix() for e in rerun if e["status"] == "ok"} == expected - done
@@ -167,7 +183,9 @@ def test_installed_easyref_script_generates_and_inspects(tmp_path, tiny):
     out = tmp_path / "out"
     res = subprocess.run(
         [exe, "generate", str(groups), "--prompt", "a cat", "-n", "2", "-o", str(out), "--json", *tiny_args(tiny)],
-        capture_output=True, env=child_env(), timeout=SUBPROCESS_TIMEOUT,
+        capture_output=True,
+        env=child_env(),
+        timeout=SUBPROCESS_TIMEOUT,
     )
     stderr = res.stderr.decode(errors="replace")
     assert res.returncode == 0, stderr[-3000:]
@@ -176,7 +194,12 @@ def test_installed_easyref_script_generates_and_inspects(tmp_path, tiny):
     assert printed == read_manifest(out) and [e["status"] for e in printed] == ["ok", "ok"]
     assert "2 done, 0 skipped, 0 failed" in stderr  # summary (and progress bars) on stderr
 
-    res = subprocess.run([exe, "inspect", str(out / "alpha" / "a-cat_1.png")], capture_output=True, env=child_env(), timeout=SUBPROCESS_TIMEOUT)
+    res = subprocess.run(
+        [exe, "inspect", str(out / "alpha" / "a-cat_1.png")],
+        capture_output=True,
+        env=child_env(),
+        timeout=SUBPROCESS_TIMEOUT,
+    )
     assert res.returncode == 0, res.stderr.decode(errors="replace")
     record = json.loads(res.stdout)
     assert record["prompt"] == "a cat" and record["seed"] == 1 and record["steps"] == 2
@@ -213,7 +236,9 @@ def test_dry_run_imports_no_torch_and_prints_only_json(tmp_path):
     report = tmp_path / "report.json"
     res = subprocess.run(
         [sys.executable, "-c", DRY_RUN_PROBE, str(report), json.dumps(args)],
-        capture_output=True, env=child_env(), timeout=SUBPROCESS_TIMEOUT,
+        capture_output=True,
+        env=child_env(),
+        timeout=SUBPROCESS_TIMEOUT,
     )
     assert res.returncode == 0, res.stderr.decode(errors="replace")
     result = json.loads(report.read_text())
@@ -221,5 +246,7 @@ def test_dry_run_imports_no_torch_and_prints_only_json(tmp_path):
     jobs = [json.loads(line) for line in res.stdout.decode().splitlines()]  # nothing but JSON
     assert len(jobs) == 2 * 3 * 2
     assert all(isinstance(j, dict) and j["exists"] is False for j in jobs)
-    assert {j["output"] for j in jobs} == {f"{g}/p{i:02d}_{s}.png" for g in ("alpha", "beta") for i in range(3) for s in (0, 1)}
+    assert {j["output"] for j in jobs} == {
+        f"{g}/p{i:02d}_{s}.png" for g in ("alpha", "beta") for i in range(3) for s in (0, 1)
+    }
     assert not out.exists()

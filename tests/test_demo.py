@@ -17,6 +17,7 @@ from easyref_cli.errors import UsageError
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
+
 # --------------------------------------------------------------------------- the synthetic domain
 
 

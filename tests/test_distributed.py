@@ -20,7 +20,13 @@ def _job(group: str, i: int) -> Job:
     g = Group(name=group, path=Path(group), images=(Path(group) / "a.png",), ignored=())
     settings = GenerationSettings(seed=i, steps=1, guidance=1.0, width=8, height=8)
     return Job(
-        job_id=f"{group}-{i}", group=g, prompt_id="p", prompt="p", caption="p", index=i, settings=settings,
+        job_id=f"{group}-{i}",
+        group=g,
+        prompt_id="p",
+        prompt="p",
+        caption="p",
+        index=i,
+        settings=settings,
         output=Path(group) / f"p_{i}.png",
     )
 
@@ -82,16 +88,52 @@ def _groups(tmp_path: Path) -> Path:
 
 def _args(tiny, groups: Path, out: Path) -> list[str]:
     return [
-        "generate", str(groups), "--prompt", "a cat", "-n", "2", "-o", str(out), "--no-cache", "-q",
-        "--base-model", str(tiny.base_model), "--mllm", str(tiny.mllm), "--adapter", str(tiny.adapter_lora),
-        "--device", "cpu", "--width", "64", "--height", "64", "--steps", "2",
+        "generate",
+        str(groups),
+        "--prompt",
+        "a cat",
+        "-n",
+        "2",
+        "-o",
+        str(out),
+        "--no-cache",
+        "-q",
+        "--base-model",
+        str(tiny.base_model),
+        "--mllm",
+        str(tiny.mllm),
+        "--adapter",
+        str(tiny.adapter_lora),
+        "--device",
+        "cpu",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
     ]
 
 
 def _launch(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "easyref_cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "easyref_cli",
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -117,7 +159,9 @@ def test_two_processes_give_the_same_bytes_as_one(tiny, tmp_path):
     assert _pngs(tmp_path / "one") == _pngs(tmp_path / "two")
     assert len(_pngs(tmp_path / "two")) == 6
     manifest = files.read_manifest(tmp_path / "two" / files.MANIFEST_NAME)
-    assert [e["job_id"] for e in manifest] == [e["job_id"] for e in files.read_manifest(tmp_path / "one" / files.MANIFEST_NAME)]
+    assert [e["job_id"] for e in manifest] == [
+        e["job_id"] for e in files.read_manifest(tmp_path / "one" / files.MANIFEST_NAME)
+    ]
     assert all(e["status"] == "ok" for e in manifest) and len({e["job_id"] for e in manifest}) == 6
     assert not list((tmp_path / "two").glob(distributed.SHARD_GLOB))
 
@@ -157,7 +201,13 @@ def test_num_processes_convenience_runs_accelerate_and_keeps_the_exit_code(tiny,
     groups = _groups(tmp_path)
     (groups / "beta" / "zz_broken.png").write_bytes(b"not a png")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(["easyref", *_args(tiny, groups, tmp_path / "o"), "--num-processes", "2"], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        ["easyref", *_args(tiny, groups, tmp_path / "o"), "--num-processes", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 1, res.stderr[-3000:]  # "some jobs failed", not the launcher's generic failure
     assert "ChildFailedError" not in res.stderr
     assert len(_pngs(tmp_path / "o")) == 4

@@ -109,7 +109,9 @@ def official_reference(tiny, images, caption, instruction=INSTRUCTION, *, causal
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny.mllm, dtype=torch.float32, attn_implementation="eager").eval()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        tiny.mllm, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     sd = load_file(str(checkpoint or tiny.adapter))
     tok = AutoTokenizer.from_pretrained(tiny.mllm)
     # The processor config (like the real one) has top-level min/max_pixels that beat `size=`.
@@ -147,11 +149,17 @@ def official_reference(tiny, images, caption, instruction=INSTRUCTION, *, causal
 
         tcfg = model.config.text_config
         final = Qwen2VLDecoderLayer(tcfg, layer_idx=tcfg.num_hidden_layers - 1).eval()
-        final.load_state_dict({k[len("mllm_final_layer.layers.0."):]: v for k, v in sd.items() if k.startswith("mllm_final_layer.layers.0.")})
+        final.load_state_dict(
+            {
+                k[len("mllm_final_layer.layers.0.") :]: v
+                for k, v in sd.items()
+                if k.startswith("mllm_final_layer.layers.0.")
+            }
+        )
         refs = sd["mllm_final_layer.reference_tokens"]
         x = run(final, torch.cat([h, refs[None]], 1), causal_final)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + tcfg.rms_norm_eps) * sd["mllm_final_layer.norm.weight"]
-        x = x[0, -refs.shape[0]:]
+        x = x[0, -refs.shape[0] :]
         x = F.gelu(F.linear(x, sd["image_proj_model.proj.0.weight"], sd["image_proj_model.proj.0.bias"]))
         x = F.linear(x, sd["image_proj_model.proj.2.weight"], sd["image_proj_model.proj.2.bias"])
         return F.layer_norm(x, (x.shape[-1],), sd["image_proj_model.proj.3.weight"], sd["image_proj_model.proj.3.bias"])
@@ -204,7 +212,9 @@ def test_trunk_uses_sequential_positions_in_all_sections(encoder, refs):
     _, embeds, hidden = _hidden(encoder, refs, "pos")
     n = embeds.shape[1]
     with torch.inference_mode():
-        explicit = encoder.language_model(inputs_embeds=embeds, position_ids=sequential_positions(0, n, 1, embeds.device)).last_hidden_state
+        explicit = encoder.language_model(
+            inputs_embeds=embeds, position_ids=sequential_positions(0, n, 1, embeds.device)
+        ).last_hidden_state
         mrope = sequential_positions(0, n, 1, embeds.device).clone()
         mrope[1] = mrope[1] // 2  # any M-RoPE-style height/width indices change the result
         other = encoder.language_model(inputs_embeds=embeds, position_ids=mrope).last_hidden_state

@@ -90,9 +90,33 @@ def test_image_scores_on_fixed_embeddings():
 
 def test_summarize_means_per_group_and_overall():
     rows = [
-        {"group": "a", "clip_i": 0.2, "clip_t": 0.1, "dino_i": 0.5, "target": "t.png", "clip_i_target": 1.0, "dino_i_target": 0.0},
-        {"group": "a", "clip_i": 0.4, "clip_t": 0.3, "dino_i": 0.7, "target": None, "clip_i_target": None, "dino_i_target": None},
-        {"group": "b", "clip_i": 0.9, "clip_t": -0.1, "dino_i": 0.1, "target": "u.png", "clip_i_target": 0.5, "dino_i_target": 0.5},
+        {
+            "group": "a",
+            "clip_i": 0.2,
+            "clip_t": 0.1,
+            "dino_i": 0.5,
+            "target": "t.png",
+            "clip_i_target": 1.0,
+            "dino_i_target": 0.0,
+        },
+        {
+            "group": "a",
+            "clip_i": 0.4,
+            "clip_t": 0.3,
+            "dino_i": 0.7,
+            "target": None,
+            "clip_i_target": None,
+            "dino_i_target": None,
+        },
+        {
+            "group": "b",
+            "clip_i": 0.9,
+            "clip_t": -0.1,
+            "dino_i": 0.1,
+            "target": "u.png",
+            "clip_i_target": 0.5,
+            "dino_i_target": 0.5,
+        },
     ]
     out = metrics.summarize(rows, with_targets=True)
     a, b, overall = out["groups"]["a"], out["groups"]["b"], out["overall"]
@@ -144,13 +168,27 @@ def make_out(out: Path, refs: list[Path], jobs: list[dict]) -> Path:
             name = f"{job['group']}/{job['prompt_id']}_{job['seed']}.png"
             status = job.get("status", "ok")
             if status == "ok" and job.get("write", True):
-                record = {"job_id": job.get("record_job_id", job_id), "group": job["group"],
-                          "prompt_id": job["prompt_id"], "seed": job["seed"], "prompt": job["prompt"],
-                          "output": name, "references": references}
+                record = {
+                    "job_id": job.get("record_job_id", job_id),
+                    "group": job["group"],
+                    "prompt_id": job["prompt_id"],
+                    "seed": job["seed"],
+                    "prompt": job["prompt"],
+                    "output": name,
+                    "references": references,
+                }
                 image = Image.new("RGB", (64, 64), ((40 * k) % 256, 90, 160))
                 files.write_png_atomic(out / name, image, record=record)
-            manifest.write({"job_id": job_id, "status": status, "path": str(out / name),
-                            "group": job["group"], "prompt_id": job["prompt_id"], "seed": job["seed"]})
+            manifest.write(
+                {
+                    "job_id": job_id,
+                    "status": status,
+                    "path": str(out / name),
+                    "group": job["group"],
+                    "prompt_id": job["prompt_id"],
+                    "seed": job["seed"],
+                }
+            )
     return out
 
 
@@ -173,7 +211,9 @@ def test_command_module_imports_no_heavy_libraries():
 
 
 def test_nothing_finished_is_a_usage_error(tmp_path, refs):
-    out = make_out(tmp_path / "out", refs, [{"group": "g", "prompt_id": "p", "seed": 0, "prompt": "a", "status": "error"}])
+    out = make_out(
+        tmp_path / "out", refs, [{"group": "g", "prompt_id": "p", "seed": 0, "prompt": "a", "status": "error"}]
+    )
     res = invoke("report", out)
     assert res.exit_code == 2 and "no finished image" in res.stderr and "1 failed" in res.stderr
 
@@ -192,15 +232,27 @@ def test_missing_manifest_is_a_clear_usage_error(tmp_path):
 
 
 def test_collect_images_latest_status_resume_missing_and_moved_folders(tmp_path, refs):
-    out = make_out(tmp_path / "out", refs, [
-        {"group": "g", "prompt_id": "p", "seed": 0, "prompt": "a"},
-        {"group": "g", "prompt_id": "p", "seed": 1, "prompt": "a", "status": "error"},
-        {"group": "h", "prompt_id": "p", "seed": 0, "prompt": "b"},
-        {"group": "h", "prompt_id": "p", "seed": 1, "prompt": "b", "write": False},  # deleted by hand
-    ])
+    out = make_out(
+        tmp_path / "out",
+        refs,
+        [
+            {"group": "g", "prompt_id": "p", "seed": 0, "prompt": "a"},
+            {"group": "g", "prompt_id": "p", "seed": 1, "prompt": "a", "status": "error"},
+            {"group": "h", "prompt_id": "p", "seed": 0, "prompt": "b"},
+            {"group": "h", "prompt_id": "p", "seed": 1, "prompt": "b", "write": False},  # deleted by hand
+        ],
+    )
     with files.ManifestWriter(out / files.MANIFEST_NAME) as manifest:  # a resumed run logs "skipped"
-        manifest.write({"job_id": "job0000", "status": "skipped", "path": str(out / "g/p_0.png"),
-                        "group": "g", "prompt_id": "p", "seed": 0})
+        manifest.write(
+            {
+                "job_id": "job0000",
+                "status": "skipped",
+                "path": str(out / "g/p_0.png"),
+                "group": "g",
+                "prompt_id": "p",
+                "seed": 0,
+            }
+        )
     folder = collect_images(out)
     assert [(im.group, im.seed) for im in folder.images] == [("g", 0), ("h", 0)]
     assert folder.counts() == {"images": 2, "groups": 2, "failed": 1, "missing": 1, "superseded": 0}
@@ -215,10 +267,14 @@ def test_collect_images_latest_status_resume_missing_and_moved_folders(tmp_path,
 
 
 def test_overwritten_job_counts_once(tmp_path, refs):
-    out = make_out(tmp_path / "out", refs, [
-        {"group": "g", "prompt_id": "p", "seed": 0, "prompt": "old", "job_id": "old", "write": False},
-        {"group": "g", "prompt_id": "p", "seed": 0, "prompt": "new", "job_id": "new"},
-    ])
+    out = make_out(
+        tmp_path / "out",
+        refs,
+        [
+            {"group": "g", "prompt_id": "p", "seed": 0, "prompt": "old", "job_id": "old", "write": False},
+            {"group": "g", "prompt_id": "p", "seed": 0, "prompt": "new", "job_id": "new"},
+        ],
+    )
     folder = collect_images(out)
     assert [im.job_id for im in folder.images] == ["new"] and folder.superseded == 1
 
@@ -264,17 +320,21 @@ def test_fit_lines_wraps_and_truncates():
 def test_report_escapes_html_and_names_sheets_safely(tmp_path, refs):
     weird = '<b>&"x'
     long_prompt = "an extremely detailed prompt " * 12
-    out = make_out(tmp_path / "out", refs, [
-        {"group": weird, "prompt_id": "p", "seed": 0, "prompt": long_prompt},
-        {"group": "index", "prompt_id": "p", "seed": 0, "prompt": "<script>alert(1)</script>"},
-    ])
+    out = make_out(
+        tmp_path / "out",
+        refs,
+        [
+            {"group": weird, "prompt_id": "p", "seed": 0, "prompt": long_prompt},
+            {"group": "index", "prompt_id": "p", "seed": 0, "prompt": "<script>alert(1)</script>"},
+        ],
+    )
     res = invoke("report", out, "--thumb-size", "64", "-q")
     assert res.exit_code == 0, res.output
     page = (out / "report" / "index.html").read_text(encoding="utf-8")
     assert "<b>&" not in page and html.escape(weird) in page
     assert "<script>" not in page
     assert "No metrics yet" in page
-    assert sorted(p.name for p in (out / "report").iterdir()) == ["<b>&\"x.png", "index.html", "index_.png"]
+    assert sorted(p.name for p in (out / "report").iterdir()) == ['<b>&"x.png', "index.html", "index_.png"]
     for sheet in (out / "report").glob("*.png"):
         with Image.open(sheet) as im:
             im.verify()
@@ -307,9 +367,29 @@ def generated(tiny, tmp_path_factory) -> Path:
     prompts.write_text(yaml.safe_dump({"prompts": [{"prompt": "a red circle in the same style", "id": "circle"}]}))
     out = root / "out"
     res = invoke(
-        "generate", root / "groups", "--prompts", prompts, "-o", out, "-n", "2",
-        "--base-model", tiny.base_model, "--mllm", tiny.mllm, "--adapter", tiny.adapter_lora,
-        "--device", "cpu", "--width", "64", "--height", "64", "--steps", "2", "-q",
+        "generate",
+        root / "groups",
+        "--prompts",
+        prompts,
+        "-o",
+        out,
+        "-n",
+        "2",
+        "--base-model",
+        tiny.base_model,
+        "--mllm",
+        tiny.mllm,
+        "--adapter",
+        tiny.adapter_lora,
+        "--device",
+        "cpu",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "-q",
         cli_app=easyref_app,
     )
     assert res.exit_code == 0, res.output
@@ -332,8 +412,19 @@ def test_eval_end_to_end_with_self_targets(generated, scorers, monkeypatch):
         monkeypatch.setattr(cls, "embed_images", spy)
 
     res = invoke(
-        "eval", generated, "--clip-model", scorers["clip"], "--dino-model", scorers["dinov2"],
-        "--targets", generated, "--device", "cpu", "--batch-size", "3", "-q",
+        "eval",
+        generated,
+        "--clip-model",
+        scorers["clip"],
+        "--dino-model",
+        scorers["dinov2"],
+        "--targets",
+        generated,
+        "--device",
+        "cpu",
+        "--batch-size",
+        "3",
+        "-q",
     )
     assert res.exit_code == 0, res.output
 
@@ -369,8 +460,9 @@ def test_eval_end_to_end_with_self_targets(generated, scorers, monkeypatch):
 
 
 def test_eval_accepts_dino_vit_and_writes_no_target_keys(generated, scorers):
-    res = invoke("eval", generated, "--clip-model", scorers["clip"], "--dino-model", scorers["dino_vit"],
-                 "--device", "cpu", "-q")
+    res = invoke(
+        "eval", generated, "--clip-model", scorers["clip"], "--dino-model", scorers["dino_vit"], "--device", "cpu", "-q"
+    )
     assert res.exit_code == 0, res.output
     rows = _rows(generated)
     assert len(rows) == 4 and all("clip_i_target" not in r for r in rows)
@@ -382,20 +474,30 @@ def test_eval_accepts_dino_vit_and_writes_no_target_keys(generated, scorers):
     "option, value, fragments",
     [
         ("--clip-model", "missing-folder", ["--clip-model", "no such folder"]),
-        ("--clip-model", "nobody/no-such-clip", ["nobody/no-such-clip", "not in the Hugging Face cache", "hf download"]),
+        (
+            "--clip-model",
+            "nobody/no-such-clip",
+            ["nobody/no-such-clip", "not in the Hugging Face cache", "hf download"],
+        ),
         ("--dino-model", "nobody/no-such-dino", ["nobody/no-such-dino", "--dino-model"]),
         ("--clip-model", "<dinov2>", ["'dinov2' model, not clip", "hf download openai/clip-vit-large-patch14"]),
         ("--dino-model", "<clip>", ["'clip' model, not dinov2"]),
         ("--dino-model", "<empty>", ["cannot load the config", "--dino-model wants"]),
     ],
 )
-def test_missing_or_wrong_weights_exit_2_with_guidance(generated, scorers, tmp_path, monkeypatch, option, value, fragments):
+def test_missing_or_wrong_weights_exit_2_with_guidance(
+    generated, scorers, tmp_path, monkeypatch, option, value, fragments
+):
     def no_loading(*args, **kwargs):
         raise AssertionError("both models are checked before either is loaded")
 
     monkeypatch.setattr(metrics.ClipEmbedder, "load", no_loading)
-    special = {"<dinov2>": scorers["dinov2"], "<clip>": scorers["clip"], "<empty>": tmp_path,
-               "missing-folder": tmp_path / "missing-folder"}
+    special = {
+        "<dinov2>": scorers["dinov2"],
+        "<clip>": scorers["clip"],
+        "<empty>": tmp_path,
+        "missing-folder": tmp_path / "missing-folder",
+    }
     models = {"--clip-model": scorers["clip"], "--dino-model": scorers["dinov2"]}
     models[option] = special.get(value, value)
     res = invoke("eval", generated, *[x for kv in models.items() for x in kv], "--device", "cpu", "-q")
@@ -406,8 +508,9 @@ def test_missing_or_wrong_weights_exit_2_with_guidance(generated, scorers, tmp_p
 
 
 def test_report_after_eval(generated, scorers):
-    res = invoke("eval", generated, "--clip-model", scorers["clip"], "--dino-model", scorers["dinov2"],
-                 "--device", "cpu", "-q")
+    res = invoke(
+        "eval", generated, "--clip-model", scorers["clip"], "--dino-model", scorers["dinov2"], "--device", "cpu", "-q"
+    )
     assert res.exit_code == 0, res.output
     res = invoke("report", generated)
     assert res.exit_code == 0, res.output

@@ -51,7 +51,9 @@ def test_reference_kv_is_computed_once_per_generation(tiny, refs):
     from easyref_cli.model.adapter import EasyRefAttnProcessor
     from easyref_cli.model.pipeline import EasyRefPipeline, GenerationRequest
 
-    pipe = EasyRefPipeline.from_pretrained(tiny.base_model, tiny.mllm, tiny.adapter_lora, device="cpu", attention="sdpa")
+    pipe = EasyRefPipeline.from_pretrained(
+        tiny.base_model, tiny.mllm, tiny.adapter_lora, device="cpu", attention="sdpa"
+    )
     embeds = pipe.encode_references(refs, "a cat")
     req = GenerationRequest(prompt="a cat", ref_embeds=embeds, seed=1, steps=3, width=64, height=64)
     calls = []
@@ -81,7 +83,9 @@ def test_reference_kv_is_computed_once_per_generation(tiny, refs):
 def test_compile_falls_back_on_cpu(tiny):
     from easyref_cli.model.pipeline import EasyRefPipeline
 
-    pipe = EasyRefPipeline.from_pretrained(tiny.base_model, tiny.mllm, tiny.adapter, device="cpu", attention="auto", compile=True, offload="model")
+    pipe = EasyRefPipeline.from_pretrained(
+        tiny.base_model, tiny.mllm, tiny.adapter, device="cpu", attention="auto", compile=True, offload="model"
+    )
     assert pipe.compiled["enabled"] is False and "cpu" in pipe.compiled["reason"]
     assert pipe.offload == "none"
 
@@ -90,8 +94,14 @@ def _plan(tiny, group_root, out, **kw):
     from easyref_cli.plan import build_plan
 
     return build_plan(
-        groups=[group_root], out_dir=out, prompt="a cat", cli={"steps": 2, "width": 64, "height": 64, "images_per_prompt": 2, **kw},
-        base_model=str(tiny.base_model), mllm=str(tiny.mllm), adapter=str(tiny.adapter_lora), device="cpu",
+        groups=[group_root],
+        out_dir=out,
+        prompt="a cat",
+        cli={"steps": 2, "width": 64, "height": 64, "images_per_prompt": 2, **kw},
+        base_model=str(tiny.base_model),
+        mllm=str(tiny.mllm),
+        adapter=str(tiny.adapter_lora),
+        device="cpu",
     )
 
 

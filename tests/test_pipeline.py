@@ -13,7 +13,9 @@ from easyref_cli.model.pipeline import EasyRefPipeline, GenerationRequest
 
 @pytest.fixture(scope="module")
 def pipe(tiny):
-    return EasyRefPipeline.from_pretrained(tiny.base_model, tiny.mllm, tiny.adapter_lora, device="cpu", attention="auto")
+    return EasyRefPipeline.from_pretrained(
+        tiny.base_model, tiny.mllm, tiny.adapter_lora, device="cpu", attention="auto"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,10 @@ def test_references_change_the_image(pipe, refs):
 
 def test_batch_equals_singles(pipe, refs):
     embeds = pipe.encode_references(refs, "a cat")
-    reqs = [GenerationRequest(prompt=p, ref_embeds=embeds, seed=s, steps=2, width=64, height=64) for p, s in [("a cat", 5), ("a dog", 6), ("a cat", 7)]]
+    reqs = [
+        GenerationRequest(prompt=p, ref_embeds=embeds, seed=s, steps=2, width=64, height=64)
+        for p, s in [("a cat", 5), ("a dog", 6), ("a cat", 7)]
+    ]
     batch = pipe.generate(reqs)
     singles = [pipe.generate([r])[0] for r in reqs]
     for x, y in zip(batch, singles, strict=False):

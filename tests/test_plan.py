@@ -267,15 +267,7 @@ def test_prompt_file_errors(tmp_path, text, message):
 
 def test_prompt_file_merge_keys_and_bom(tmp_path):
     path = tmp_path / "p.yaml"
-    text = (
-        "\ufeffdefaults: &d\n"
-        "  steps: 3\n"
-        "  guidance: 2\n"
-        "prompts:\n"
-        "  - prompt: a\n"
-        "    <<: *d\n"
-        "    steps: 4\n"
-    )
+    text = "\ufeffdefaults: &d\n  steps: 3\n  guidance: 2\nprompts:\n  - prompt: a\n    <<: *d\n    steps: 4\n"
     path.write_text(text, encoding="utf-8")
     pf = prompts.load_prompt_file(path)
     assert pf.defaults == {"steps": 3, "guidance": 2.0}
@@ -357,9 +349,7 @@ def test_slugify(text, slug):
     ],
 )
 def test_assign_prompt_ids(specs, ids):
-    got = naming.assign_prompt_ids(
-        [prompts.PromptSpec(index=i, prompt=p, id=pid) for i, (p, pid) in enumerate(specs)]
-    )
+    got = naming.assign_prompt_ids([prompts.PromptSpec(index=i, prompt=p, id=pid) for i, (p, pid) in enumerate(specs)])
     assert got == ids
 
 
@@ -501,9 +491,7 @@ def test_name_template_must_be_unique(tmp_path, refs):
         _plan(tmp_path, refs, name_template="{prompt_id}_{seed}.png")
     with pytest.raises(UsageError, match="not unique"):
         _plan(tmp_path, refs, cli={"images_per_prompt": 2}, name_template="{group}/{prompt_id}")
-    plan = _plan(
-        tmp_path, refs, cli={"images_per_prompt": 2}, name_template="{group}-{prompt_id}-{index}"
-    )
+    plan = _plan(tmp_path, refs, cli={"images_per_prompt": 2}, name_template="{group}-{prompt_id}-{index}")
     assert [j.output.as_posix() for j in plan.jobs][:2] == [
         "cats-a-red-car-0.png",
         "cats-a-red-car-1.png",
@@ -613,9 +601,7 @@ def test_build_plan_usage_errors(tmp_path, refs, kwargs, message):
 
 def test_unknown_group_filter_names_line(tmp_path, refs):
     path = _yaml(tmp_path, "prompts:\n  - a\n  - prompt: b\n    groups: [cows]\n")
-    with pytest.raises(
-        UsageError, match=r"prompts\.yaml:4: prompts\[1\]\.groups: unknown group.*cows"
-    ):
+    with pytest.raises(UsageError, match=r"prompts\.yaml:4: prompts\[1\]\.groups: unknown group.*cows"):
         _plan(tmp_path, refs, prompts_file=path)
 
 

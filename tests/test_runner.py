@@ -13,9 +13,29 @@ from easyref_cli.cli import app
 
 def _args(tiny, group, out, *extra, adapter=None):
     return [
-        "generate", str(group), "--prompt", "a cat", "-o", str(out), "--no-cache", "-q",
-        "--base-model", str(tiny.base_model), "--mllm", str(tiny.mllm), "--adapter", str(adapter or tiny.adapter_lora),
-        "--device", "cpu", "--width", "64", "--height", "64", "--steps", "1", *extra,
+        "generate",
+        str(group),
+        "--prompt",
+        "a cat",
+        "-o",
+        str(out),
+        "--no-cache",
+        "-q",
+        "--base-model",
+        str(tiny.base_model),
+        "--mllm",
+        str(tiny.mllm),
+        "--adapter",
+        str(adapter or tiny.adapter_lora),
+        "--device",
+        "cpu",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        *extra,
     ]
 
 

@@ -105,9 +105,10 @@ def test_new_setting_at_its_default_changes_no_job_id_or_record(tmp_path, refs):
     rescaled = _plan(tmp_path, refs, cli={"guidance_rescale": 0.7}).jobs[0]
     assert explicit.job_id == plain.job_id and rescaled.job_id != plain.job_id
     assert "guidance_rescale" not in identity_values(plain.settings)
-    assert records.job_record(plain, {"base_model": "b", "mllm": "m", "adapter": "a"}).keys() == records.job_record(
-        explicit, {"base_model": "b", "mllm": "m", "adapter": "a"}
-    ).keys()
+    assert (
+        records.job_record(plain, {"base_model": "b", "mllm": "m", "adapter": "a"}).keys()
+        == records.job_record(explicit, {"base_model": "b", "mllm": "m", "adapter": "a"}).keys()
+    )
     assert identity_values(rescaled.settings)["guidance_rescale"] == 0.7
 
 

@@ -40,9 +40,7 @@ def unet_attention(tiny):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny.base_model, subfolder="unet")
-    return unet, {
-        name: unet.get_submodule(name[: -len(".processor")]) for name in unet.attn_processors
-    }
+    return unet, {name: unet.get_submodule(name[: -len(".processor")]) for name in unet.attn_processors}
 
 
 def test_all_paths_exist(tiny):

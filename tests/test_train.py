@@ -76,9 +76,21 @@ def dataset(tmp_path_factory):
 
 def config(tiny, data, out, **overrides) -> TrainConfig:
     values = dict(
-        stage="align", data=data, data_root=data.parent, base_model=tiny.base_model, mllm=tiny.mllm,
-        output_dir=out, max_steps=2, save_steps=2, resolution=64, batch_size=1, gradient_accumulation=1,
-        lora_rank=4, device="cpu", num_workers=0, show_progress=False,
+        stage="align",
+        data=data,
+        data_root=data.parent,
+        base_model=tiny.base_model,
+        mllm=tiny.mllm,
+        output_dir=out,
+        max_steps=2,
+        save_steps=2,
+        resolution=64,
+        batch_size=1,
+        gradient_accumulation=1,
+        lora_rank=4,
+        device="cpu",
+        num_workers=0,
+        show_progress=False,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -86,9 +98,29 @@ def config(tiny, data, out, **overrides) -> TrainConfig:
 
 def cli_args(tiny, data, out, *extra):
     return [
-        "train", "--data", str(data), "--data-root", str(data.parent), "--base-model", str(tiny.base_model),
-        "--mllm", str(tiny.mllm), "--output-dir", str(out), "--resolution", "64", "--batch-size", "1",
-        "--gradient-accumulation", "1", "--device", "cpu", "--num-workers", "0", "-q", *extra,
+        "train",
+        "--data",
+        str(data),
+        "--data-root",
+        str(data.parent),
+        "--base-model",
+        str(tiny.base_model),
+        "--mllm",
+        str(tiny.mllm),
+        "--output-dir",
+        str(out),
+        "--resolution",
+        "64",
+        "--batch-size",
+        "1",
+        "--gradient-accumulation",
+        "1",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "-q",
+        *extra,
     ]
 
 
@@ -121,7 +153,9 @@ def expected_names(trainer, stage: str) -> set[str]:
         names |= {f"encoder.language_model.{n}" for n, _ in model.encoder.language_model.named_parameters()}
         names |= {
             f"unet.{p}.processor.{k}_lora.{part}.weight"
-            for p in paths for k in ("to_q", "to_k", "to_v", "to_out") for part in ("down", "up")
+            for p in paths
+            for k in ("to_q", "to_k", "to_v", "to_out")
+            for part in ("down", "up")
         }
     return names
 
@@ -136,11 +170,16 @@ def test_stage_defaults_follow_the_official_scripts(tmp_path):
     for stage, defaults in STAGE_DEFAULTS.items():
         cfg = TrainConfig(stage=stage, **base).resolved()
         assert (cfg.batch_size, cfg.gradient_accumulation, cfg.learning_rate, cfg.truncate_rate) == (
-            defaults["batch_size"], defaults["gradient_accumulation"], defaults["learning_rate"], defaults["truncate_rate"]
+            defaults["batch_size"],
+            defaults["gradient_accumulation"],
+            defaults["learning_rate"],
+            defaults["truncate_rate"],
         )
     assert TrainConfig(stage="multi", **base).resolved().truncate_rate == 0.4
     with pytest.raises(UsageError) as err:
-        TrainConfig(stage="align", resolution=100, max_steps=0, mixed_precision="fp8", resize="aspect", batch_size=2, **base).resolved()
+        TrainConfig(
+            stage="align", resolution=100, max_steps=0, mixed_precision="fp8", resize="aspect", batch_size=2, **base
+        ).resolved()
     for text in ("--resolution", "--max-steps", "--mixed-precision", "--batch-size 1"):
         assert text in str(err.value)
     with pytest.raises(UsageError, match="--stage"):
@@ -149,24 +188,37 @@ def test_stage_defaults_follow_the_official_scripts(tmp_path):
 
 def test_read_items_official_formats(tmp_path):
     path = tmp_path / "d.json"
-    path.write_text(json.dumps([
-        {"image_file": ["a.png", "b.png"], "text": ["x", "y"], "target": "c.png"},
-        {"image_file": "a.png", "text": "own reference"},
-        {"image_file": ["a.png"], "text": []},
-        {"target": "f.png", "text": "face", "face": [[1, 2, 30, 40], [0, 0, 5, 5]], "image_file": "ignored.png"},
-    ]))
+    path.write_text(
+        json.dumps(
+            [
+                {"image_file": ["a.png", "b.png"], "text": ["x", "y"], "target": "c.png"},
+                {"image_file": "a.png", "text": "own reference"},
+                {"image_file": ["a.png"], "text": []},
+                {
+                    "target": "f.png",
+                    "text": "face",
+                    "face": [[1, 2, 30, 40], [0, 0, 5, 5]],
+                    "image_file": "ignored.png",
+                },
+            ]
+        )
+    )
     items = D.read_items(path)
     assert items[0].references == ("a.png", "b.png") and items[0].target == "c.png" and items[0].texts == ("x", "y")
     assert items[1].target == "a.png" and items[1].references == ("a.png",)
     assert items[2].texts == ()
     assert items[3].face == (1.0, 2.0, 30.0, 40.0) and items[3].references == () and items[3].files == ("f.png",)
 
-    path.write_text(json.dumps([
-        {"image_file": ["a.png", "b.png"], "text": "two refs, no target"},
-        {"image_file": "a.png"},
-        {"target": "f.png", "text": "x", "face": [[5, 5, 2, 2]]},
-        "not an object",
-    ]))
+    path.write_text(
+        json.dumps(
+            [
+                {"image_file": ["a.png", "b.png"], "text": "two refs, no target"},
+                {"image_file": "a.png"},
+                {"target": "f.png", "text": "x", "face": [[5, 5, 2, 2]]},
+                "not an object",
+            ]
+        )
+    )
     with pytest.raises(UsageError) as err:
         D.read_items(path)
     for index in range(4):
@@ -221,11 +273,15 @@ def test_bad_data_lists_every_problem_and_exits_2(tiny, dataset, tmp_path):
     good = (root / "ref_00.png").read_bytes()
     (root / "truncated.png").write_bytes(good[: len(good) // 2])
     data = root / "data.json"
-    data.write_text(json.dumps([
-        {"image_file": ["ref_00.png", "missing_a.png"], "text": "x", "target": "ref_01.png"},
-        {"image_file": ["corrupt.png", "ref_00.png"], "text": "y", "target": "missing_b.png"},
-        {"image_file": "truncated.png", "text": "z"},
-    ]))
+    data.write_text(
+        json.dumps(
+            [
+                {"image_file": ["ref_00.png", "missing_a.png"], "text": "x", "target": "ref_01.png"},
+                {"image_file": ["corrupt.png", "ref_00.png"], "text": "y", "target": "missing_b.png"},
+                {"image_file": "truncated.png", "text": "z"},
+            ]
+        )
+    )
     out = tmp_path / "out"
     res = runner.invoke(app, cli_args(tiny, data, out, "--stage", "align", "--check-data"))
     assert res.exit_code == 2, res.output
@@ -255,18 +311,29 @@ def test_dataset_sample_matches_the_inference_prompt(tiny, dataset):
     sdxl = load_sdxl(tiny.base_model, torch.float32)
     items = D.read_items(dataset)
     ds = D.TrainDataset(
-        items, dataset.parent, mllm=D.MllmPreprocessor.from_encoder(encoder),
-        clip_tokenizers=(sdxl.tokenizer, sdxl.tokenizer_2), resolution=64,
-        image_drop_rate=0.0, text_drop_rate=0.0, both_drop_rate=0.0,
+        items,
+        dataset.parent,
+        mllm=D.MllmPreprocessor.from_encoder(encoder),
+        clip_tokenizers=(sdxl.tokenizer, sdxl.tokenizer_2),
+        resolution=64,
+        image_drop_rate=0.0,
+        text_drop_rate=0.0,
+        both_drop_rate=0.0,
     )
     sample = ds[0]
-    assert sample["pixel_values"].shape == (3, 64, 64) and -1.0 <= sample["pixel_values"].min() < sample["pixel_values"].max() <= 1.0
+    assert (
+        sample["pixel_values"].shape == (3, 64, 64)
+        and -1.0 <= sample["pixel_values"].min() < sample["pixel_values"].max() <= 1.0
+    )
     # 80x64 target: short side → 64, centre crop of the 80-wide image (left 8); SDXL time ids
     assert sample["original_size"].tolist() == [64, 80] and sample["crop_top_left"].tolist() == [0, 8]
     assert sample["target_size"].tolist() == [64, 64]
     text = encoder.tokenizer.decode(sample["mllm_input_ids"][0])
     assert INSTRUCTION + sample["caption"] in text and text.count("<|vision_start|>") == sample["num_references"] == 3
-    assert sample["mllm_input_ids"].shape[1] == sum(1 for t in sample["mllm_input_ids"][0] if t != encoder.image_token_id) + sample["ref_tokens"]
+    assert (
+        sample["mllm_input_ids"].shape[1]
+        == sum(1 for t in sample["mllm_input_ids"][0] if t != encoder.image_token_id) + sample["ref_tokens"]
+    )
     # an image that is its own reference is shown to the MLLM with exactly the target's resize and crop
     seen = []
     ds_seen = copy.copy(ds)
@@ -308,15 +375,32 @@ def align_run(tiny, dataset, tmp_path_factory):
     """`easyref train --stage align --init tiny.adapter`, 2 steps, through the CLI (accelerate inside)."""
     out = tmp_path_factory.mktemp("align") / "run"
     res = runner.invoke(
-        app, cli_args(tiny, dataset, out, "--stage", "align", "--init", str(tiny.adapter), "--max-steps", "2",
-                      "--save-steps", "1", "--learning-rate", "1e-3"),
+        app,
+        cli_args(
+            tiny,
+            dataset,
+            out,
+            "--stage",
+            "align",
+            "--init",
+            str(tiny.adapter),
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "1",
+            "--learning-rate",
+            "1e-3",
+        ),
     )
     assert res.exit_code == 0, res.output
     return out
 
 
 def test_align_cli_run_writes_checkpoints_state_and_log(align_run):
-    assert sorted(p.name for p in align_run.glob("checkpoint-*.safetensors")) == ["checkpoint-1.safetensors", "checkpoint-2.safetensors"]
+    assert sorted(p.name for p in align_run.glob("checkpoint-*.safetensors")) == [
+        "checkpoint-1.safetensors",
+        "checkpoint-2.safetensors",
+    ]
     log = [json.loads(line) for line in (align_run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
     assert all({"step", "loss", "lr", "samples_per_s"} <= set(r) and r["loss"] > 0 for r in log)
@@ -339,7 +423,15 @@ def test_align_checkpoint_loads_into_encode_and_changes_it(tiny, ref_group, alig
 
     def encode(adapter):
         out = tmp_path / f"{Path(adapter).stem}.safetensors"
-        encode_group(ref_group, caption="a cat", mllm=str(tiny.mllm), adapter=str(adapter), out=out, device="cpu", dtype="float32")
+        encode_group(
+            ref_group,
+            caption="a cat",
+            mllm=str(tiny.mllm),
+            adapter=str(adapter),
+            out=out,
+            device="cpu",
+            dtype="float32",
+        )
         with safe_open(str(out), "pt") as f:
             return f.get_tensor("cond"), f.get_tensor("uncond")
 
@@ -352,7 +444,9 @@ def test_single_then_multi_stage_train_the_specified_parameters(tiny, dataset, a
     from easyref_cli.model.checkpoint import load_checkpoint, mllm_keys_5_to_445
     from easyref_cli.model.encoder import ReferenceEncoder
 
-    single = make_trainer(config(tiny, dataset, tmp_path / "single", stage="single", init=align_run / "checkpoint-2.safetensors"))
+    single = make_trainer(
+        config(tiny, dataset, tmp_path / "single", stage="single", init=align_run / "checkpoint-2.safetensors")
+    )
     assert trainable(single) == expected_names(single, "single")
     single_result = single.run()
     assert single_result.step == 2
@@ -367,7 +461,7 @@ def test_single_then_multi_stage_train_the_specified_parameters(tiny, dataset, a
     from safetensors import safe_open
 
     with safe_open(str(single_result.checkpoints[-1]), "pt") as f:
-        saved = {k[len("multimodal_llm."):] for k in f.keys() if k.startswith("multimodal_llm.")}
+        saved = {k[len("multimodal_llm.") :] for k in f.keys() if k.startswith("multimodal_llm.")}
     assert saved == official
     encoder = ReferenceEncoder.from_pretrained(tiny.mllm, ckpt)  # applies the multimodal_llm subset
     assert encoder.num_tokens == 64
@@ -388,12 +482,18 @@ def test_training_lora_processors_match_the_merged_inference_model(tiny, dataset
     ckpt = load_checkpoint(tiny.adapter_lora)
     train_unet = load_sdxl(tiny.base_model, torch.float32).unet
     lora.install_train_processors(
-        train_unet, ip_weights=ckpt.ip, lora_rank=ckpt.lora_rank, lora_weights=ckpt.lora,
-        num_tokens=ckpt.num_tokens, cross_attention_dim=ckpt.cross_attention_dim,
+        train_unet,
+        ip_weights=ckpt.ip,
+        lora_rank=ckpt.lora_rank,
+        lora_weights=ckpt.lora,
+        num_tokens=ckpt.num_tokens,
+        cross_attention_dim=ckpt.cross_attention_dim,
     )
     infer_unet = load_sdxl(tiny.base_model, torch.float32).unet
     adapter.merge_lora(infer_unet, ckpt.lora)
-    adapter.install_adapter(infer_unet, ckpt.ip, num_tokens=ckpt.num_tokens, cross_attention_dim=ckpt.cross_attention_dim)
+    adapter.install_adapter(
+        infer_unet, ckpt.ip, num_tokens=ckpt.num_tokens, cross_attention_dim=ckpt.cross_attention_dim
+    )
     torch.manual_seed(0)
     args = (torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77 + 64, 64))
     added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
@@ -401,7 +501,9 @@ def test_training_lora_processors_match_the_merged_inference_model(tiny, dataset
         a = train_unet(*args, added_cond_kwargs=added).sample
         b = infer_unet(*args, added_cond_kwargs=added).sample
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    ip, lora_weights = lora.processor_weights({p[: -len(".processor")]: m for p, m in train_unet.attn_processors.items()})
+    ip, lora_weights = lora.processor_weights(
+        {p[: -len(".processor")]: m for p, m in train_unet.attn_processors.items()}
+    )
     assert set(ip) == set(ckpt.ip) and set(lora_weights) == set(ckpt.lora)
 
 
@@ -413,10 +515,18 @@ def test_training_lora_processors_match_the_merged_inference_model(tiny, dataset
 @pytest.mark.slow
 def test_loss_on_a_fixed_batch_goes_down(tiny, dataset, tmp_path):
     """Alignment from scratch (official initialisation, no --init): overfit one batch, fixed noise and timesteps."""
-    trainer = make_trainer(config(
-        tiny, dataset, tmp_path / "overfit", learning_rate=3e-3, max_steps=100,
-        image_drop_rate=0.0, text_drop_rate=0.0, both_drop_rate=0.0,
-    ))
+    trainer = make_trainer(
+        config(
+            tiny,
+            dataset,
+            tmp_path / "overfit",
+            learning_rate=3e-3,
+            max_steps=100,
+            image_drop_rate=0.0,
+            text_drop_rate=0.0,
+            both_drop_rate=0.0,
+        )
+    )
     assert trainable(trainer) == expected_names(trainer, "align")
     batch = D.collate([trainer.dataset[0], trainer.dataset[1]])
     generator = torch.Generator().manual_seed(0)
@@ -436,8 +546,14 @@ def test_resume_continues_from_the_saved_step_with_identical_optimizer_state(tin
     """Stop at step 5 (7 items, batch 2: epoch 1, one batch in), resume to 7, compare with a straight run to 7."""
     from safetensors.torch import load_file
 
-    init = dict(init=tiny.adapter, learning_rate=1e-3, lr_scheduler="constant_with_warmup", lr_warmup_steps=10,
-                batch_size=2, save_steps=5)
+    init = dict(
+        init=tiny.adapter,
+        learning_rate=1e-3,
+        lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=10,
+        batch_size=2,
+        save_steps=5,
+    )
     first = make_trainer(config(tiny, dataset, tmp_path / "run", max_steps=5, **init))
     first.run()
     optimizer_state = copy.deepcopy(first.optimizer.state_dict())
@@ -447,7 +563,9 @@ def test_resume_continues_from_the_saved_step_with_identical_optimizer_state(tin
     assert (resumed.step, resumed.epoch, resumed.batches_in_epoch) == (5, 1, 1) and resumed.resumed_from == 5
     state = resumed.optimizer.state_dict()
     assert state["param_groups"] == optimizer_state["param_groups"]
-    assert state["state"].keys() == optimizer_state["state"].keys() and len(state["state"]) == len(resumed.trainable_params)
+    assert state["state"].keys() == optimizer_state["state"].keys() and len(state["state"]) == len(
+        resumed.trainable_params
+    )
     for index, values in optimizer_state["state"].items():
         for key, value in values.items():
             assert torch.equal(state["state"][index][key], value), (index, key)
@@ -471,7 +589,19 @@ def test_output_dir_and_resume_guards(tiny, dataset, align_run, tmp_path):
     res = runner.invoke(app, cli_args(tiny, dataset, align_run, "--stage", "align", "--init", str(tiny.adapter)))
     assert res.exit_code == 2 and "--resume" in res.output
     res = runner.invoke(
-        app, cli_args(tiny, dataset, align_run, "--stage", "align", "--init", str(tiny.adapter), "--resume", "--learning-rate", "5e-4"),
+        app,
+        cli_args(
+            tiny,
+            dataset,
+            align_run,
+            "--stage",
+            "align",
+            "--init",
+            str(tiny.adapter),
+            "--resume",
+            "--learning-rate",
+            "5e-4",
+        ),
     )
     assert res.exit_code == 2 and "learning_rate" in res.output
     res = runner.invoke(app, cli_args(tiny, dataset, tmp_path / "fresh", "--stage", "align", "--resume"))
@@ -540,10 +670,35 @@ def test_accelerate_launch_two_processes(tiny, dataset, tmp_path):
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-            str(script), *cli_args(tiny, dataset, out, "--stage", "single", "--init", str(tiny.adapter_lora),
-                                   "--gradient-accumulation", "2", "--save-steps", "1", *extra),
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            str(script),
+            *cli_args(
+                tiny,
+                dataset,
+                out,
+                "--stage",
+                "single",
+                "--init",
+                str(tiny.adapter_lora),
+                "--gradient-accumulation",
+                "2",
+                "--save-steps",
+                "1",
+                *extra,
+            ),
         ]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 

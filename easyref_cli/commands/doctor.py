@@ -14,7 +14,11 @@ def _default_models_locally() -> list[str]:
         from huggingface_hub import snapshot_download
     except Exception as exc:  # noqa: BLE001
         return [f"  huggingface_hub unavailable: {exc}"]
-    for option, repo in (("--base-model", DEFAULT_BASE_MODEL), ("--mllm", DEFAULT_MLLM), ("--adapter", DEFAULT_ADAPTER)):
+    for option, repo in (
+        ("--base-model", DEFAULT_BASE_MODEL),
+        ("--mllm", DEFAULT_MLLM),
+        ("--adapter", DEFAULT_ADAPTER),
+    ):
         try:
             path = snapshot_download(repo, local_files_only=True)
             lines.append(f"  {option:<13} {repo}: cached at {path}")
@@ -47,7 +51,9 @@ def report(device: str | None = None) -> str:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            lines.append(f"  cuda:{i:<8} {p.name}, {p.total_memory / 2**30:.1f} GiB, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+            lines.append(
+                f"  cuda:{i:<8} {p.name}, {p.total_memory / 2**30:.1f} GiB, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+            )
     else:
         lines.append("  cuda          not available")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -235,7 +235,9 @@ EMPTY_CAPTION_RATE = 0.10
 def tokenize_captions(pipe, captions: list[str]):
     """Both CLIP tokenizers' ids for every caption, padded to 77 as the SDXL pipeline pads them."""
     return tuple(
-        tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        tok(
+            captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         for tok in (pipe.tokenizer, pipe.tokenizer_2)
     )
 
@@ -267,12 +269,15 @@ def _encode_drawings(pipe, drawings: list[Drawing], *, seed: int) -> torch.Tenso
     images = len(drawings)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(seed)
-        latents = torch.cat(
-            [
-                pipe.vae.encode(_pixels(drawings[i : i + 256])).latent_dist.sample(generator)
-                for i in range(0, images, 256)
-            ]
-        ) * pipe.vae.config.scaling_factor
+        latents = (
+            torch.cat(
+                [
+                    pipe.vae.encode(_pixels(drawings[i : i + 256])).latent_dist.sample(generator)
+                    for i in range(0, images, 256)
+                ]
+            )
+            * pipe.vae.config.scaling_factor
+        )
     return latents
 
 
@@ -417,8 +422,18 @@ def write_training_data(root: Path, *, groups: int, per_group: int, seed: int) -
 
 
 def run_stage(
-    stage: str, *, data: dict[str, Path], data_root: Path, sdxl: Path, mllm: Path, out: Path, steps: int,
-    init: Path | None, seed: int, batch_size: int, learning_rate: float,
+    stage: str,
+    *,
+    data: dict[str, Path],
+    data_root: Path,
+    sdxl: Path,
+    mllm: Path,
+    out: Path,
+    steps: int,
+    init: Path | None,
+    seed: int,
+    batch_size: int,
+    learning_rate: float,
 ) -> Path:
     """One ``easyref train`` stage, through the real command line; returns its final checkpoint."""
     command = [
@@ -520,7 +535,13 @@ def _train_easyref(work: Path, record: dict, steps: dict[str, int], seed: int, *
 
 
 def build(
-    work: Path, *, quick: bool = False, seed: int = 0, install: bool = False, reuse_base: bool = False, base_only: bool = False
+    work: Path,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    install: bool = False,
+    reuse_base: bool = False,
+    base_only: bool = False,
 ) -> dict:
     """Run the recipe in ``work`` (see the module docstring); returns what ``build.json`` records."""
     steps = {k: max(2, v // 20) if quick else v for k, v in STEPS.items()}
@@ -569,14 +590,23 @@ def install_model(work: Path, target: Path = WEIGHTS_DIR) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m easyref_cli.demo.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("work", type=Path, help="build folder (models, data, training runs)")
-    parser.add_argument("--quick", action="store_true", help="1/20 of the steps: checks the recipe runs, trains nothing useful")
+    parser.add_argument(
+        "--quick", action="store_true", help="1/20 of the steps: checks the recipe runs, trains nothing useful"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--install", action="store_true", help=f"copy the result into {WEIGHTS_DIR}")
-    parser.add_argument("--reuse-base", action="store_true", help="keep the VAE and base UNet a previous build trained in WORK")
+    parser.add_argument(
+        "--reuse-base", action="store_true", help="keep the VAE and base UNet a previous build trained in WORK"
+    )
     parser.add_argument("--base-only", action="store_true", help="stop after the base models (steps 1-3)")
     args = parser.parse_args(argv)
     record = build(
-        args.work, quick=args.quick, seed=args.seed, install=args.install, reuse_base=args.reuse_base, base_only=args.base_only
+        args.work,
+        quick=args.quick,
+        seed=args.seed,
+        install=args.install,
+        reuse_base=args.reuse_base,
+        base_only=args.base_only,
     )
     print(json.dumps(record, indent=2))
 

@@ -99,7 +99,14 @@ def model_args(weights: Path | None) -> list[str]:
     from easyref_cli.models import DEMO_DEFAULTS
 
     weights = Path(weights)
-    args = ["--base-model", str(weights / "sdxl"), "--mllm", str(weights / "qwen2vl"), "--adapter", str(weights / "easyref.safetensors")]
+    args = [
+        "--base-model",
+        str(weights / "sdxl"),
+        "--mllm",
+        str(weights / "qwen2vl"),
+        "--adapter",
+        str(weights / "easyref.safetensors"),
+    ]
     for key, value in DEMO_DEFAULTS.items():  # the settings --model demo implies
         args += [f"--{key}", str(value)]
     return args
@@ -159,7 +166,9 @@ def contact_sheet(sections: Sequence[tuple[str, Sequence[SheetRow]]], path: Path
     rows = [row for _, section in sections for row in section]
     n_refs = max(len(r.references) for r in rows)
     n_out = max(len(r.pictures) for r in rows)
-    sheet = Image.new("RGB", (left + (n_refs + n_out) * cell + gap * 2, len(sections) * label_h + len(rows) * cell), "white")
+    sheet = Image.new(
+        "RGB", (left + (n_refs + n_out) * cell + gap * 2, len(sections) * label_h + len(rows) * cell), "white"
+    )
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=13)
 
@@ -263,10 +272,17 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m easyref_cli.demo.evidence", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder for the groups, pictures and results")
-    parser.add_argument("--groups", type=int, default=None, help="how many held-out groups (default: all 24 colour × shape pairs)")
+    parser.add_argument(
+        "--groups", type=int, default=None, help="how many held-out groups (default: all 24 colour × shape pairs)"
+    )
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weights", type=Path, default=None, help="a build folder of `easyref_cli.demo.build` (default: the installed demo model)")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="a build folder of `easyref_cli.demo.build` (default: the installed demo model)",
+    )
     parser.add_argument(
         "--sheet-of", nargs=2, type=Path, metavar=("GROUPS", "OUTPUTS"),
         help="only draw OUT_DIR (a .png path) for an existing `easyref generate GROUPS -o OUTPUTS` run",
@@ -276,7 +292,12 @@ def main(argv: list[str] | None = None) -> None:
         print(contact_sheet([("examples", folder_rows(*args.sheet_of))], args.out))
         return
     result = run(
-        args.out, groups=args.groups, images_per_prompt=args.images_per_prompt, seed=args.seed, weights=args.weights, extra=extra
+        args.out,
+        groups=args.groups,
+        images_per_prompt=args.images_per_prompt,
+        seed=args.seed,
+        weights=args.weights,
+        extra=extra,
     )
     print(markdown(result))
 

@@ -48,9 +48,15 @@ SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = {"small": (16, 22), "large": (28, 36)}  # side of the bounding box, in pixels
 #: Caption words for the 3×3 grid cell of the shape's centre (row, column).
 POSITIONS = {
-    (0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
-    (1, 0): "on the left", (1, 1): "in the centre", (1, 2): "on the right",
-    (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
+    (0, 0): "at the top left",
+    (0, 1): "at the top",
+    (0, 2): "at the top right",
+    (1, 0): "on the left",
+    (1, 1): "in the centre",
+    (1, 2): "on the right",
+    (2, 0): "at the bottom left",
+    (2, 1): "at the bottom",
+    (2, 2): "at the bottom right",
 }
 
 

@@ -102,9 +102,7 @@ def manifest_path(out_dir: Path) -> Path:
 
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise UsageError(
-            f"output folder not found: {out_dir} (give the folder `easyref generate -o` wrote)"
-        )
+        raise UsageError(f"output folder not found: {out_dir} (give the folder `easyref generate -o` wrote)")
     path = out_dir / MANIFEST_NAME
     if not path.is_file():
         raise UsageError(

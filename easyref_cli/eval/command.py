@@ -17,27 +17,49 @@ from easyref_cli.clitools import setup_logging
 
 OutArg = Annotated[
     Path,
-    typer.Argument(metavar="OUT", help="Output folder written by `easyref generate` (holds manifest.jsonl).", show_default=False),
+    typer.Argument(
+        metavar="OUT", help="Output folder written by `easyref generate` (holds manifest.jsonl).", show_default=False
+    ),
 ]
 ClipModelOpt = Annotated[
     str | None,
-    typer.Option("--clip-model", help="CLIP folder or hub id, for CLIP-I and CLIP-T (default openai/clip-vit-large-patch14).", rich_help_panel="Models"),
+    typer.Option(
+        "--clip-model",
+        help="CLIP folder or hub id, for CLIP-I and CLIP-T (default openai/clip-vit-large-patch14).",
+        rich_help_panel="Models",
+    ),
 ]
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", help="'tiny': tiny random CLIP + DINOv2 built locally, for an offline smoke run (meaningless numbers).", rich_help_panel="Models"),
+    typer.Option(
+        "--model",
+        help="'tiny': tiny random CLIP + DINOv2 built locally, for an offline smoke run (meaningless numbers).",
+        rich_help_panel="Models",
+    ),
 ]
 DinoModelOpt = Annotated[
     str | None,
-    typer.Option("--dino-model", help="DINOv2 or DINO ViT folder or hub id, for DINO-I (default facebook/dinov2-small; facebook/dino-vits16 works too).", rich_help_panel="Models"),
+    typer.Option(
+        "--dino-model",
+        help="DINOv2 or DINO ViT folder or hub id, for DINO-I (default facebook/dinov2-small; facebook/dino-vits16 works too).",
+        rich_help_panel="Models",
+    ),
 ]
 TargetsOpt = Annotated[
     Path | None,
-    typer.Option("--targets", help="Held-out targets (MRBench): DIR/<group>/<prompt_id>_<seed>.<ext>, DIR/<group>/<prompt_id>.<ext> or DIR/<group>.<ext>, first found wins. Adds clip_i_target and dino_i_target.", show_default=False),
+    typer.Option(
+        "--targets",
+        help="Held-out targets (MRBench): DIR/<group>/<prompt_id>_<seed>.<ext>, DIR/<group>/<prompt_id>.<ext> or DIR/<group>.<ext>, first found wins. Adds clip_i_target and dino_i_target.",
+        show_default=False,
+    ),
 ]
 DeviceOpt = Annotated[
     str | None,
-    typer.Option("--device", help="torch device: cpu, cuda, cuda:1, mps … (default: cuda if available).", rich_help_panel="Runtime"),
+    typer.Option(
+        "--device",
+        help="torch device: cpu, cuda, cuda:1, mps … (default: cuda if available).",
+        rich_help_panel="Runtime",
+    ),
 ]
 BatchSizeOpt = Annotated[
     int | None,
@@ -90,9 +112,13 @@ def eval_command(
 
 def report_command(
     out: OutArg,
-    thumb_size: Annotated[int | None, typer.Option("--thumb-size", min=32, help="Thumbnail size in pixels. Default: 192.")] = None,
+    thumb_size: Annotated[
+        int | None, typer.Option("--thumb-size", min=32, help="Thumbnail size in pixels. Default: 192.")
+    ] = None,
     columns: Annotated[int | None, typer.Option("--columns", min=1, help="Images per sheet row. Default: 6.")] = None,
-    max_images: Annotated[int | None, typer.Option("--max-images", min=1, help="Generated images drawn per sheet at most. Default: 120.")] = None,
+    max_images: Annotated[
+        int | None, typer.Option("--max-images", min=1, help="Generated images drawn per sheet at most. Default: 120.")
+    ] = None,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:

@@ -387,10 +387,15 @@ class ClipEmbedder:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         spec, folder, guidance = source.spec, source.folder, source.guidance
-        model = _load("CLIP model", spec, folder, guidance, lambda: CLIPModel.from_pretrained(folder, dtype=torch.float32))
+        model = _load(
+            "CLIP model", spec, folder, guidance, lambda: CLIPModel.from_pretrained(folder, dtype=torch.float32)
+        )
         tokenizer = _load("CLIP tokenizer", spec, folder, guidance, lambda: AutoTokenizer.from_pretrained(folder))
         processor = _load(
-            "CLIP image processor", spec, folder, guidance,
+            "CLIP image processor",
+            spec,
+            folder,
+            guidance,
             lambda: AutoImageProcessor.from_pretrained(folder, backend="pil"),
         )
         return cls(model.to(device).eval(), tokenizer, processor, device)
@@ -404,8 +409,12 @@ class ClipEmbedder:
                 return _pooled_output(self.model.get_image_features(pixel_values=px))
 
         return _embed_images(
-            paths, processor=self.processor, forward=forward, batch_size=batch_size,
-            progress=progress, desc="CLIP images",
+            paths,
+            processor=self.processor,
+            forward=forward,
+            batch_size=batch_size,
+            progress=progress,
+            desc="CLIP images",
         )
 
     def embed_texts(self, texts: Sequence[str], batch_size: int) -> dict[str, np.ndarray]:
@@ -420,10 +429,12 @@ class ClipEmbedder:
                 chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
             with torch.inference_mode():
-                features = _pooled_output(self.model.get_text_features(
-                    input_ids=tokens["input_ids"].to(self.device),
-                    attention_mask=tokens["attention_mask"].to(self.device),
-                ))
+                features = _pooled_output(
+                    self.model.get_text_features(
+                        input_ids=tokens["input_ids"].to(self.device),
+                        attention_mask=tokens["attention_mask"].to(self.device),
+                    )
+                )
             for text, vector in zip(chunk, normalize(features.float().cpu().numpy()), strict=True):
                 out[text] = vector
         return out
@@ -444,11 +455,17 @@ class DinoEmbedder:
         # DINO ViT checkpoints carry no pooler; only the CLS token is used anyway.
         kwargs = {"add_pooling_layer": False} if source.model_type == "vit" else {}
         model = _load(
-            "DINO model", spec, folder, guidance,
+            "DINO model",
+            spec,
+            folder,
+            guidance,
             lambda: AutoModel.from_pretrained(folder, dtype=torch.float32, **kwargs),
         )
         processor = _load(
-            "DINO image processor", spec, folder, guidance,
+            "DINO image processor",
+            spec,
+            folder,
+            guidance,
             lambda: AutoImageProcessor.from_pretrained(folder, backend="pil"),
         )
         return cls(model.to(device).eval(), processor, device)
@@ -462,8 +479,12 @@ class DinoEmbedder:
                 return self.model(pixel_values=px).last_hidden_state[:, 0]
 
         return _embed_images(
-            paths, processor=self.processor, forward=forward, batch_size=batch_size,
-            progress=progress, desc="DINO images",
+            paths,
+            processor=self.processor,
+            forward=forward,
+            batch_size=batch_size,
+            progress=progress,
+            desc="DINO images",
         )
 
 
@@ -680,7 +701,9 @@ def evaluate(
         [im.path for im in images] + [r for im in images for r in im.references] + list(target_of.values())
     )
     prompts = [im.prompt for im in images]
-    logger.info("scoring %d image(s): %d distinct image file(s), %d prompt(s)", len(images), len(all_images), len(set(prompts)))
+    logger.info(
+        "scoring %d image(s): %d distinct image file(s), %d prompt(s)", len(images), len(all_images), len(set(prompts))
+    )
 
     # 3. CLIP image and text embeddings, then (4.) DINO CLS embeddings
     embeddings = _embed_all(

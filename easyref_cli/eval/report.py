@@ -179,8 +179,13 @@ def _summary_line(summary: Mapping[str, Any] | None) -> str | None:
     if not summary:
         return None
     parts = []
-    for key, label in (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino_i", "DINO-I"),
-                       ("clip_i_target", "CLIP-I target"), ("dino_i_target", "DINO-I target")):
+    for key, label in (
+        ("clip_i", "CLIP-I"),
+        ("clip_t", "CLIP-T"),
+        ("dino_i", "DINO-I"),
+        ("clip_i_target", "CLIP-I target"),
+        ("dino_i_target", "DINO-I target"),
+    ):
         value = summary.get(key)
         if isinstance(value, (int, float)):
             parts.append(f"{label} {value:.4f}")
@@ -299,10 +304,14 @@ def contact_sheet(
     gen_lines = max((len(c) for c in gen_captions), default=0)
     label_h = line + 4
     height = (
-        _MARGIN + header_h
-        + label_h + max(grid.height(len(references), ref_lines), thumb // 4)
-        + label_h + grid.height(len(shown), gen_lines)
-        + (line if hidden else 0) + _MARGIN
+        _MARGIN
+        + header_h
+        + label_h
+        + max(grid.height(len(references), ref_lines), thumb // 4)
+        + label_h
+        + grid.height(len(shown), gen_lines)
+        + (line if hidden else 0)
+        + _MARGIN
     )
     sheet = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
@@ -354,11 +363,11 @@ code { background: #f4f4f4; padding: 0 .2em; }
 def _metrics_html(metrics: Mapping[str, Any]) -> str:
     header, rows = table_rows(metrics)
     esc = html.escape
-    head = "".join(f'<th{"" if i == 0 else " class=num"}>{esc(h)}</th>' for i, h in enumerate(header))
+    head = "".join(f"<th{'' if i == 0 else ' class=num'}>{esc(h)}</th>" for i, h in enumerate(header))
     body = []
     for k, row in enumerate(rows):
         cls = ' class="overall"' if k == len(rows) - 1 else ""
-        cells = "".join(f'<td{"" if i == 0 else " class=num"}>{esc(c)}</td>' for i, c in enumerate(row))
+        cells = "".join(f"<td{'' if i == 0 else ' class=num'}>{esc(c)}</td>" for i, c in enumerate(row))
         body.append(f"<tr{cls}>{cells}</tr>")
     models = metrics.get("models") or {}
     note = ", ".join(f"{esc(str(k))}: <code>{esc(str(v))}</code>" for k, v in models.items())
@@ -394,8 +403,10 @@ def index_html(
         parts.append('<p class="muted">No metrics yet: run <code>easyref eval OUT</code>, then this report again.</p>')
     parts.append("<h2>Groups</h2><ul>")
     for k, (group, filename) in enumerate(sheets.items()):
-        parts.append(f'<li><a href="#g{k}">{esc(group)}</a> ({len(groups[group])} image(s)) — '
-                     f'<a href="{esc(quote(filename))}">{esc(filename)}</a></li>')
+        parts.append(
+            f'<li><a href="#g{k}">{esc(group)}</a> ({len(groups[group])} image(s)) — '
+            f'<a href="{esc(quote(filename))}">{esc(filename)}</a></li>'
+        )
     parts.append("</ul>")
     for k, (group, filename) in enumerate(sheets.items()):
         href = esc(quote(filename))
@@ -447,8 +458,9 @@ def build_report(
     paths: dict[str, Path] = {}
     for group, images in groups.items():
         summary = (metrics or {}).get("groups", {}).get(group)
-        sheet = contact_sheet(group, images, scores=scores, summary=summary, thumb=thumb,
-                              columns=columns, max_images=max_images)
+        sheet = contact_sheet(
+            group, images, scores=scores, summary=summary, thumb=thumb, columns=columns, max_images=max_images
+        )
         buffer = io.BytesIO()
         sheet.save(buffer, format="PNG", optimize=False)
         names[group] = sheet_filename(group, taken)

@@ -74,8 +74,12 @@ def build_tiny_dinov2(path: Path, seed: int = 0) -> Path:
 
     path = Path(path)
     config = Dinov2Config(
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, mlp_ratio=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_ratio=2,
     )
     torch.manual_seed(seed)
     with quiet_progress_bars():
@@ -95,8 +99,12 @@ def build_tiny_dino_vit(path: Path, seed: int = 0) -> Path:
 
     path = Path(path)
     config = ViTConfig(
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=37,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
     )
     torch.manual_seed(seed)
     with quiet_progress_bars():

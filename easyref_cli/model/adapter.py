@@ -50,7 +50,14 @@ class EasyRefAttnProcessor(nn.Module):
     exactly where the official checkpoint keeps them.
     """
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int = 64, scale: float = 1.0, backend: str = "sdpa"):
+    def __init__(
+        self,
+        hidden_size: int,
+        cross_attention_dim: int,
+        num_tokens: int = 64,
+        scale: float = 1.0,
+        backend: str = "sdpa",
+    ):
         super().__init__()
         self.hidden_size = hidden_size
         self.cross_attention_dim = cross_attention_dim
@@ -65,7 +72,9 @@ class EasyRefAttnProcessor(nn.Module):
         self._kv_source: torch.Tensor | None = None
         self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         kernel = _KERNELS[self.backend]
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -168,7 +177,9 @@ def set_scale(unet: nn.Module, scale: float) -> None:
             proc.scale = scale
 
 
-def merge_lora(unet: nn.Module, lora: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], scale: float = 1.0) -> int:
+def merge_lora(
+    unet: nn.Module, lora: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], scale: float = 1.0
+) -> int:
     """``W += scale · up @ down`` on ``to_q/to_k/to_v/to_out.0`` (computed in fp32). Returns layers merged."""
     merged = 0
     for attn_path, kinds in lora.items():
@@ -207,7 +218,10 @@ def probe_xformers(device: str | torch.device, dtype: torch.dtype) -> tuple[bool
         if not torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2):
             return False, "xformers probe gave wrong results"
     except Exception as exc:  # noqa: BLE001
-        return False, f"xformers probe call failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return (
+            False,
+            f"xformers probe call failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+        )
     return True, f"xformers {getattr(xformers, '__version__', '?')} probe ok"
 
 

@@ -108,7 +108,12 @@ class EasyRefCheckpoint:
         attn_names = [n[: -len(".processor")] for n in unet.attn_processors]
         cross = [n for n in attn_names if n.endswith("attn2")]
         problems: list[str] = []
-        missing = [f"unet.{n}.processor.{kind}.weight" for n in cross for kind in ("to_k_ip", "to_v_ip") if kind not in self.ip.get(n, {})]
+        missing = [
+            f"unet.{n}.processor.{kind}.weight"
+            for n in cross
+            for kind in ("to_k_ip", "to_v_ip")
+            if kind not in self.ip.get(n, {})
+        ]
         if missing:
             problems.append(f"missing {len(missing)} adapter weights: {_preview(missing)}")
         unknown = sorted(set(self.ip) - set(cross))
@@ -147,7 +152,11 @@ class EasyRefCheckpoint:
                 down, up = parts.get("down"), parts.get("up")
                 if down is None or up is None:
                     continue
-                if down.shape[1] != linear.in_features or up.shape[0] != linear.out_features or up.shape[1] != down.shape[0]:
+                if (
+                    down.shape[1] != linear.in_features
+                    or up.shape[0] != linear.out_features
+                    or up.shape[1] != down.shape[0]
+                ):
                     problems.append(
                         f"unet.{n}.processor.{kind}_lora has down {tuple(down.shape)} / up {tuple(up.shape)} "
                         f"for a {linear.in_features}→{linear.out_features} layer"
@@ -227,7 +236,9 @@ def read_folder_tensors(folder: Path, keep) -> dict[str, torch.Tensor]:
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ModelError(f"{folder} has no .safetensors weights (convert the model with save_pretrained(safe_serialization=True))")
+        raise ModelError(
+            f"{folder} has no .safetensors weights (convert the model with save_pretrained(safe_serialization=True))"
+        )
     out: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
@@ -237,7 +248,9 @@ def read_folder_tensors(folder: Path, keep) -> dict[str, torch.Tensor]:
     return out
 
 
-def split_state_dict(flat: Mapping[str, torch.Tensor], *, source: str = "<state dict>", sha256: str = "") -> EasyRefCheckpoint:
+def split_state_dict(
+    flat: Mapping[str, torch.Tensor], *, source: str = "<state dict>", sha256: str = ""
+) -> EasyRefCheckpoint:
     """Split official flat keys by role; raise :class:`CheckpointError` naming what is missing."""
     groups: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PREFIXES}
     strays: list[str] = []
@@ -259,13 +272,19 @@ def split_state_dict(flat: Mapping[str, torch.Tensor], *, source: str = "<state 
     required += ["mllm_final_layer.reference_tokens", "mllm_final_layer.norm.weight"]
     missing = [k for k in required if k.split(".", 1)[1] not in (image_proj if k.startswith("image") else final_layer)]
     if missing:
-        kind = "an EasyRef checkpoint" if (image_proj or final_layer) else "an EasyRef checkpoint at all (no image_proj_model./mllm_final_layer. keys)"
+        kind = (
+            "an EasyRef checkpoint"
+            if (image_proj or final_layer)
+            else "an EasyRef checkpoint at all (no image_proj_model./mllm_final_layer. keys)"
+        )
         raise CheckpointError(f"{source} is not {kind}: missing {_preview(missing)}")
     tokens = final_layer["reference_tokens"]
     if tokens.ndim == 3 and tokens.shape[0] == 1:
         final_layer["reference_tokens"] = tokens = tokens[0]
     if tokens.ndim != 2:
-        raise CheckpointError(f"{source}: mllm_final_layer.reference_tokens has shape {tuple(tokens.shape)}, expected (tokens, hidden)")
+        raise CheckpointError(
+            f"{source}: mllm_final_layer.reference_tokens has shape {tuple(tokens.shape)}, expected (tokens, hidden)"
+        )
 
     ip: dict[str, dict[str, torch.Tensor]] = {}
     lora: dict[str, dict[str, dict[str, torch.Tensor]]] = {}

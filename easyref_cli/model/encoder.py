@@ -65,7 +65,9 @@ def qwen_vl_utils_smart_resize(
 ) -> tuple[int, int]:
     """``qwen_vl_utils.smart_resize`` (the pre-resize the official code applied before the processor)."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f}:1 is above Qwen2-VL's 200:1 limit")
+        raise ValueError(
+            f"aspect ratio {max(height, width) / min(height, width):.0f}:1 is above Qwen2-VL's 200:1 limit"
+        )
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:
@@ -266,9 +268,7 @@ class ReferenceEncoder(nn.Module):
 
     def image_features(self, batch: ImageBatch) -> torch.Tensor:
         """Vision tower in one batched call → ``(sum tokens, hidden)``."""
-        return compat.vision_features(
-            self.visual, batch.pixel_values.to(self.device), batch.grid_thw.to(self.device)
-        )
+        return compat.vision_features(self.visual, batch.pixel_values.to(self.device), batch.grid_thw.to(self.device))
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the image slots filled by the vision features."""
@@ -277,7 +277,9 @@ class ReferenceEncoder(nn.Module):
         mask = input_ids == self.image_token_id
         n_slots = int(mask.sum())
         if n_slots != image_embeds.shape[0]:
-            raise ModelError(f"prompt has {n_slots} image slots but the vision tower gave {image_embeds.shape[0]} features")
+            raise ModelError(
+                f"prompt has {n_slots} image slots but the vision tower gave {image_embeds.shape[0]} features"
+            )
         embeds = embeds.clone()
         embeds[mask] = image_embeds.to(embeds.dtype)
         return embeds
@@ -338,8 +340,13 @@ class ReferenceEncoder(nn.Module):
         trunk_kv.freeze()
         final_kv.freeze()
         return PrefixState(
-            images=list(images), instruction=instruction, token_counts=batch.token_counts,
-            input_ids=ids, length=n, trunk_kv=trunk_kv, final_kv=final_kv,
+            images=list(images),
+            instruction=instruction,
+            token_counts=batch.token_counts,
+            input_ids=ids,
+            length=n,
+            trunk_kv=trunk_kv,
+            final_kv=final_kv,
         )
 
     @torch.inference_mode()
@@ -349,7 +356,9 @@ class ReferenceEncoder(nn.Module):
         Falls back to :meth:`encode_full` when the tokenizer does not split ``prefix + caption`` as
         ``tokens(prefix) + tokens(caption)``.
         """
-        suffix_ids = self.tokenizer(caption + ASSISTANT_SUFFIX, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        suffix_ids = self.tokenizer(caption + ASSISTANT_SUFFIX, add_special_tokens=False, return_tensors="pt")[
+            "input_ids"
+        ]
         full_ids = self.tokenize(prefix.token_counts, caption, prefix.instruction)
         if not torch.equal(full_ids, torch.cat([prefix.input_ids, suffix_ids], dim=1)):
             logger.debug("tokenizer merges across the caption boundary of %r: full encode", caption)

@@ -226,14 +226,24 @@ class EasyRefPipeline:
         if ref_embeds is None:
             ref_embeds = self.encode_references(refs, prompt if caption is None else caption, instruction)
         request = GenerationRequest(
-            prompt=prompt, ref_embeds=ref_embeds, seed=seed, negative_prompt=negative_prompt,
-            steps=steps, guidance=guidance, scale=scale, width=width, height=height, scheduler=self._scheduler_name,
+            prompt=prompt,
+            ref_embeds=ref_embeds,
+            seed=seed,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            scale=scale,
+            width=width,
+            height=height,
+            scheduler=self._scheduler_name,
             guidance_rescale=guidance_rescale,
         )
         return self.generate([request])[0]
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[GenerationRequest], step_callback: Callable[[int, int], None] | None = None) -> list:
+    def generate(
+        self, requests: Sequence[GenerationRequest], step_callback: Callable[[int, int], None] | None = None
+    ) -> list:
         """Generate a batch of images sharing steps/size/guidance/scale. One CPU generator per image, so the
         pixels of an image depend only on its own seed and settings, never on the batch it ran in."""
         # 1. check inputs
@@ -241,7 +251,9 @@ class EasyRefPipeline:
             return []
         first = requests[0]
         if any(r.batch_key() != first.batch_key() for r in requests):
-            raise UsageError("a batch must share steps, guidance, scale, size, scheduler, and whether a negative prompt is given")
+            raise UsageError(
+                "a batch must share steps, guidance, scale, size, scheduler, and whether a negative prompt is given"
+            )
         check_size(first.width, first.height)
         self.set_scheduler(first.scheduler)
         pipe = self.sdxl
@@ -263,6 +275,7 @@ class EasyRefPipeline:
         adapter_mod.set_scale(pipe.unet, first.scale)
         # 5. one CPU generator per image
         generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
+
         def on_step_end(_pipe, step, _t, kwargs):
             step_callback(step + 1, first.steps)
             return kwargs
@@ -324,8 +337,6 @@ class NonFiniteImages(JobError):
         self.bad_seeds = bad_seeds
 
 
-
-
 def place_pipeline(sdxl, device: str, offload: str) -> str:
     """Move SDXL to ``device``, or set up accelerate CPU offload for small GPUs. Returns what was done."""
     if offload not in OFFLOAD_CHOICES:
@@ -368,7 +379,9 @@ def load_sdxl(base_model: str | Path, dtype: torch.dtype):
 
     path = Path(base_model)
     if not (path / "model_index.json").is_file():
-        raise ModelError(f"{base_model} is not an SDXL pipeline folder (no model_index.json); base_model must be a local diffusers folder")
+        raise ModelError(
+            f"{base_model} is not an SDXL pipeline folder (no model_index.json); base_model must be a local diffusers folder"
+        )
     compat.quiet_loading()
     try:
         return compat.diffusers_from_pretrained(StableDiffusionXLPipeline, str(path), dtype)

@@ -139,7 +139,9 @@ class TrainConfig:
                 "(use --gradient-accumulation for larger effective batches)"
             )
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
-            problems.append(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
+            problems.append(
+                f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}"
+            )
         if self.report_to not in REPORT_TO:
             problems.append(f"--report-to must be one of {', '.join(REPORT_TO)}, not {self.report_to!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -160,9 +162,28 @@ class TrainConfig:
     def run_record(self) -> dict:
         """The settings a resumed run must share with the original (checked by ``--resume``)."""
         keys = (
-            "stage", "data", "data_root", "base_model", "mllm", "init", "resolution", "resize", "batch_size",
-            "gradient_accumulation", "learning_rate", "lr_scheduler", "lr_warmup_steps", "weight_decay", "max_grad_norm", "seed",
-            "noise_offset", "lora_rank", "max_references", "truncate_rate", "image_drop_rate", "text_drop_rate",
+            "stage",
+            "data",
+            "data_root",
+            "base_model",
+            "mllm",
+            "init",
+            "resolution",
+            "resize",
+            "batch_size",
+            "gradient_accumulation",
+            "learning_rate",
+            "lr_scheduler",
+            "lr_warmup_steps",
+            "weight_decay",
+            "max_grad_norm",
+            "seed",
+            "noise_offset",
+            "lora_rank",
+            "max_references",
+            "truncate_rate",
+            "image_drop_rate",
+            "text_drop_rate",
             "both_drop_rate",
         )
         return {k: (str(getattr(self, k)) if isinstance(getattr(self, k), Path) else getattr(self, k)) for k in keys}

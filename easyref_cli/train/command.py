@@ -21,35 +21,193 @@ _RUN = "Runtime"
 
 
 def train_command(
-    stage: Annotated[str, typer.Option("--stage", help="align, single or multi (the paper's three stages, in order).", show_default=False)],
-    data: Annotated[Path, typer.Option("--data", help="Training data: the official JSON list (image_file, text, target[, face]).", rich_help_panel=_DATA, show_default=False)],
-    data_root: Annotated[Path, typer.Option("--data-root", help="Folder the paths in --data are relative to.", rich_help_panel=_DATA, show_default=False)],
-    base_model: Annotated[Path | None, typer.Option("--base-model", help="SDXL diffusers folder (required to train).", rich_help_panel=_MODELS, show_default=False)] = None,
-    mllm: Annotated[Path | None, typer.Option("--mllm", help="Qwen2-VL folder, e.g. Qwen2-VL-2B-Instruct (required to train).", rich_help_panel=_MODELS, show_default=False)] = None,
-    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Where checkpoints, state and train_log.jsonl go (required to train).", show_default=False)] = None,
-    init: Annotated[Path | None, typer.Option("--init", help="Start from this EasyRef checkpoint (the previous stage's; official layout).", rich_help_panel=_MODELS)] = None,
-    max_steps: Annotated[int, typer.Option("--max-steps", help="Optimiser steps to train to.", rich_help_panel=_OPT)] = 10_000,
-    resolution: Annotated[int, typer.Option("--resolution", help="Training resolution (multiple of 64).", rich_help_panel=_DATA)] = 1024,
-    resize: Annotated[str, typer.Option("--resize", help="crop: short side to --resolution + centre crop (official); aspect: keep the aspect ratio, ~resolution² pixels (needs --batch-size 1).", rich_help_panel=_DATA)] = "crop",
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Per-device batch. Default per stage: 8 / 4 / 1.", rich_help_panel=_OPT)] = None,
-    gradient_accumulation: Annotated[int | None, typer.Option("--gradient-accumulation", help="Micro-batches per optimiser step. Default per stage: 1 / 2 / 4.", rich_help_panel=_OPT)] = None,
-    learning_rate: Annotated[float | None, typer.Option("--learning-rate", help="AdamW learning rate. Default per stage: 1e-4 / 4e-5 / 2e-5.", rich_help_panel=_OPT)] = None,
-    lr_scheduler: Annotated[str, typer.Option("--lr-scheduler", help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial.", rich_help_panel=_OPT)] = "constant",
-    lr_warmup_steps: Annotated[int, typer.Option("--lr-warmup-steps", help="Warm-up steps of the LR schedule.", rich_help_panel=_OPT)] = 0,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.", rich_help_panel=_OPT)] = 0.0,
-    max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", help="Clip the gradient norm (off by default, as the official code).", rich_help_panel=_OPT)] = None,
-    lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="LoRA rank for single/multi. Default: the --init checkpoint's, else 128.", rich_help_panel=_OPT)] = None,
-    noise_offset: Annotated[float, typer.Option("--noise-offset", help="Offset-noise strength (0 = off).", rich_help_panel=_OPT)] = 0.0,
-    max_references: Annotated[int, typer.Option("--max-references", help="At most this many references per sample.", rich_help_panel=_DATA)] = 28,
-    save_steps: Annotated[int, typer.Option("--save-steps", help="Save a checkpoint and the resumable state every N steps (and at the end).", rich_help_panel=_RUN)] = 2000,
-    mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="no, fp16 or bf16. Default: accelerate's config / `accelerate launch --mixed_precision`.", rich_help_panel=_RUN)] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower).", rich_help_panel=_RUN)] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last saved step (same options).", rich_help_panel=_RUN)] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, data order, augmentation and noise.", rich_help_panel=_RUN)] = 0,
-    device: Annotated[str | None, typer.Option("--device", help="cpu to force the CPU; otherwise accelerate's placement (pick GPUs with CUDA_VISIBLE_DEVICES).", rich_help_panel=_RUN)] = None,
-    num_workers: Annotated[int, typer.Option("--num-workers", help="Data-loader worker processes.", rich_help_panel=_RUN)] = 2,
-    report_to: Annotated[str, typer.Option("--report-to", help="none or tensorboard (logs under OUT/logs; needs the tensorboard package).", rich_help_panel=_RUN)] = "none",
-    check_data: Annotated[bool, typer.Option("--check-data", help="Only validate the data (decoding every image) and exit.", rich_help_panel=_DATA)] = False,
+    stage: Annotated[
+        str,
+        typer.Option(
+            "--stage", help="align, single or multi (the paper's three stages, in order).", show_default=False
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="Training data: the official JSON list (image_file, text, target[, face]).",
+            rich_help_panel=_DATA,
+            show_default=False,
+        ),
+    ],
+    data_root: Annotated[
+        Path,
+        typer.Option(
+            "--data-root", help="Folder the paths in --data are relative to.", rich_help_panel=_DATA, show_default=False
+        ),
+    ],
+    base_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-model",
+            help="SDXL diffusers folder (required to train).",
+            rich_help_panel=_MODELS,
+            show_default=False,
+        ),
+    ] = None,
+    mllm: Annotated[
+        Path | None,
+        typer.Option(
+            "--mllm",
+            help="Qwen2-VL folder, e.g. Qwen2-VL-2B-Instruct (required to train).",
+            rich_help_panel=_MODELS,
+            show_default=False,
+        ),
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir",
+            "-o",
+            help="Where checkpoints, state and train_log.jsonl go (required to train).",
+            show_default=False,
+        ),
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Start from this EasyRef checkpoint (the previous stage's; official layout).",
+            rich_help_panel=_MODELS,
+        ),
+    ] = None,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", help="Optimiser steps to train to.", rich_help_panel=_OPT)
+    ] = 10_000,
+    resolution: Annotated[
+        int, typer.Option("--resolution", help="Training resolution (multiple of 64).", rich_help_panel=_DATA)
+    ] = 1024,
+    resize: Annotated[
+        str,
+        typer.Option(
+            "--resize",
+            help="crop: short side to --resolution + centre crop (official); aspect: keep the aspect ratio, ~resolution² pixels (needs --batch-size 1).",
+            rich_help_panel=_DATA,
+        ),
+    ] = "crop",
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="Per-device batch. Default per stage: 8 / 4 / 1.", rich_help_panel=_OPT),
+    ] = None,
+    gradient_accumulation: Annotated[
+        int | None,
+        typer.Option(
+            "--gradient-accumulation",
+            help="Micro-batches per optimiser step. Default per stage: 1 / 2 / 4.",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--learning-rate", help="AdamW learning rate. Default per stage: 1e-4 / 4e-5 / 2e-5.", rich_help_panel=_OPT
+        ),
+    ] = None,
+    lr_scheduler: Annotated[
+        str,
+        typer.Option(
+            "--lr-scheduler",
+            help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial.",
+            rich_help_panel=_OPT,
+        ),
+    ] = "constant",
+    lr_warmup_steps: Annotated[
+        int, typer.Option("--lr-warmup-steps", help="Warm-up steps of the LR schedule.", rich_help_panel=_OPT)
+    ] = 0,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", help="AdamW weight decay.", rich_help_panel=_OPT)
+    ] = 0.0,
+    max_grad_norm: Annotated[
+        float | None,
+        typer.Option(
+            "--max-grad-norm",
+            help="Clip the gradient norm (off by default, as the official code).",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
+    lora_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--lora-rank",
+            help="LoRA rank for single/multi. Default: the --init checkpoint's, else 128.",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
+    noise_offset: Annotated[
+        float, typer.Option("--noise-offset", help="Offset-noise strength (0 = off).", rich_help_panel=_OPT)
+    ] = 0.0,
+    max_references: Annotated[
+        int, typer.Option("--max-references", help="At most this many references per sample.", rich_help_panel=_DATA)
+    ] = 28,
+    save_steps: Annotated[
+        int,
+        typer.Option(
+            "--save-steps",
+            help="Save a checkpoint and the resumable state every N steps (and at the end).",
+            rich_help_panel=_RUN,
+        ),
+    ] = 2000,
+    mixed_precision: Annotated[
+        str | None,
+        typer.Option(
+            "--mixed-precision",
+            help="no, fp16 or bf16. Default: accelerate's config / `accelerate launch --mixed_precision`.",
+            rich_help_panel=_RUN,
+        ),
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing",
+            help="Recompute activations in the backward pass (less memory, ~30% slower).",
+            rich_help_panel=_RUN,
+        ),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --output-dir from its last saved step (same options).",
+            rich_help_panel=_RUN,
+        ),
+    ] = False,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Seed for initialisation, data order, augmentation and noise.", rich_help_panel=_RUN
+        ),
+    ] = 0,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="cpu to force the CPU; otherwise accelerate's placement (pick GPUs with CUDA_VISIBLE_DEVICES).",
+            rich_help_panel=_RUN,
+        ),
+    ] = None,
+    num_workers: Annotated[
+        int, typer.Option("--num-workers", help="Data-loader worker processes.", rich_help_panel=_RUN)
+    ] = 2,
+    report_to: Annotated[
+        str,
+        typer.Option(
+            "--report-to",
+            help="none or tensorboard (logs under OUT/logs; needs the tensorboard package).",
+            rich_help_panel=_RUN,
+        ),
+    ] = "none",
+    check_data: Annotated[
+        bool,
+        typer.Option(
+            "--check-data", help="Only validate the data (decoding every image) and exit.", rich_help_panel=_DATA
+        ),
+    ] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging (-vv debug).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")] = False,
 ) -> None:
@@ -61,24 +219,13 @@ def train_command(
     OUT/state (for --resume) and OUT/train_log.jsonl.
     """
     setup_logging(verbose, quiet)
-    from easyref_cli.train import STAGES, TrainConfig
+    from easyref_cli.train import TrainConfig
     from easyref_cli.train import data as data_mod
 
     if check_data:  # 1a. only the data: no models, no output folder needed
-        if stage not in STAGES:
-            raise UsageError(f"--stage must be one of {', '.join(STAGES)}, not {stage!r}")
-        report = data_mod.validate_data(data, data_root, decode=True)
-        items = data_mod.require_valid(report, data)
-        if not quiet:
-            typer.echo(
-                f"{data}: {len(items)} items, {report.files} files ok "
-                f"({report.multi_reference_items} multi-reference, {report.face_items} face items)",
-                err=True,
-            )
+        _check_data_only(stage, data, data_root, quiet)
         return
-    missing = [flag for flag, value in (("--base-model", base_model), ("--mllm", mllm), ("--output-dir", output_dir)) if value is None]
-    if missing:
-        raise UsageError(f"training needs {', '.join(missing)} (only --check-data runs without them)")
+    _require(base_model=base_model, mllm=mllm, output_dir=output_dir)
 
     config = TrainConfig(
         stage=stage,
@@ -124,6 +271,29 @@ def train_command(
     if not quiet and result.main_process and result.checkpoints:
         loss = "" if result.last_loss is None else f", last loss {result.last_loss:.4f}"
         typer.echo(f"trained --stage {config.stage} to step {result.step}{loss}: {result.checkpoints[-1]}", err=True)
+
+
+def _check_data_only(stage: str, data: Path, data_root: Path | None, quiet: bool) -> None:
+    """``--check-data``: decode every file the data names, report, train nothing."""
+    from easyref_cli.train import STAGES
+    from easyref_cli.train import data as data_mod
+
+    if stage not in STAGES:
+        raise UsageError(f"--stage must be one of {', '.join(STAGES)}, not {stage!r}")
+    report = data_mod.validate_data(data, data_root, decode=True)
+    items = data_mod.require_valid(report, data)
+    if not quiet:
+        typer.echo(
+            f"{data}: {len(items)} items, {report.files} files ok "
+            f"({report.multi_reference_items} multi-reference, {report.face_items} face items)",
+            err=True,
+        )
+
+
+def _require(**paths: Path | str | None) -> None:
+    missing = ["--" + name.replace("_", "-") for name, value in paths.items() if value is None]
+    if missing:
+        raise UsageError(f"training needs {', '.join(missing)} (only --check-data runs without them)")
 
 
 def _check_paths(config) -> None:

@@ -187,9 +187,7 @@ def _check_file(path: Path, decode: bool) -> str | None:
     return None
 
 
-def validate_data(
-    data: Path, data_root: Path, *, decode: bool = False, workers: int = 8
-) -> DataReport:
+def validate_data(data: Path, data_root: Path, *, decode: bool = False, workers: int = 8) -> DataReport:
     """Read the data file and check every file it names, listing all problems.
 
     ``decode=False`` opens each image and verifies its structure (fast); ``decode=True`` decodes
@@ -356,7 +354,9 @@ def expand_box(
     return x1 + shift_x, y1 + shift_y, x2 + shift_x, y2 + shift_y
 
 
-def face_reference(image: Image.Image, face: tuple[float, float, float, float], percent: int, flip: bool) -> Image.Image:
+def face_reference(
+    image: Image.Image, face: tuple[float, float, float, float], percent: int, flip: bool
+) -> Image.Image:
     """The face variant's reference: square crop around the box, expanded by ``percent``, maybe mirrored."""
     x1, y1, x2, y2 = expand_box(square_box(*face), image.width, image.height, percent)
     out = image.crop(tuple(round(v) for v in (x1, y1, x2, y2)))
@@ -485,7 +485,11 @@ class TrainDataset:
         input_ids, image_batch = self.mllm(refs, plan.caption)
         clip_ids = [
             tok(
-                plan.caption, max_length=tok.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+                plan.caption,
+                max_length=tok.model_max_length,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
             ).input_ids
             for tok in self.clip_tokenizers
         ]

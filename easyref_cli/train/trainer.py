@@ -99,7 +99,10 @@ def initial_checkpoint(mllm_path: Path, unet: nn.Module, *, num_tokens: int = 64
     for path in lora_mod.attention_layers(unet):
         if path.endswith("attn2"):
             attn = unet.get_submodule(path)
-            ip[path] = {"to_k_ip": attn.to_k.weight.detach().float().clone(), "to_v_ip": attn.to_v.weight.detach().float().clone()}
+            ip[path] = {
+                "to_k_ip": attn.to_k.weight.detach().float().clone(),
+                "to_v_ip": attn.to_v.weight.detach().float().clone(),
+            }
     return EasyRefCheckpoint(
         source=f"initial weights ({mllm_path} last layer, UNet to_k/to_v)",
         sha256="",
@@ -236,7 +239,9 @@ class Trainer:
         state = out / STATE_DIR
         if cfg.resume:
             if not (state / TRAINER_STATE).is_file():
-                raise UsageError(f"--resume: {out} has no saved training state ({state}); run without --resume to start")
+                raise UsageError(
+                    f"--resume: {out} has no saved training state ({state}); run without --resume to start"
+                )
             try:
                 recorded = json.loads((out / RUN_CONFIG).read_text())
             except (OSError, json.JSONDecodeError) as exc:
@@ -349,7 +354,9 @@ class Trainer:
             ckpt = load_checkpoint(cfg.init)
         else:
             if cfg.stage != "align":
-                logger.warning("--stage %s without --init starts from untrained adapters; the recipe runs align first", cfg.stage)
+                logger.warning(
+                    "--stage %s without --init starts from untrained adapters; the recipe runs align first", cfg.stage
+                )
             ckpt = initial_checkpoint(cfg.mllm, unet, seed=cfg.seed)
         ckpt.check_unet(unet)
         self.init_checkpoint = ckpt
@@ -393,7 +400,9 @@ class Trainer:
         for proc in self.processors.values():
             if proc is not None:
                 for name, p in proc.named_parameters():
-                    p.requires_grad_(name.startswith(("to_k_ip.", "to_v_ip.")) or (cfg.trains_lora and "_lora." in name))
+                    p.requires_grad_(
+                        name.startswith(("to_k_ip.", "to_v_ip.")) or (cfg.trains_lora and "_lora." in name)
+                    )
 
     def _load_encoder(self, ckpt: EasyRefCheckpoint) -> ReferenceEncoder:
         """The reference encoder from ``--mllm`` and ``ckpt``, with its trainable parts unfrozen; a
@@ -497,7 +506,9 @@ class Trainer:
         try:
             progress = json.loads((state / TRAINER_STATE).read_text())
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot resume from {state}: {TRAINER_STATE} is missing or unreadable ({exc})") from None
+            raise CheckpointError(
+                f"cannot resume from {state}: {TRAINER_STATE} is missing or unreadable ({exc})"
+            ) from None
         self.step, self.epoch, self.batches_in_epoch = progress["step"], progress["epoch"], progress["batches_in_epoch"]
         self.resumed_from = self._last_saved = self.step
         log = self.config.output_dir / LOG_NAME
@@ -538,7 +549,9 @@ class Trainer:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(self.config.mllm)
-        if getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False):
+        if getattr(config, "tie_word_embeddings", False) or getattr(
+            config.get_text_config(), "tie_word_embeddings", False
+        ):
             return enc.language_model.embed_tokens.weight.detach().to("cpu", copy=True).contiguous()
         head = read_folder_tensors(self.config.mllm, lambda k: k == "lm_head.weight")
         if "lm_head.weight" not in head:
