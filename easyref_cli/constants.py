@@ -22,6 +22,9 @@ PRE_RESIZE_MAX_PIXELS = 16384 * 28 * 28
 #: The unconditional reference: one black square image with an empty caption (rule 6).
 UNCOND_IMAGE_SIZE = 512
 
+#: The official ``generate()``'s negative prompt when none is given (``ip_adapter.py``).
+OFFICIAL_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_MLLM = "Qwen/Qwen2-VL-2B-Instruct"
 DEFAULT_ADAPTER = "zongzhuofan/EasyRef"

@@ -18,7 +18,16 @@ from easyref_cli.settings import choice_error
 MODEL_CHOICES = ("tiny", "demo")
 TINY_DEFAULTS = {"width": 64, "height": 64, "steps": 4}
 #: The demo model's domain is 64² pictures; the settings ``easyref_cli.demo.evidence`` measured it with.
-DEMO_DEFAULTS = {"width": 64, "height": 64, "steps": 25, "guidance": 5.0}
+#: It was trained and measured with an encoded empty negative prompt (its SDXL config does not zero
+#: empty negatives, so ``zero_negative: empty`` encodes ``""`` and keeps the job ids it always had).
+DEMO_DEFAULTS = {
+    "width": 64,
+    "height": 64,
+    "steps": 25,
+    "guidance": 5.0,
+    "negative_prompt": "",
+    "zero_negative": "empty",
+}
 #: A family's settings rank with the built-in defaults, below the preset.
 MODEL_DEFAULTS = {"tiny": TINY_DEFAULTS, "demo": DEMO_DEFAULTS}
 MODEL_NOTICES = {

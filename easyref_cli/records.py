@@ -23,6 +23,7 @@ from easyref_cli.settings import (
     GenerationSettings,
     Invalid,
     check_setting,
+    from_record,
     identity_values,
     record_types,
 )
@@ -109,7 +110,7 @@ def _settings(record: Mapping[str, Any], problems: list[str]) -> GenerationSetti
             except Invalid as e:
                 problems.append(f"{key}: {e}")
     values["ref_text"] = "prompt" if record["caption"] == record["prompt"] else "none"
-    return GenerationSettings(**values)
+    return from_record(values)
 
 
 def parse_record(record: Mapping[str, Any], *, source: str = "record") -> Replay:

@@ -24,10 +24,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
-from easyref_cli.constants import INSTRUCTION, QWEN_SPECIAL_TOKENS
+from easyref_cli.constants import INSTRUCTION, OFFICIAL_NEGATIVE_PROMPT, QWEN_SPECIAL_TOKENS
 from easyref_cli.errors import UsageError
 
 # ----------------------------------------------------------------------------------------------
@@ -56,6 +56,10 @@ SCHEDULERS: dict[str, Sampler] = {
 REF_TEXT_CHOICES = ("prompt", "none")
 #: ``--attention``: xformers if a real probe call works (auto), PyTorch SDPA, or xformers (fail loudly).
 ATTENTION_CHOICES = ("auto", "sdpa", "xformers")
+#: ``zero_negative``: ``never`` encodes every negative prompt, ``""`` included (the official code);
+#: ``empty`` zeroes it when all of a batch's negatives are empty and the base model's config says
+#: ``force_zeros_for_empty_prompt`` (diffusers; easyref-cli 0.1); ``always`` zeroes it whatever the text.
+ZERO_NEGATIVE_CHOICES = ("never", "empty", "always")
 #: ``--offload``: accelerate CPU offload of SDXL for small GPUs.
 OFFLOAD_CHOICES = ("none", "model", "sequential")
 #: ``--dtype`` spellings → canonical name (a ``torch`` attribute, or ``auto``).
@@ -183,7 +187,10 @@ class Spec:
     ``per_prompt``: a single prompt of a prompt file may override it. ``identity``: it changes the
     pixels, so it is part of the job id, the PNG record and replay. ``pipeline``: it is passed to
     the pipeline's ``GenerationRequest`` under the same name. ``flags``: its ``easyref generate``
-    options (none: prompt file and presets only). ``since``: the record schema that introduced it.
+    options (none: prompt file and presets only). ``since``: the record schema that introduced it;
+    for such a setting, ``legacy`` is the value a record without it implies (default: the field
+    default) and ``keep(settings)`` whether the job id and record carry it (default: the value
+    differs from ``legacy``), so images made before it existed keep their ids and bytes.
     """
 
     help: str
@@ -193,6 +200,8 @@ class Spec:
     pipeline: bool = False
     flags: tuple[str, ...] = ()
     since: int = 1
+    legacy: Any = None
+    keep: Callable[[Any], bool] | None = None
     default_text: str | None = None
 
     def cli_help(self, default: Any) -> str:
@@ -202,6 +211,8 @@ class Spec:
 
 def setting(default: Any, help: str, check: Callable[[Any], Any], **spec: Any) -> Any:
     """A :class:`GenerationSettings` field: its default and its :class:`Spec`."""
+    if spec.get("since", 1) > 1:
+        spec.setdefault("legacy", default)
     return field(default=default, metadata={"spec": Spec(help=help, check=check, **spec)})
 
 
@@ -234,7 +245,12 @@ class GenerationSettings:
         flags=("--images-per-prompt", "-n"),
     )
     negative_prompt: str = setting(
-        "", "Negative prompt.", as_str, flags=("--negative-prompt",), default_text="empty", **_SAMPLE
+        OFFICIAL_NEGATIVE_PROMPT,
+        'Negative prompt, always CLIP-encoded ("" too) as the official code does.',
+        as_str,
+        flags=("--negative-prompt",),
+        default_text=f"the official {OFFICIAL_NEGATIVE_PROMPT!r}",
+        **_SAMPLE,
     )
     scheduler: str = setting(
         "euler", f"Sampler: {', '.join(SCHEDULERS)}.", as_choice(tuple(SCHEDULERS)), flags=("--scheduler",), **_SAMPLE
@@ -266,6 +282,19 @@ class GenerationSettings:
         lambda v: as_float(v, minimum=0.0, maximum=1.0),
         flags=("--guidance-rescale",),
         since=2,
+        **_SAMPLE,
+    )
+
+    zero_negative: str = setting(
+        "never",
+        "Zeroed negative text embeddings instead of the encoded negative prompt: 'never' (the official code), "
+        "'empty' (when the negative prompt is empty and the base model's config says so: diffusers, "
+        "easyref-cli 0.1) or 'always'.",
+        as_choice(ZERO_NEGATIVE_CHOICES),
+        flags=("--zero-negative",),
+        since=2,
+        legacy="empty",
+        keep=lambda s: s.zero_negative == "always" or (s.zero_negative == "never" and s.negative_prompt == ""),
         **_SAMPLE,
     )
 
@@ -333,20 +362,29 @@ def resolve_settings(*layers: Mapping[str, Any] | None) -> GenerationSettings:
     return GenerationSettings(**merged)
 
 
-def _values(settings: GenerationSettings, keys: Sequence[str]) -> dict[str, Any]:
-    """``keys`` of ``settings``, leaving out settings newer than record schema 1 at their default."""
-    out = {}
-    for key in keys:
-        value = getattr(settings, key)
-        if SPECS[key].since > 1 and value == DEFAULTS[key]:
-            continue
-        out[key] = value
-    return out
+def _kept(settings: GenerationSettings, key: str) -> bool:
+    spec = SPECS[key]
+    if spec.since == 1:
+        return True
+    if spec.keep is not None:
+        return spec.keep(settings)
+    return getattr(settings, key) != spec.legacy
 
 
 def identity_values(settings: GenerationSettings) -> dict[str, Any]:
-    """The settings that change pixels: what the job id hashes and the PNG record stores."""
-    return _values(settings, IDENTITY_KEYS)
+    """The settings that change pixels: what the job id hashes and the PNG record stores. A setting
+    newer than record schema 1 is left out where it means what records without it meant."""
+    return {key: getattr(settings, key) for key in IDENTITY_KEYS if _kept(settings, key)}
+
+
+def from_record(values: Mapping[str, Any]) -> GenerationSettings:
+    """Settings from a record's (checked) values. A setting newer than the record takes its default
+    where that means the same as the record's silence, else its ``legacy`` value (what made the image)."""
+    settings = GenerationSettings(**values)
+    for key, spec in SPECS.items():
+        if spec.since > 1 and key not in values and _kept(settings, key):
+            settings = replace(settings, **{key: spec.legacy})
+    return settings
 
 
 def pipeline_values(settings: GenerationSettings) -> dict[str, Any]:

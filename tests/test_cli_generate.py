@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from easyref_cli import files
 from easyref_cli.cli import app
 from easyref_cli.model import hub
+from easyref_cli.constants import OFFICIAL_NEGATIVE_PROMPT
 from easyref_cli.runlog import RunSummary
 from easyref_cli.testing import make_reference_images
 
@@ -233,9 +234,10 @@ def test_inspect_parameters_prints_a1111_text(base_run):
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
     assert lines[0] == "a robot"
-    assert len(lines) == 2  # no negative prompt line when it is empty
+    assert lines[1] == f"Negative prompt: {OFFICIAL_NEGATIVE_PROMPT}"  # the built-in default
+    assert len(lines) == 3
     for part in ("Steps: 2", "Sampler: Euler", "CFG scale: 5.0", "Seed: 7", "Size: 64x64", "EasyRef references: 2"):
-        assert part in lines[1]
+        assert part in lines[2]
     with Image.open(png) as im:
         assert im.text["parameters"] == res.stdout.strip()
 
@@ -389,7 +391,7 @@ PRECEDENCE_VALUES = {
     "steps": (30, (11, 12, 13, 14)),
     "guidance": (5.0, (1.5, 2.5, 3.5, 4.5)),
     "scale": (1.0, (0.1, 0.2, 0.3, 0.4)),
-    "negative_prompt": ("", ("neg preset", "neg defaults", "neg cli", "neg prompt")),
+    "negative_prompt": (OFFICIAL_NEGATIVE_PROMPT, ("neg preset", "neg defaults", "neg cli", "neg prompt")),
     "width": (1024, (512, 256, 128, 64)),
     "seed": (0, (100, 200, 300, 400)),
 }

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 
+from easyref_cli.constants import OFFICIAL_NEGATIVE_PROMPT
 from easyref_cli.errors import UsageError
 from easyref_cli.model.pipeline import EasyRefPipeline, GenerationRequest
 
@@ -82,15 +83,25 @@ def test_attention_backend_is_recorded(pipe):
     assert pipe.attention.reason
 
 
-def test_empty_and_given_negative_prompts_never_share_a_batch(pipe, refs):
-    """SDXL zeroes the negative embedding for an empty negative prompt; encoding "" in a mixed batch
-    would change that image. The pipeline refuses such a batch and the run never builds one."""
+def test_empty_and_given_negative_prompts_never_share_a_batch_where_empty_means_zeros(pipe, refs):
+    """With ``zero_negative="empty"`` SDXL zeroes the negative embedding for an all-empty batch; encoding
+    "" in a mixed batch would change that image. The pipeline refuses such a batch and the run never
+    builds one. With the default (always encode) they may share a batch."""
     from dataclasses import replace
 
     from easyref_cli.run import batches
 
     embeds = pipe.encode_references(refs, "a cat")
-    plain = GenerationRequest(prompt="a cat", ref_embeds=embeds, seed=1, steps=1, width=64, height=64)
+    plain = GenerationRequest(
+        prompt="a cat",
+        ref_embeds=embeds,
+        seed=1,
+        steps=1,
+        width=64,
+        height=64,
+        negative_prompt="",
+        zero_negative="empty",
+    )
     with pytest.raises(UsageError, match="negative prompt"):
         pipe.generate([plain, replace(plain, negative_prompt="blurry")])
 
@@ -98,3 +109,40 @@ def test_empty_and_given_negative_prompts_never_share_a_batch(pipe, refs):
     got = batches(requests, lambda r: r.batch_key(), 8)  # the run batches jobs by their request's key
     assert [[r.seed for r in b] for b in got] == [[1], [2], [3]]
     assert [[r.seed for r in b] for b in batches(requests[::2], lambda r: r.batch_key(), 8)] == [[1, 3]]
+    encoded = [replace(r, zero_negative="never") for r in requests]
+    assert [[r.seed for r in b] for b in batches(encoded, lambda r: r.batch_key(), 8)] == [[1, 2, 3]]
+
+
+@pytest.mark.parametrize("negative", [OFFICIAL_NEGATIVE_PROMPT, ""])
+def test_negative_prompt_is_encoded_as_the_official_code_does(pipe, negative):
+    """The official generate() passes its negative prompt ("" too) to diffusers' encode_prompt."""
+    import torch
+
+    request = GenerationRequest(prompt="a cat", ref_embeds=None, seed=0, negative_prompt=negative)
+    ours = pipe.encode_text([request])
+    theirs = pipe.sdxl.encode_prompt(
+        ["a cat"], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=[negative]
+    )
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+    assert ours[1].abs().sum() > 0 and ours[3].abs().sum() > 0  # never zeroed
+
+
+def test_zero_negative_modes(pipe):
+    import torch
+
+    assert pipe.sdxl.config.force_zeros_for_empty_prompt  # the tiny SDXL keeps diffusers' default
+    base = GenerationRequest(prompt="a cat", ref_embeds=None, seed=0, negative_prompt="")
+    never, empty, always = (pipe.encode_text([replace_(base, zero_negative=m)]) for m in ("never", "empty", "always"))
+    assert never[1].abs().sum() > 0
+    assert torch.count_nonzero(empty[1]) == 0 and torch.count_nonzero(empty[3]) == 0
+    assert torch.count_nonzero(always[1]) == 0 and torch.count_nonzero(always[3]) == 0
+    given = replace_(base, negative_prompt="blurry")
+    assert torch.count_nonzero(pipe.encode_text([replace_(given, zero_negative="empty")])[1]) > 0
+    assert torch.count_nonzero(pipe.encode_text([replace_(given, zero_negative="always")])[1]) == 0
+
+
+def replace_(request, **changes):
+    from dataclasses import replace
+
+    return replace(request, **changes)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from easyref_cli import naming, prompts, records
 from easyref_cli import plan as P
-from easyref_cli.constants import INSTRUCTION
+from easyref_cli.constants import INSTRUCTION, OFFICIAL_NEGATIVE_PROMPT
 from easyref_cli.errors import InputError, UsageError
 from easyref_cli.settings import DEFAULTS, GenerationSettings, resolve_settings
 
@@ -93,7 +93,7 @@ PRECEDENCE = [
     ("character", {"width": 512}, {}, {}, "width", 512),
     ("character", {"width": 512}, {"width": 768}, {}, "width", 768),
     ("character", {"width": 512}, {"width": 768}, {"width": 640}, "width", 640),
-    (None, {}, {}, {}, "negative_prompt", ""),
+    (None, {}, {}, {}, "negative_prompt", OFFICIAL_NEGATIVE_PROMPT),
     ("identity", {}, {}, {}, "negative_prompt", "deformed face"),
     ("identity", {"negative_prompt": "yaml"}, {}, {}, "negative_prompt", "yaml"),
     ("identity", {"negative_prompt": "yaml"}, {"negative_prompt": ""}, {}, "negative_prompt", ""),
@@ -546,7 +546,7 @@ def test_job_defaults_and_caption(tmp_path, refs):
     s = job.settings
     assert (job.prompt, job.caption, s.instruction) == ("a red car", "a red car", INSTRUCTION)
     assert (s.steps, s.guidance, s.scale, s.width, s.height) == (30, 5.0, 1.0, 1024, 1024)
-    assert (s.scheduler, s.negative_prompt, job.seed, job.preset) == ("euler", "", 0, None)
+    assert (s.scheduler, s.negative_prompt, job.seed, job.preset) == ("euler", OFFICIAL_NEGATIVE_PROMPT, 0, None)
 
 
 def test_job_id_is_stable_and_tracks_settings(tmp_path, refs):

@@ -175,3 +175,48 @@ def test_cli_flag_record_and_replay(tiny, tmp_path, refs):
                               "--device", "cpu", "-q", "--no-cache"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert (tmp_path / "b" / png.relative_to(tmp_path / "a")).read_bytes() == png.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# zero_negative: records made before it keep their meaning
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "negative, mode, kept",
+    [
+        ("blurry", "never", False),  # encoded, as before: same pixels, same id
+        ("blurry", "empty", False),
+        ("blurry", "always", True),
+        ("", "never", True),  # encodes "" where records without the key zeroed (SDXL config): a new job
+        ("", "empty", False),  # what an empty negative meant before
+        ("", "always", True),
+    ],
+)
+def test_zero_negative_is_recorded_only_where_it_changes_the_meaning(negative, mode, kept):
+    s = GenerationSettings(negative_prompt=negative, zero_negative=mode)
+    assert ("zero_negative" in identity_values(s)) is kept
+    replayed = settings.from_record(identity_values(s))  # what a record of it replays as
+    assert identity_values(replayed) == identity_values(s)  # the same job
+    if kept or mode == "never":
+        assert replayed.zero_negative == mode
+
+
+def test_old_records_with_an_empty_negative_replay_with_zeroed_negatives():
+    old = {
+        "prompt": "p", "negative_prompt": "", "caption": "p", "instruction": "i", "seed": 1, "steps": 2,
+        "guidance": 5.0, "scale": 1.0, "width": 64, "height": 64, "scheduler": "euler", "references": [{"path": "/x"}],
+    }  # fmt: skip
+    assert records.parse_record(old).settings.zero_negative == "empty"
+    assert records.parse_record({**old, "negative_prompt": "x"}).settings.zero_negative == "never"
+
+
+def test_default_negative_is_the_official_one_and_empty_is_another_job(tmp_path, refs):
+    from easyref_cli.constants import OFFICIAL_NEGATIVE_PROMPT
+
+    default = _plan(tmp_path, refs).jobs[0]
+    assert default.settings.negative_prompt == OFFICIAL_NEGATIVE_PROMPT
+    empty = _plan(tmp_path, refs, cli={"negative_prompt": ""}).jobs[0]
+    zeroed = _plan(tmp_path, refs, cli={"negative_prompt": "", "zero_negative": "empty"}).jobs[0]
+    assert len({default.job_id, empty.job_id, zeroed.job_id}) == 3
+    assert "zero_negative" not in identity_values(zeroed.settings)  # the id an empty negative always had

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from easyref_cli.constants import INSTRUCTION
+from easyref_cli.constants import INSTRUCTION, OFFICIAL_NEGATIVE_PROMPT
 from easyref_cli.env import default_device
 from easyref_cli.errors import JobError, ModelError, UsageError
 from easyref_cli.model import adapter as adapter_mod
@@ -44,7 +44,7 @@ class GenerationRequest:
     prompt: str
     ref_embeds: RefEmbeds
     seed: int
-    negative_prompt: str = ""
+    negative_prompt: str = OFFICIAL_NEGATIVE_PROMPT
     steps: int = 30
     guidance: float = 5.0
     scale: float = 1.0
@@ -52,13 +52,14 @@ class GenerationRequest:
     height: int = 1024
     scheduler: str = "euler"
     guidance_rescale: float = 0.0
+    zero_negative: str = "never"
 
     def batch_key(self) -> tuple:
-        """What requests of one batch must share: every field but the per-image ones. An empty
-        negative prompt means SDXL's zeroed negative embeddings, and a batch must not mix that with
-        encoded ones (CLIP("") differs from zeros, so the image would change)."""
+        """What requests of one batch must share: every field but the per-image ones. With
+        ``zero_negative="empty"`` an empty negative prompt may mean zeroed embeddings, so a batch must
+        not mix empty and given negatives there (CLIP("") differs from zeros: the image would change)."""
         shared = tuple(getattr(self, f.name) for f in fields(self) if f.name not in _PER_IMAGE)
-        return (*shared, bool(self.negative_prompt))
+        return (*shared, self.zero_negative == "empty" and bool(self.negative_prompt))
 
 
 _PER_IMAGE = frozenset({"prompt", "ref_embeds", "seed", "negative_prompt"})
@@ -207,7 +208,7 @@ class EasyRefPipeline:
         *,
         refs: Sequence | None = None,
         ref_embeds: RefEmbeds | None = None,
-        negative_prompt: str = "",
+        negative_prompt: str = OFFICIAL_NEGATIVE_PROMPT,
         seed: int = 0,
         steps: int = 30,
         guidance: float = 5.0,
@@ -215,6 +216,7 @@ class EasyRefPipeline:
         width: int = 1024,
         height: int = 1024,
         guidance_rescale: float = 0.0,
+        zero_negative: str = "never",
         caption: str | None = None,
         instruction: str = INSTRUCTION,
     ):
@@ -237,6 +239,7 @@ class EasyRefPipeline:
             height=height,
             scheduler=self._scheduler_name,
             guidance_rescale=guidance_rescale,
+            zero_negative=zero_negative,
         )
         return self.generate([request])[0]
 
@@ -259,13 +262,7 @@ class EasyRefPipeline:
         pipe = self.sdxl
         device = pipe._execution_device  # honours CPU offload hooks
         # 2. text embeddings (CLIP, 77 tokens each)
-        prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            [r.prompt for r in requests],
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=[r.negative_prompt for r in requests] if any(r.negative_prompt for r in requests) else None,
-        )
+        prompt_embeds, negative_embeds, pooled, negative_pooled = self.encode_text(requests, device)
         # 3. context = [text ; reference tokens]; negative = [negative text ; uncond reference tokens]
         cond = torch.stack([r.ref_embeds.cond for r in requests]).to(device=device, dtype=prompt_embeds.dtype)
         uncond = torch.stack([r.ref_embeds.uncond for r in requests]).to(device=device, dtype=prompt_embeds.dtype)
@@ -300,6 +297,25 @@ class EasyRefPipeline:
         if any(im is None for im in images):
             raise NonFiniteImages(images, [r.seed for r, im in zip(requests, images, strict=True) if im is None])
         return images
+
+    def encode_text(self, requests: Sequence[GenerationRequest], device=None):
+        """CLIP text embeddings ``(prompt, negative, pooled, negative pooled)`` of a batch. Negative prompts
+        are encoded as given, ``""`` included, as the official ``generate()`` does; ``zero_negative`` picks
+        SDXL's zeroed negatives instead (``"empty"``: diffusers' rule, by the model's
+        ``force_zeros_for_empty_prompt``, when every negative of the batch is empty; ``"always"``)."""
+        mode = requests[0].zero_negative
+        negatives = [r.negative_prompt for r in requests]
+        embeds = self.sdxl.encode_prompt(
+            [r.prompt for r in requests],
+            device=device or self.sdxl._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=None if mode == "empty" and not any(negatives) else negatives,
+        )
+        if mode == "always":
+            prompt_embeds, negative_embeds, pooled, negative_pooled = embeds
+            return prompt_embeds, torch.zeros_like(negative_embeds), pooled, torch.zeros_like(negative_pooled)
+        return embeds
 
     def _denoise(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback):
         import warnings
