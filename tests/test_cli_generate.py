@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 
 from easyref_cli import files
 from easyref_cli.cli import app
-from easyref_cli.model import hub
 from easyref_cli.constants import OFFICIAL_NEGATIVE_PROMPT
+from easyref_cli.model import hub
 from easyref_cli.runlog import RunSummary
 from easyref_cli.testing import make_reference_images
 
