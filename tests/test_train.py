@@ -176,6 +176,11 @@ def test_stage_defaults_follow_the_official_scripts(tmp_path):
             defaults["truncate_rate"],
         )
     assert TrainConfig(stage="multi", **base).resolved().truncate_rate == 0.4
+    # the official scripts: --random_crop for align and single, adaptive_resize (aspect) for multi
+    assert [TrainConfig(stage=s, **base).resolved().resize for s in ("align", "single", "multi")] == [
+        "crop", "crop", "aspect",
+    ]  # fmt: skip
+    assert TrainConfig(stage="multi", resize="crop", **base).resolved().resize == "crop"
     with pytest.raises(UsageError) as err:
         TrainConfig(
             stage="align", resolution=100, max_steps=0, mixed_precision="fp8", resize="aspect", batch_size=2, **base
@@ -200,6 +205,8 @@ def test_read_items_official_formats(tmp_path):
                     "face": [[1, 2, 30, 40], [0, 0, 5, 5]],
                     "image_file": "ignored.png",
                 },
+                # the official README's own example: a detector score after the box; a box past the edge
+                {"target": "f.png", "text": "scored", "face": [[-4, -2.5, 30, 40, 0.99]]},
             ]
         )
     )
@@ -208,6 +215,7 @@ def test_read_items_official_formats(tmp_path):
     assert items[1].target == "a.png" and items[1].references == ("a.png",)
     assert items[2].texts == ()
     assert items[3].face == (1.0, 2.0, 30.0, 40.0) and items[3].references == () and items[3].files == ("f.png",)
+    assert items[4].face == (-4.0, -2.5, 30.0, 40.0)
 
     path.write_text(
         json.dumps(
@@ -216,12 +224,13 @@ def test_read_items_official_formats(tmp_path):
                 {"image_file": "a.png"},
                 {"target": "f.png", "text": "x", "face": [[5, 5, 2, 2]]},
                 "not an object",
+                {"target": "f.png", "text": "x", "face": [[5, 5, 20]]},
             ]
         )
     )
     with pytest.raises(UsageError) as err:
         D.read_items(path)
-    for index in range(4):
+    for index in range(5):
         assert f"item {index}:" in str(err.value)
 
 
@@ -259,6 +268,12 @@ def test_face_reference_is_a_square_crop_inside_the_image():
     assert crop.width == crop.height == 30
     flipped = D.face_reference(image, (10, 10, 30, 40), 0, flip=True)
     assert list(flipped.getdata()) == list(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT).getdata())
+    # a face at the edge (negative coordinates): the crop is shifted back inside, still square
+    for percent in (0, 25):
+        x1, y1, x2, y2 = D.expand_box(D.square_box(-4, -2.5, 30, 40), 100, 80, percent)
+        assert x2 - x1 == y2 - y1 and 0 <= x1 and 0 <= y1 and x2 <= 100 and y2 <= 80
+    edge = D.face_reference(image, (-4, -2.5, 30, 40), 0, flip=False)
+    assert edge.width == edge.height == 42
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +372,7 @@ def test_dataset_sample_matches_the_inference_prompt(tiny, dataset):
     wide = ds_aspect[0]
     assert wide["pixel_values"].shape == (3, 128, 192)
     assert wide["target_size"].tolist() == [128, 192]
-    assert wide["original_size"].tolist() == sample["original_size"].tolist()  # the raw image's size, as in crop mode
+    assert wide["original_size"].tolist() == [128, 192]  # read after adaptive_resize, as the official code does
     assert wide["crop_top_left"].tolist() == [0, 0]
     batch = D.collate([ds[0], ds[2], ds[6]])
     assert batch["pixel_values"].shape == (3, 3, 64, 64) and batch["time_ids"].shape == (3, 6)

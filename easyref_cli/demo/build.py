@@ -441,7 +441,7 @@ def run_stage(
         "--data", str(data[stage]), "--data-root", str(data_root),
         "--base-model", str(sdxl), "--mllm", str(mllm), "--output-dir", str(out),
         "--resolution", str(IMAGE_SIZE), "--max-steps", str(steps), "--save-steps", str(steps),
-        "--batch-size", str(batch_size), "--gradient-accumulation", "1",
+        "--batch-size", str(batch_size), "--gradient-accumulation", "1", "--resize", "crop",
         "--learning-rate", str(learning_rate), "--seed", str(seed),
         "--device", "cpu", "--mixed-precision", "no", "--num-workers", "0", "--quiet",
     ]  # fmt: skip

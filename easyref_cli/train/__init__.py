@@ -31,11 +31,13 @@ REPORT_TO = ("none", "tensorboard")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 #: The official scripts' per-stage settings (scripts/*.sh of TempleX98/EasyRef): batch size per
-#: device, gradient accumulation, learning rate, truncation rate. Used when an option is not given.
-STAGE_DEFAULTS: dict[str, dict[str, float | int]] = {
-    "align": {"batch_size": 8, "gradient_accumulation": 1, "learning_rate": 1e-4, "truncate_rate": 0.0},
-    "single": {"batch_size": 4, "gradient_accumulation": 2, "learning_rate": 4e-5, "truncate_rate": 0.0},
-    "multi": {"batch_size": 1, "gradient_accumulation": 4, "learning_rate": 2e-5, "truncate_rate": 0.4},
+#: device, gradient accumulation, learning rate, truncation rate, and the resize: `--random_crop`
+#: (our "crop") in the align and single scripts, the aspect-keeping `adaptive_resize` in multi.
+#: Used when an option is not given.
+STAGE_DEFAULTS: dict[str, dict[str, float | int | str]] = {
+    "align": {"batch_size": 8, "gradient_accumulation": 1, "learning_rate": 1e-4, "truncate_rate": 0.0, "resize": "crop"},
+    "single": {"batch_size": 4, "gradient_accumulation": 2, "learning_rate": 4e-5, "truncate_rate": 0.0, "resize": "crop"},
+    "multi": {"batch_size": 1, "gradient_accumulation": 4, "learning_rate": 2e-5, "truncate_rate": 0.4, "resize": "aspect"},
 }
 DEFAULT_LORA_RANK = 128
 
@@ -53,7 +55,7 @@ class TrainConfig:
     init: Path | None = None
     max_steps: int = 10_000
     resolution: int = 1024
-    resize: str = "crop"
+    resize: str | None = None
     batch_size: int | None = None
     gradient_accumulation: int | None = None
     learning_rate: float | None = None
@@ -101,7 +103,7 @@ class TrainConfig:
         defaults = STAGE_DEFAULTS[self.stage]
         filled = {
             name: defaults[name] if getattr(self, name) is None else getattr(self, name)
-            for name in ("batch_size", "gradient_accumulation", "learning_rate", "truncate_rate")
+            for name in ("batch_size", "gradient_accumulation", "learning_rate", "truncate_rate", "resize")
         }
         return dataclasses.replace(
             self,
@@ -109,6 +111,7 @@ class TrainConfig:
             gradient_accumulation=int(filled["gradient_accumulation"]),
             learning_rate=float(filled["learning_rate"]),
             truncate_rate=float(filled["truncate_rate"]),
+            resize=str(filled["resize"]),
             data=Path(self.data),
             data_root=Path(self.data_root),
             base_model=Path(self.base_model),

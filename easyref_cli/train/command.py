@@ -84,13 +84,13 @@ def train_command(
         int, typer.Option("--resolution", help="Training resolution (multiple of 64).", rich_help_panel=_DATA)
     ] = 1024,
     resize: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--resize",
-            help="crop: short side to --resolution + centre crop (official); aspect: keep the aspect ratio, ~resolution² pixels (needs --batch-size 1).",
+            help="crop: short side to --resolution + centre crop; aspect: keep the aspect ratio, ~resolution² pixels (needs --batch-size 1). Default: the official scripts' per stage (crop for align and single, aspect for multi).",
             rich_help_panel=_DATA,
         ),
-    ] = "crop",
+    ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option("--batch-size", help="Per-device batch. Default per stage: 8 / 4 / 1.", rich_help_panel=_OPT),

@@ -134,17 +134,20 @@ def _parse_item(index: int, entry: Any) -> TrainItem:
 
 
 def _parse_face(value: Any) -> tuple[float, float, float, float]:
+    """The first box: ``[x1, y1, x2, y2, ...]``. Extra numbers (a detector's score, as in the official
+    README's example) are ignored; coordinates may be negative or past the image (a face at the edge:
+    the expansion shifts the crop back inside)."""
     boxes = value if isinstance(value, list) else None
     box = boxes[0] if boxes else None
     if (
         not isinstance(box, list)
-        or len(box) != 4
+        or len(box) < 4
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
     ):
-        raise ValueError("'face' must be a list of [x1, y1, x2, y2] boxes")
-    x1, y1, x2, y2 = (float(v) for v in box)
-    if x2 - x1 < 2 or y2 - y1 < 2 or x1 < 0 or y1 < 0:
-        raise ValueError(f"'face' box {box} is empty or negative (need 0 ≤ x1, x1 + 2 ≤ x2, 0 ≤ y1, y1 + 2 ≤ y2)")
+        raise ValueError("'face' must be a list of [x1, y1, x2, y2] boxes (extra numbers such as a score are ignored)")
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        raise ValueError(f"'face' box {box} is empty (need x1 + 2 ≤ x2 and y1 + 2 ≤ y2)")
     return x1, y1, x2, y2
 
 
@@ -477,7 +480,7 @@ class TrainDataset:
             target_size = (size, size)
         else:
             target = adaptive_resize(raw, size)
-            original_size = (raw.height, raw.width)  # micro-conditioning: the image's own size, as in crop mode
+            original_size = (target.height, target.width)  # the official code reads it after adaptive_resize
             target_size = (target.height, target.width)
             top = left = 0
         pixels = np.asarray(target, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
