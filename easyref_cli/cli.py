@@ -21,6 +21,7 @@ from easyref_cli.options import (
     BidirectionalOpt,
     DeviceOpt,
     DtypeOpt,
+    ExifOpt,
     InstructionOpt,
     MllmOpt,
     OutFileOpt,
@@ -70,6 +71,7 @@ def encode(
     device: DeviceOpt = None,
     instruction: InstructionOpt = None,
     bidirectional_final: BidirectionalOpt = False,
+    exif_orientation: ExifOpt = "apply",
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -90,6 +92,7 @@ def encode(
         device=device,
         instruction=instruction,
         bidirectional_final=bidirectional_final,
+        exif_orientation=exif_orientation,
     )
     typer.echo(f"wrote {result.path}: cond {tuple(result.cond_shape)}, uncond {tuple(result.uncond_shape)}", err=True)
 

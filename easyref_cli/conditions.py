@@ -39,12 +39,12 @@ logger = logging.getLogger(__name__)
 CONDITION_CACHE_VERSION = 1
 #: In the condition cache folder: checkpoint sha256s by real path, size, mtime and inode.
 HASH_MEMO = "file-hashes.json"
-#: (group name, caption, instruction): what one condition depends on within a run.
-ConditionId = tuple[str, str, str]
+#: (group name, caption, instruction, exif orientation): what one condition depends on within a run.
+ConditionId = tuple[str, str, str, str]
 
 
 def condition_id(job: Job) -> ConditionId:
-    return (job.group.name, job.caption, job.settings.instruction)
+    return (job.group.name, job.caption, job.settings.instruction, job.settings.exif_orientation)
 
 
 def condition_key(**fields: str) -> str:
@@ -174,8 +174,8 @@ class _Group:
 
     group: files.Group
     hash: str
-    images: list | None = None
-    prefixes: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, list] = field(default_factory=dict)
+    prefixes: dict[tuple[str, str], Any] = field(default_factory=dict)
 
 
 class EncodePhase:
@@ -236,19 +236,27 @@ class EncodePhase:
         cid = condition_id(job)
         if cid not in self.conditions.embeds:
             t0 = time.perf_counter()
-            instruction = job.settings.instruction
-            key = condition_key(kind="cond", group=state.hash, caption=job.caption, instruction=instruction, **self.key)
+            instruction, exif = job.settings.instruction, job.settings.exif_orientation
+            extra = {} if exif == "apply" else {"exif": exif}  # entries made before the option keep their keys
+            key = condition_key(
+                kind="cond", group=state.hash, caption=job.caption, instruction=instruction, **extra, **self.key
+            )
             cond = self.cache.get(key)
             if cond is None:
-                if state.images is None:
-                    state.images = files.load_group_images(state.group)  # InputError names the file
-                if instruction not in state.prefixes:
-                    state.prefixes[instruction] = self.encoder.get().encode_prefix(state.images, instruction)
-                cond = self.encoder.get().encode_caption(state.prefixes[instruction], job.caption)
+                cond = self._encode_fresh(job, state)
                 self.cache.put(key, cond, {"kind": "cond", "group": state.group.name, "caption": job.caption})
             self.conditions.embeds[cid] = RefEmbeds(cond=cond, uncond=self._uncond_for(instruction))
             self.conditions.seconds[cid] = time.perf_counter() - t0
         self.conditions.ready.append(job)
+
+    def _encode_fresh(self, job: Job, state: _Group) -> torch.Tensor:
+        """The MLLM: the group's prefix once per (instruction, EXIF handling), then this caption."""
+        instruction, exif = job.settings.instruction, job.settings.exif_orientation
+        if exif not in state.images:  # InputError names the file
+            state.images[exif] = files.load_group_images(state.group, exif_orientation=exif == "apply")
+        if (instruction, exif) not in state.prefixes:
+            state.prefixes[instruction, exif] = self.encoder.get().encode_prefix(state.images[exif], instruction)
+        return self.encoder.get().encode_caption(state.prefixes[instruction, exif], job.caption)
 
     def _uncond_for(self, instruction: str) -> torch.Tensor:
         if instruction not in self._uncond:

@@ -43,7 +43,7 @@ from easyref_cli.errors import EasyRefError, InputError, JobError, UsageError
 from easyref_cli.settings import SCHEDULERS
 
 #: File extensions (lower case) that count as reference images.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".avif"})
 #: The job log inside the output directory (DESIGN §6).
 MANIFEST_NAME = "manifest.jsonl"
 #: PNG text chunk names.
@@ -207,8 +207,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open, fully decode, apply EXIF orientation and return an RGB image.
+def load_image(path: Path, *, exif_orientation: bool = True) -> Image.Image:
+    """Open, fully decode, apply EXIF orientation (unless ``exif_orientation=False``: the stored pixel
+    order, as the official code reads it) and return an RGB image.
 
     Truncated files raise (``ImageFile.LOAD_TRUNCATED_IMAGES`` is forced False while loading).
     Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` × 2) are refused;
@@ -223,14 +224,15 @@ def load_image(path: Path) -> Image.Image:
         with _strict_truncation(), Image.open(path) as im:
             im.load()
             # exif_transpose returns a detached copy, so the result outlives the open file.
-            return _to_rgb(ImageOps.exif_transpose(im))
+            return _to_rgb(ImageOps.exif_transpose(im) if exif_orientation else im.copy())
     except Image.DecompressionBombError as e:
         raise InputError(
             f"cannot use reference image {path}: too many pixels ({e}); refusing a possible decompression bomb"
         ) from None
     except UnidentifiedImageError:
+        hint = " (this Pillow cannot read AVIF: install a Pillow with AVIF support)" if _avif_unsupported(path) else ""
         raise InputError(
-            f"cannot use reference image {path}: not an image Pillow can read (wrong extension or corrupt file)"
+            f"cannot use reference image {path}: not an image Pillow can read (wrong extension or corrupt file){hint}"
         ) from None
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise InputError(f"cannot read reference image {path}: {e.strerror or e}") from None
@@ -241,9 +243,15 @@ def load_image(path: Path) -> Image.Image:
         raise InputError(f"cannot use reference image {path}: {reason}") from None
 
 
-def load_group_images(group: Group) -> list[Image.Image]:
+def _avif_unsupported(path: Path) -> bool:
+    from PIL import features
+
+    return path.suffix.lower() == ".avif" and not features.check("avif")
+
+
+def load_group_images(group: Group, *, exif_orientation: bool = True) -> list[Image.Image]:
     """Load every image of a group with :func:`load_image` (in group order)."""
-    return [load_image(p) for p in group.images]
+    return [load_image(p, exif_orientation=exif_orientation) for p in group.images]
 
 
 # ----------------------------------------------------------------------------------------------

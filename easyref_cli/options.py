@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from easyref_cli import settings as _settings
+
 MllmOpt = Annotated[
     str | None,
     typer.Option(
@@ -57,6 +59,15 @@ BidirectionalOpt = Annotated[
     ),
 ]
 OutFileOpt = Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.", dir_okay=False)]
+#: ``easyref encode``'s use of a generation setting: the same help and default as ``generate``.
+ExifOpt = Annotated[
+    str,
+    typer.Option(
+        "--exif-orientation",
+        help=_settings.SPECS["exif_orientation"].cli_help(_settings.DEFAULTS["exif_orientation"]),
+        show_default=False,
+    ),
+]
 VerboseOpt = Annotated[
     int, typer.Option("--verbose", "-v", count=True, help="More logging; -v lists ignored files, -vv debug.")
 ]

@@ -60,6 +60,9 @@ ATTENTION_CHOICES = ("auto", "sdpa", "xformers")
 #: ``empty`` zeroes it when all of a batch's negatives are empty and the base model's config says
 #: ``force_zeros_for_empty_prompt`` (diffusers; easyref-cli 0.1); ``always`` zeroes it whatever the text.
 ZERO_NEGATIVE_CHOICES = ("never", "empty", "always")
+#: ``exif_orientation``: ``apply`` turns references upright by their EXIF tag (a deliberate deviation:
+#: users expect upright photos); ``ignore`` feeds the stored pixel order, as the official code does.
+EXIF_CHOICES = ("apply", "ignore")
 #: ``--offload``: accelerate CPU offload of SDXL for small GPUs.
 OFFLOAD_CHOICES = ("none", "model", "sequential")
 #: ``--dtype`` spellings → canonical name (a ``torch`` attribute, or ``auto``).
@@ -296,6 +299,16 @@ class GenerationSettings:
         legacy="empty",
         keep=lambda s: s.zero_negative == "always" or (s.zero_negative == "never" and s.negative_prompt == ""),
         **_SAMPLE,
+    )
+
+    exif_orientation: str = setting(
+        "apply",
+        "References' EXIF orientation: 'apply' turns photos upright (a deliberate deviation), 'ignore' feeds "
+        "the stored pixel order as the official code does.",
+        as_choice(EXIF_CHOICES),
+        identity=True,
+        flags=("--exif-orientation",),
+        since=2,
     )
 
     def caption(self, prompt: str) -> str:

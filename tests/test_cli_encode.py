@@ -111,3 +111,34 @@ def test_mllm_dir_without_tokenizer(tiny, ref_group, tmp_path):
 def test_wrong_output_suffix(tiny, ref_group, tmp_path):
     res = _encode(tiny, ref_group, tmp_path / "o.pt")
     assert res.exit_code == 2 and ".safetensors" in res.output
+
+
+def test_exif_orientation_apply_or_ignore(tiny, tmp_path):
+    """``ignore`` feeds the stored pixel order, as the official code does: the same tokens as the
+    same pixels without an EXIF tag; ``apply`` (the default) turns the photo upright first."""
+    import torch
+    from PIL import Image
+
+    from easyref_cli.testing import make_reference_images
+
+    [src] = make_reference_images(tmp_path / "src", n=1, size=(64, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° CW to display
+    tagged, plain = tmp_path / "tagged", tmp_path / "plain"
+    tagged.mkdir(), plain.mkdir()
+    Image.open(src).save(tagged / "a.png", exif=exif)
+    Image.open(src).save(plain / "a.png")
+
+    def cond(group, *extra):
+        out = tmp_path / f"{group.name}{len(extra)}.safetensors"
+        res = _encode(tiny, group, out, "--dtype", "float32", *extra)
+        assert res.exit_code == 0, res.output
+        with safe_open(str(out), "pt") as f:
+            return f.get_tensor("cond"), f.metadata()
+
+    upright, meta = cond(tagged)
+    raw, raw_meta = cond(tagged, "--exif-orientation", "ignore")
+    assert torch.equal(raw, cond(plain)[0]) and not torch.equal(raw, upright)
+    assert (meta["exif_orientation"], raw_meta["exif_orientation"]) == ("apply", "ignore")
+    res = _encode(tiny, tagged, tmp_path / "x.safetensors", "--exif-orientation", "sideways")
+    assert res.exit_code == 2 and "--exif-orientation must be one of apply, ignore" in res.output

@@ -205,6 +205,19 @@ def test_load_image_exif_rotation(tmp_path):
     path = _img(tmp_path / "r.jpg", size=(40, 20), exif=exif)
     assert Image.open(path).size == (40, 20)
     assert files.load_image(path).size == (20, 40)
+    raw = files.load_image(path, exif_orientation=False)  # the official code's pixel order
+    assert raw.size == (40, 20) and raw.tobytes() == Image.open(path).convert("RGB").tobytes()
+
+
+def test_avif_references_are_found_and_loaded(tmp_path):
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    path = _noise(tmp_path / "g" / "a.avif")
+    [group] = files.find_groups([tmp_path / "g"])
+    assert group.images == (path,)
+    assert files.load_image(path).size == (64, 64)
 
 
 def test_load_image_large(tmp_path):

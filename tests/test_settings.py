@@ -220,3 +220,36 @@ def test_default_negative_is_the_official_one_and_empty_is_another_job(tmp_path,
     zeroed = _plan(tmp_path, refs, cli={"negative_prompt": "", "zero_negative": "empty"}).jobs[0]
     assert len({default.job_id, empty.job_id, zeroed.job_id}) == 3
     assert "zero_negative" not in identity_values(zeroed.settings)  # the id an empty negative always had
+
+
+def test_exif_orientation_enters_the_job_only_when_ignored(tmp_path, refs):
+    apply = _plan(tmp_path, refs).jobs[0]
+    ignore = _plan(tmp_path, refs, cli={"exif_orientation": "ignore"}).jobs[0]
+    assert "exif_orientation" not in identity_values(apply.settings)
+    assert identity_values(ignore.settings)["exif_orientation"] == "ignore" and ignore.job_id != apply.job_id
+    record = records.job_record(ignore, {"base_model": "b", "mllm": "m", "adapter": "a"})
+    assert records.parse_record(record).settings.exif_orientation == "ignore"
+
+
+def test_generate_feeds_raw_pixels_when_exif_is_ignored(tiny, tmp_path):
+    from PIL import Image
+
+    from easyref_cli.testing import make_reference_images
+
+    [src] = make_reference_images(tmp_path / "src", n=1, size=(64, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "g" / "tagged").mkdir(parents=True)
+    Image.open(src).save(tmp_path / "g" / "tagged" / "a.png", exif=exif)
+    models = ["--base-model", str(tiny.base_model), "--mllm", str(tiny.mllm), "--adapter", str(tiny.adapter_lora)]
+    common = [*models, "--device", "cpu", "--width", "64", "--height", "64", "--steps", "1", "-q"]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    runs = {}
+    for mode in ("apply", "ignore"):
+        out = tmp_path / mode
+        args = ["generate", str(tmp_path / "g"), "--prompt", "a cat", "-o", str(out), "--exif-orientation", mode]
+        res = CliRunner().invoke(app, [*args, *common, *cache])
+        assert res.exit_code == 0, res.output
+        runs[mode] = (out / "tagged" / "a-cat_0.png").read_bytes()
+    assert runs["apply"] != runs["ignore"]
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 3  # two conditions, one uncond

@@ -10,7 +10,7 @@ from pathlib import Path
 from easyref_cli import __version__
 from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_MLLM, INSTRUCTION
 from easyref_cli.errors import UsageError
-from easyref_cli.settings import check_control_tokens, check_device_name, check_dtype
+from easyref_cli.settings import EXIF_CHOICES, check_choice, check_control_tokens, check_device_name, check_dtype
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class EncodeResult:
     metadata: dict[str, str]
 
 
-def _check_inputs(group_dir: Path, out: Path, caption: str, instruction: str, device, dtype):
+def _check_inputs(group_dir: Path, out: Path, caption: str, instruction: str, device, dtype, exif: str):
     """Every usage check before any model loads; returns the group and its decoded images."""
     from easyref_cli import files
 
@@ -31,14 +31,15 @@ def _check_inputs(group_dir: Path, out: Path, caption: str, instruction: str, de
     check_dtype(dtype)
     check_control_tokens(caption, "--prompt")
     check_control_tokens(instruction, "--instruction")
+    exif = check_choice("--exif-orientation", exif, EXIF_CHOICES)
     groups = files.find_groups([Path(group_dir)])
     if len(groups) != 1:
         raise UsageError(f"{group_dir} holds {len(groups)} groups; `encode` takes one folder of images")
     group = groups[0]
-    return group, [files.load_image(p) for p in group.images]  # InputError names a bad file
+    return group, files.load_group_images(group, exif_orientation=exif == "apply")  # InputError names a bad file
 
 
-def _metadata(group, *, mllm: str, adapter: str, checkpoint, instruction: str, caption: str, dtype,
+def _metadata(group, *, mllm: str, adapter: str, checkpoint, instruction: str, caption: str, dtype, exif_orientation: str,
               bidirectional_final: bool) -> dict[str, str]:  # fmt: skip
     from easyref_cli import files
 
@@ -56,6 +57,7 @@ def _metadata(group, *, mllm: str, adapter: str, checkpoint, instruction: str, c
         "caption": caption,
         "dtype": str(dtype).removeprefix("torch."),
         "final_layer": "bidirectional" if bidirectional_final else "causal",
+        "exif_orientation": exif_orientation,
     }
 
 
@@ -85,11 +87,12 @@ def encode_group(
     device: str | None = None,
     instruction: str | None = None,
     bidirectional_final: bool = False,
+    exif_orientation: str = "apply",
 ) -> EncodeResult:
     """Validate inputs first (group, images, output, texts), then load the encoder and write the tensors."""
     out = Path(out)
     instruction = INSTRUCTION if instruction is None else instruction
-    group, images = _check_inputs(group_dir, out, caption, instruction, device, dtype)
+    group, images = _check_inputs(group_dir, out, caption, instruction, device, dtype, exif_orientation)
 
     from easyref_cli.env import default_device
     from easyref_cli.model import hub
@@ -108,6 +111,6 @@ def encode_group(
     cond = encoder.encode(images, caption, instruction)
     uncond = encoder.encode_uncond(instruction)
     metadata = _metadata(group, mllm=mllm_spec, adapter=adapter_spec, checkpoint=checkpoint, instruction=instruction,
-                         caption=caption, dtype=encoder_dtype, bidirectional_final=bidirectional_final)  # fmt: skip
+                         caption=caption, dtype=encoder_dtype, bidirectional_final=bidirectional_final, exif_orientation=exif_orientation)  # fmt: skip
     _write(out, {"cond": cond, "uncond": uncond}, metadata)
     return EncodeResult(out, tuple(cond.shape), tuple(uncond.shape), metadata)

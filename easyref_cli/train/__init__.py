@@ -35,9 +35,27 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 #: (our "crop") in the align and single scripts, the aspect-keeping `adaptive_resize` in multi.
 #: Used when an option is not given.
 STAGE_DEFAULTS: dict[str, dict[str, float | int | str]] = {
-    "align": {"batch_size": 8, "gradient_accumulation": 1, "learning_rate": 1e-4, "truncate_rate": 0.0, "resize": "crop"},
-    "single": {"batch_size": 4, "gradient_accumulation": 2, "learning_rate": 4e-5, "truncate_rate": 0.0, "resize": "crop"},
-    "multi": {"batch_size": 1, "gradient_accumulation": 4, "learning_rate": 2e-5, "truncate_rate": 0.4, "resize": "aspect"},
+    "align": {
+        "batch_size": 8,
+        "gradient_accumulation": 1,
+        "learning_rate": 1e-4,
+        "truncate_rate": 0.0,
+        "resize": "crop",
+    },
+    "single": {
+        "batch_size": 4,
+        "gradient_accumulation": 2,
+        "learning_rate": 4e-5,
+        "truncate_rate": 0.0,
+        "resize": "crop",
+    },
+    "multi": {
+        "batch_size": 1,
+        "gradient_accumulation": 4,
+        "learning_rate": 2e-5,
+        "truncate_rate": 0.4,
+        "resize": "aspect",
+    },
 }
 DEFAULT_LORA_RANK = 128
 
