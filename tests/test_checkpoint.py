@@ -172,3 +172,23 @@ def test_mllm_key_mapping_both_ways():
     }
     assert ck.mllm_keys_5_to_445(new) == old
     assert ck.mllm_keys_445_to_5(new) == new  # already-new names pass through
+
+
+def test_full_unet_weights_override_the_base_model_with_a_warning(tiny, tmp_path, caplog):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from easyref_cli.model.pipeline import EasyRefPipeline
+
+    state = load_file(str(tiny.adapter_lora))
+    unet = _unet(tiny)
+    key = "conv_in.weight"
+    state[f"unet.{key}"] = torch.full_like(unet.state_dict()[key], 0.5)
+    path = tmp_path / "with_unet.safetensors"
+    save_file(state, str(path))
+    with caplog.at_level("WARNING"):
+        pipe = EasyRefPipeline.from_pretrained(tiny.base_model, tiny.mllm, path, device="cpu")
+    assert torch.equal(pipe.sdxl.unet.state_dict()[key], state[f"unet.{key}"])
+    assert any(
+        "1 full UNet tensors" in r.getMessage() and "replace the base model" in r.getMessage() for r in caplog.records
+    )

@@ -264,12 +264,16 @@ def test_final_layer_is_causal_by_default_bidirectional_on_request(tiny, encoder
     assert not torch.allclose(c[:-1], d[:-1], atol=1e-6)
 
 
-def test_fine_tuned_mllm_subset_is_loaded(tiny, refs):
+def test_fine_tuned_mllm_subset_is_loaded_with_a_warning(tiny, refs, caplog):
     base = ReferenceEncoder.from_pretrained(tiny.mllm, load_checkpoint(tiny.adapter_lora))
     tuned_ckpt = load_checkpoint(tiny.adapter_mllm)
     assert tuned_ckpt.mllm and all(k.startswith(("model.visual.", "model.language_model.")) for k in tuned_ckpt.mllm)
-    tuned = ReferenceEncoder.from_pretrained(tiny.mllm, tuned_ckpt)
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        tuned = ReferenceEncoder.from_pretrained(tiny.mllm, tuned_ckpt)
     assert not torch.allclose(base.encode(refs, "x"), tuned.encode(refs, "x"))
+    [warning] = [r for r in caplog.records if "partial" in r.getMessage()]
+    assert f"({len(tuned_ckpt.mllm)} of " in warning.getMessage()
 
 
 def test_reduced_precision_runs(tiny, refs):

@@ -101,6 +101,13 @@ class EasyRefCheckpoint:
         ]
         if bad:
             raise CheckpointError(f"{self.source}: mis-shaped multimodal_llm tensors: {_preview(bad)}")
+        missing = [k for k in expected if k not in self.mllm and not k.startswith("lm_head.")]
+        if self.mllm and missing:
+            logger.warning(
+                "%s: its multimodal_llm section is partial (%d of %d Qwen2-VL tensors); the other %d, e.g. %s, "
+                "come from the MLLM folder",
+                self.source, len(self.mllm), len(self.mllm) + len(missing), len(missing), _preview(missing, 3),
+            )  # fmt: skip
         model.load_state_dict(self.mllm, strict=False)
 
     def check_unet(self, unet: nn.Module) -> None:

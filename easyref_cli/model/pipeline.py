@@ -412,4 +412,8 @@ def _load_unet_weights(unet, checkpoint: EasyRefCheckpoint) -> None:
         from easyref_cli.errors import CheckpointError
 
         raise CheckpointError(f"{checkpoint.source}: unet weights the base model does not have: {unknown[:8]}")
+    logger.warning(
+        "%s carries %d full UNet tensors (of %d): they replace the base model's",
+        checkpoint.source, len(checkpoint.unet_weights), len(expected),
+    )  # fmt: skip
     unet.load_state_dict(checkpoint.unet_weights, strict=False)
