@@ -32,6 +32,7 @@ from easyref_cli.settings import (
     ATTENTION_CHOICES,
     MAX_SEED,
     OFFLOAD_CHOICES,
+    SCHEDULERS,
     GenerationSettings,
     check_choice,
     check_control_tokens,
@@ -212,6 +213,18 @@ def _find_groups(paths: Sequence[Path], prompt_file: PromptFile) -> list[Group]:
 
 
 def _seeds(spec: PromptSpec, settings: GenerationSettings) -> tuple[int, ...]:
+    if settings.seed_mode == "official":
+        if spec.seeds is not None:
+            raise UsageError(
+                f"prompts[{spec.index}]: seed_mode official draws a prompt's images from one stream seeded by "
+                "'seed', as the official generate(num_samples=n, seed=s): give seed and images_per_prompt, not seeds"
+            )
+        if SCHEDULERS[settings.scheduler].stochastic:
+            raise UsageError(
+                f"prompts[{spec.index}]: seed_mode official cannot replay the per-step noise of the "
+                f"{settings.scheduler} scheduler (the official call draws it from one stream for all its images); "
+                "use a deterministic scheduler"
+            )
     if spec.seeds is not None:
         return spec.seeds
     first, count = settings.seed, settings.images_per_prompt

@@ -240,7 +240,13 @@ class GeneratePhase:
 
         pipe = self._load_pipeline()
         requests = {
-            j.job_id: GenerationRequest(prompt=j.prompt, ref_embeds=conditions.of(j), **pipeline_values(j.settings))
+            j.job_id: GenerationRequest(
+                prompt=j.prompt,
+                ref_embeds=conditions.of(j),
+                **pipeline_values(j.settings),
+                noise_index=j.index,
+                noise_samples=j.settings.images_per_prompt,
+            )  # fmt: skip
             for j in conditions.ready
         }
         bar = tqdm(total=len(conditions.ready), desc="images", unit="img", disable=not self.progress, file=sys.stderr)

@@ -37,16 +37,17 @@ from easyref_cli.errors import UsageError
 
 class Sampler(NamedTuple):
     """A ``scheduler:`` choice: the diffusers class built from the base model's scheduler config,
-    extra config, and the name A1111's ``parameters`` text uses."""
+    extra config, the name A1111's ``parameters`` text uses, and whether it draws noise at every step."""
 
     diffusers_class: str
     config: Mapping[str, Any]
     a1111: str
+    stochastic: bool = False
 
 
 SCHEDULERS: dict[str, Sampler] = {
     "euler": Sampler("EulerDiscreteScheduler", {}, "Euler"),
-    "euler_a": Sampler("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "euler_a": Sampler("EulerAncestralDiscreteScheduler", {}, "Euler a", stochastic=True),
     "dpmpp_2m": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
     "ddim": Sampler("DDIMScheduler", {}, "DDIM"),
     "pndm": Sampler("PNDMScheduler", {}, "PLMS"),
@@ -63,6 +64,9 @@ ZERO_NEGATIVE_CHOICES = ("never", "empty", "always")
 #: ``exif_orientation``: ``apply`` turns references upright by their EXIF tag (a deliberate deviation:
 #: users expect upright photos); ``ignore`` feeds the stored pixel order, as the official code does.
 EXIF_CHOICES = ("apply", "ignore")
+#: ``seed_mode``: ``cpu`` gives every image its own CPU generator (device-, batch- and order-independent);
+#: ``official`` draws a prompt's images as the official ``generate(num_samples=n, seed=s)`` on the run's device.
+SEED_MODES = ("cpu", "official")
 #: ``--offload``: accelerate CPU offload of SDXL for small GPUs.
 OFFLOAD_CHOICES = ("none", "model", "sequential")
 #: ``--dtype`` spellings → canonical name (a ``torch`` attribute, or ``auto``).
@@ -246,6 +250,9 @@ class GenerationSettings:
         lambda v: as_int(v, minimum=1),
         per_prompt=True,
         flags=("--images-per-prompt", "-n"),
+        identity=True,  # with seed_mode official only: the images share one noise stream
+        since=2,
+        keep=lambda s: s.seed_mode == "official",
     )
     negative_prompt: str = setting(
         OFFICIAL_NEGATIVE_PROMPT,
@@ -309,6 +316,17 @@ class GenerationSettings:
         identity=True,
         flags=("--exif-orientation",),
         since=2,
+    )
+
+    seed_mode: str = setting(
+        "cpu",
+        "Initial noise: 'cpu' draws each image from its own CPU generator (the same pixels on any device, batch "
+        "or order); 'official' reproduces the official generate(num_samples=n, seed=s) on the run's device: a "
+        "prompt's n images (seeds s…s+n-1) are slices of one noise stream seeded s.",
+        as_choice(SEED_MODES),
+        flags=("--seed-mode",),
+        since=2,
+        **_SAMPLE,
     )
 
     def caption(self, prompt: str) -> str:

@@ -146,3 +146,46 @@ def replace_(request, **changes):
     from dataclasses import replace
 
     return replace(request, **changes)
+
+
+def test_official_seed_mode_reproduces_one_official_call(pipe, refs):
+    """``seed_mode="official"``: image i of a prompt equals image i of the official
+    ``generate(num_samples=n, seed=s)`` (one generator on the device for all n), in any batch."""
+    import torch
+
+    from easyref_cli.model import adapter as adapter_mod
+
+    embeds = pipe.encode_references(refs, "a cat")
+    n, s = 3, 42
+    kw = dict(prompt="a cat", ref_embeds=embeds, steps=2, width=64, height=64, seed_mode="official")
+    requests = [GenerationRequest(seed=s + i, noise_index=i, noise_samples=n, **kw) for i in range(n)]
+    batched = [np.asarray(im, dtype=np.int16) for im in pipe.generate(requests[::-1])][::-1]
+    singles = [np.asarray(pipe.generate([r])[0], dtype=np.int16) for r in requests]
+
+    # the official generate(): the embeddings repeated num_samples times, one generator for the call
+    pe, ne, pp, npp = pipe.encode_text(requests[:1])
+    cond, uncond = embeds.cond[None].to(pe.dtype), embeds.uncond[None].to(pe.dtype)
+    adapter_mod.set_scale(pipe.sdxl.unet, 1.0)
+    with torch.inference_mode():
+        out = pipe.sdxl(
+            prompt_embeds=torch.cat([pe, cond], 1).repeat(n, 1, 1),
+            negative_prompt_embeds=torch.cat([ne, uncond], 1).repeat(n, 1, 1),
+            pooled_prompt_embeds=pp.repeat(n, 1),
+            negative_pooled_prompt_embeds=npp.repeat(n, 1),
+            num_inference_steps=2, guidance_scale=5.0, width=64, height=64,
+            generator=torch.Generator("cpu").manual_seed(s), output_type="np",
+        )  # fmt: skip
+    official = [np.asarray(im, dtype=np.int16) for im in pipe.sdxl.image_processor.numpy_to_pil(out.images)]
+    for i in range(n):
+        assert np.abs(singles[i] - official[i]).max() <= 1, i  # batched kernels may round one level off
+        assert np.abs(batched[i] - official[i]).max() <= 1, i
+    assert np.abs(singles[0] - singles[1]).max() > 10  # distinct slices of the stream
+
+
+def test_official_seed_mode_refuses_a_stochastic_scheduler(pipe, refs):
+    request = GenerationRequest(
+        prompt="a", ref_embeds=pipe.encode_references(refs, "a"), seed=1, steps=1, width=64, height=64,
+        seed_mode="official", scheduler="euler_a",
+    )  # fmt: skip
+    with pytest.raises(UsageError, match="per-step noise"):
+        pipe.generate([request])

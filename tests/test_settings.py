@@ -253,3 +253,35 @@ def test_generate_feeds_raw_pixels_when_exif_is_ignored(tiny, tmp_path):
         runs[mode] = (out / "tagged" / "a-cat_0.png").read_bytes()
     assert runs["apply"] != runs["ignore"]
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 3  # two conditions, one uncond
+
+
+def test_official_seed_mode_in_plans_records_and_errors(tmp_path, refs):
+    cpu = _plan(tmp_path, refs, cli={"images_per_prompt": 3}).jobs
+    official = _plan(tmp_path, refs, cli={"images_per_prompt": 3, "seed_mode": "official"}).jobs
+    other_n = _plan(tmp_path, refs, cli={"images_per_prompt": 4, "seed_mode": "official"}).jobs
+    assert "images_per_prompt" not in identity_values(cpu[1].settings)
+    assert identity_values(official[1].settings)["images_per_prompt"] == 3  # the stream's size is in the job
+    assert official[1].job_id not in {cpu[1].job_id, other_n[1].job_id}
+    record = records.job_record(official[2], {"base_model": "b", "mllm": "m", "adapter": "a"})
+    replay = records.parse_record(record)
+    assert (replay.settings.seed_mode, replay.settings.images_per_prompt, replay.index) == ("official", 3, 2)
+    (tmp_path / "p.yaml").write_text("prompts:\n  - prompt: a\n    seeds: [1, 5]\n")
+    with pytest.raises(UsageError, match="give seed and images_per_prompt, not seeds"):
+        P.build_plan(groups=[refs], out_dir=tmp_path / "o", prompts_file=tmp_path / "p.yaml",
+                     cli={"seed_mode": "official"})  # fmt: skip
+    with pytest.raises(UsageError, match="per-step noise of the euler_a scheduler"):
+        _plan(tmp_path, refs, cli={"seed_mode": "official", "scheduler": "euler_a"})
+
+
+def test_official_seed_mode_replays_from_the_record(tiny, tmp_path, refs):
+    runner = CliRunner()
+    models = ["--base-model", str(tiny.base_model), "--mllm", str(tiny.mllm), "--adapter", str(tiny.adapter_lora)]
+    common = [*models, "--device", "cpu", "-q", "--no-cache"]
+    size = ["--width", "64", "--height", "64", "--steps", "2"]
+    res = runner.invoke(app, ["generate", str(refs), "--prompt", "a cat", "-o", str(tmp_path / "a"), "-n", "2",
+                              "--seed", "9", "--seed-mode", "official", *size, *common])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    second = tmp_path / "a" / "cats" / "a-cat_10.png"
+    res = runner.invoke(app, ["generate", "--from-image", str(second), "-o", str(tmp_path / "b"), *common])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b" / "cats" / "a-cat_10.png").read_bytes() == second.read_bytes()

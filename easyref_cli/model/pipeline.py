@@ -53,6 +53,11 @@ class GenerationRequest:
     scheduler: str = "euler"
     guidance_rescale: float = 0.0
     zero_negative: str = "never"
+    seed_mode: str = "cpu"
+    #: with ``seed_mode="official"``: this image's place among the ``noise_samples`` images of one
+    #: official call, whose noise stream is seeded ``seed - noise_index``
+    noise_index: int = 0
+    noise_samples: int = 1
 
     def batch_key(self) -> tuple:
         """What requests of one batch must share: every field but the per-image ones. With
@@ -62,7 +67,7 @@ class GenerationRequest:
         return (*shared, self.zero_negative == "empty" and bool(self.negative_prompt))
 
 
-_PER_IMAGE = frozenset({"prompt", "ref_embeds", "seed", "negative_prompt"})
+_PER_IMAGE = frozenset({"prompt", "ref_embeds", "seed", "negative_prompt", "noise_index", "noise_samples"})
 
 
 def resolve_dtypes(dtype: str | None, device: str) -> tuple[torch.dtype, torch.dtype]:
@@ -270,8 +275,8 @@ class EasyRefPipeline:
         negative_embeds = torch.cat([negative_embeds, uncond], dim=1)
         # 4. adapter scale
         adapter_mod.set_scale(pipe.unet, first.scale)
-        # 5. one CPU generator per image
-        generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
+        # 5. initial noise: one CPU generator per image, or the official call's stream
+        generators, latents = self.prepare_noise(requests, device, prompt_embeds.dtype)
 
         def on_step_end(_pipe, step, _t, kwargs):
             step_callback(step + 1, first.steps)
@@ -280,7 +285,7 @@ class EasyRefPipeline:
         callback = on_step_end if step_callback is not None else None
 
         # 6. denoise + decode (reference K/V computed once per image, not once per step)
-        args = (prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback)
+        args = (prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback, latents)
         try:
             with adapter_mod.reference_kv_cache(pipe.unet, enabled=not self.compiled["enabled"]):
                 out = self._denoise(*args)
@@ -290,9 +295,9 @@ class EasyRefPipeline:
             logger.warning("the compiled UNet failed (%s: %s); falling back to eager", type(exc).__name__, exc)
             pipe.unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
             self.compiled = {"enabled": False, "reason": f"torch.compile failed at run time: {type(exc).__name__}"}
-            generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
+            generators, latents = self.prepare_noise(requests, device, prompt_embeds.dtype)
             with adapter_mod.reference_kv_cache(pipe.unet):
-                out = self._denoise(*args[:5], generators, callback)
+                out = self._denoise(*args[:5], generators, callback, latents)
         images = [pipe.image_processor.numpy_to_pil(a[None])[0] if np.isfinite(a).all() else None for a in out.images]
         if any(im is None for im in images):
             raise NonFiniteImages(images, [r.seed for r, im in zip(requests, images, strict=True) if im is None])
@@ -317,15 +322,46 @@ class EasyRefPipeline:
             return prompt_embeds, torch.zeros_like(negative_embeds), pooled, torch.zeros_like(negative_pooled)
         return embeds
 
-    def _denoise(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback):
+    def prepare_noise(self, requests: Sequence[GenerationRequest], device, dtype):
+        """``(generators, latents)`` for a batch. ``seed_mode="cpu"``: a CPU generator per image, diffusers
+        draws the latents. ``"official"``: each image's latents are its slice of the official call's
+        ``randn((noise_samples, C, h/8, w/8), generator=torch.Generator(device).manual_seed(seed - noise_index))``,
+        drawn in the text embeddings' dtype as diffusers does, so neither batching nor resuming changes them."""
+        first = requests[0]
+        if first.seed_mode == "cpu":
+            return [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests], None
+        if SCHEDULERS[first.scheduler].stochastic:
+            raise UsageError(
+                f"seed_mode 'official' cannot replay the per-step noise of the {first.scheduler} scheduler"
+            )
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe = self.sdxl
+        shape = (
+            pipe.unet.config.in_channels,
+            first.height // pipe.vae_scale_factor,
+            first.width // pipe.vae_scale_factor,
+        )
+        latents = []
+        for r in requests:
+            generator = torch.Generator(device).manual_seed(int(r.seed) - r.noise_index)
+            stream = randn_tensor(
+                (r.noise_samples, *shape), generator=generator, device=torch.device(device), dtype=dtype
+            )
+            latents.append(stream[r.noise_index])
+        return None, torch.stack(latents)
+
+    def _denoise(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback, latents):
         import warnings
 
         with warnings.catch_warnings():
             # diffusers' fp16 VAE upcast warns on every image; nothing for a user to act on
             warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
-            return self._call_sdxl(prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback)
+            return self._call_sdxl(
+                prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback, latents
+            )
 
-    def _call_sdxl(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback):
+    def _call_sdxl(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback, latents):
         return self.sdxl(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
@@ -337,6 +373,7 @@ class EasyRefPipeline:
             width=first.width,
             height=first.height,
             generator=generators,
+            latents=latents,
             output_type="np",
             callback_on_step_end=callback,
         )
