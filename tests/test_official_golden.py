@@ -129,6 +129,18 @@ def test_reference_tokens_match_official(key, golden, inputs, encoder):
     assert diff <= EMBED_TOL, f"{key}: max |Δ| {diff:.3g} > {EMBED_TOL}\n" + _stage_report(key, golden, inputs, encoder)
 
 
+@pytest.mark.parametrize("key", CALLS)
+def test_prompt_tokens_and_image_grid_match_official(key, golden, inputs, encoder):
+    """Rules 1–2: the same token ids (chat template, image pads, instruction, caption) and image grids."""
+    from easyref_cli.constants import INSTRUCTION
+
+    images, caption = _call(key, golden, inputs)
+    batch = encoder.prepare_images(images)
+    assert batch.grid_thw.tolist() == golden["tensors"][f"{key}.image_grid_thw"].tolist()
+    input_ids = encoder.tokenize(batch.token_counts, caption, INSTRUCTION)[0]
+    assert input_ids.tolist() == golden["tensors"][f"{key}.input_ids"].tolist(), golden["prompts"][key]
+
+
 def _stage_report(key: str, golden: dict, inputs: dict, encoder) -> str:
     """Stage-by-stage comparison with the official run (uses the encoder's stage methods)."""
     from easyref_cli.constants import INSTRUCTION
