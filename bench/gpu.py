@@ -23,8 +23,16 @@ rewritten after each stage, so a run cut short still leaves what it measured.
 On the device machine (torch 2.11 + CUDA 13, transformers 5.17, no diffusers: carry diffusers and
 importlib_metadata as wheels; docs/PERFORMANCE.md "How to run the GPU benchmark" has the exact steps):
 
-    python3 bench/gpu.py --out $OUT/gpu.json           # H100/H200: about 5-7 minutes (an estimate)
-    python bench/gpu.py --small --device cpu            # tiny shapes, fp32, same code path (< 2 min)
+    python3 -m bench.gpu --out $OUT/gpu.json           # H100/H200: about 5-7 minutes (an estimate)
+    python -m bench.gpu --small --device cpu            # tiny shapes, fp32, same code path (< 2 min)
+
+Run it from the repository root: ``python -m`` puts the current directory on ``sys.path``, so
+``easyref_cli`` is imported from the checkout without installing it.
+
+Unlike ``bench.encode`` and ``bench.generate`` (interleaved rounds, medians of per-round ratios),
+this script measures the paths stage by stage, because the one UNet on the card is changed between
+them (LoRA merged then unmerged, processors swapped, compiled): its ratios are ratios of medians, on
+a dedicated card where run-to-run noise is small.
 
 A stage that fails is recorded and the run goes on; ``--budget-s`` skips the compile stages when too
 little time is left for them.
@@ -47,35 +55,26 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))  # the repository: easyref_cli without installing it
-from _common import (  # noqa: E402
+from ._common import (
+    PROMPTS,
     allocated_gib,
     build_qwen2vl,
     build_reference_encoder,
     build_sdxl,
     in_memory_checkpoint,
+    install_easyref,
     is_cuda,
     meta_unet,
     peak_gib,
+    reference_images,
     reset_peak,
     sync,
     table,
     time_calls,
 )
-from encode import PROMPTS, OfficialPath, reference_images  # noqa: E402
-from generate import OfficialAttnProcessor  # noqa: E402
+from .official import InMemoryOfficialPath, official_processors
 
 PRODUCT_COMPILE_MODE = "max-autotune-no-cudagraphs"  # what `easyref generate --compile` uses
-
-
-class InMemoryOfficialPath(OfficialPath):
-    """bench/encode.py's official encode path over an in-memory second Qwen2-VL copy (with ``lm_head``)."""
-
-    def __init__(self, model, encoder):  # noqa: D107 - no from_pretrained: the model is given
-        self.model = model
-        self.enc = encoder
 
 
 class Run:
@@ -84,8 +83,19 @@ class Run:
     def __init__(self, args):
         self.args = args
         self.t0 = time.perf_counter()
-        self.data: dict = {"meta": {}, "encode": {}, "unet_step_ms": {}, "image_s": {}, "compile": {},
-                           "peak_gib": {}, "totals_s": {}, "ratios": {}, "stages": {}, "skipped": [], "errors": {}}
+        self.data: dict = {
+            "meta": {},
+            "encode": {},
+            "unet_step_ms": {},
+            "image_s": {},
+            "compile": {},
+            "peak_gib": {},
+            "totals_s": {},
+            "ratios": {},
+            "stages": {},
+            "skipped": [],
+            "errors": {},
+        }
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -96,7 +106,9 @@ class Run:
     def allows(self, name: str, needs_s: float) -> bool:
         budget = self.args.budget_s
         if budget and self.elapsed() + needs_s > budget:
-            self.data["skipped"].append(f"{name}: {self.elapsed():.0f}s used, about {needs_s:.0f}s needed, budget {budget:.0f}s")
+            self.data["skipped"].append(
+                f"{name}: {self.elapsed():.0f}s used, about {needs_s:.0f}s needed, budget {budget:.0f}s"
+            )
             self.log(f"SKIP {name}: not enough of the {budget:.0f}s budget left (--budget-s 0 lifts it)")
             return False
         return True
@@ -124,7 +136,9 @@ class Run:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="tiny SDXL and Qwen2-VL shapes (CPU testing of this script)")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024; --small 64)")
@@ -137,20 +151,35 @@ def parse_args(argv=None):
     ap.add_argument("--images", type=int, default=None, help="timed images per path and mode (default 2; --small 1)")
     ap.add_argument("--repeat", type=int, default=None, help="timed UNet steps per variant (default 10; --small 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed UNet steps first (default 3; --small 1)")
-    ap.add_argument("--lora-rank", type=int, default=None, help="LoRA rank of the random adapter (default 128; --small 4)")
+    ap.add_argument(
+        "--lora-rank", type=int, default=None, help="LoRA rank of the random adapter (default 128; --small 4)"
+    )
     ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"])
     ap.add_argument("--skip-compile", action="store_true", help="eager only")
-    ap.add_argument("--compile-mode", default="default",
-                    help=f"torch.compile mode (default 'default'; `easyref generate --compile` uses {PRODUCT_COMPILE_MODE}, "
-                         "whose autotuning may take many minutes per UNet)")
+    ap.add_argument(
+        "--compile-mode",
+        default="default",
+        help=f"torch.compile mode (default 'default'; `easyref generate --compile` uses {PRODUCT_COMPILE_MODE}, "
+        "whose autotuning may take many minutes per UNet)",
+    )
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; eager on CPU)")
-    ap.add_argument("--budget-s", type=float, default=450.0, help="skip compile stages that would end past this (0: no limit)")
+    ap.add_argument(
+        "--budget-s", type=float, default=450.0, help="skip compile stages that would end past this (0: no limit)"
+    )
     ap.add_argument("--out", default=None, help="write all results as JSON here (rewritten after every stage)")
-    ap.add_argument("--from-json", default=None, metavar="FILE", help="measure nothing: print the summary of a saved --out file")
+    ap.add_argument(
+        "--from-json", default=None, metavar="FILE", help="measure nothing: print the summary of a saved --out file"
+    )
     args = ap.parse_args(argv)
     small = args.small
-    for name, full, tiny in (("size", 1024, 64), ("steps", 30, 3), ("images", 2, 1), ("repeat", 10, 3),
-                             ("warmup", 3, 1), ("lora_rank", 128, 4)):
+    for name, full, tiny in (
+        ("size", 1024, 64),
+        ("steps", 30, 3),
+        ("images", 2, 1),
+        ("repeat", 10, 3),
+        ("warmup", 3, 1),
+        ("lora_rank", 128, 4),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, tiny if small else full)
     if args.compile_backend is None:
@@ -163,8 +192,12 @@ def versions() -> dict:
     import diffusers
     import transformers
 
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "diffusers": diffusers.__version__,
-            "python": platform.python_version()}
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
     if torch.cuda.is_available():
         info["cuda"] = torch.version.cuda
         info["card"] = torch.cuda.get_device_name()
@@ -176,15 +209,21 @@ def dynamo_counts() -> dict:
     """Dynamo's process-wide counters (``torch._dynamo.reset`` leaves them): take differences."""
     from torch._dynamo.utils import counters
 
-    return {"graph_breaks": sum(counters["graph_break"].values()), "unique_graphs": counters["stats"].get("unique_graphs", 0),
-            "break_reasons": sorted(counters["graph_break"])}
+    return {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "unique_graphs": counters["stats"].get("unique_graphs", 0),
+        "break_reasons": sorted(counters["graph_break"]),
+    }
 
 
 def dynamo_delta(before: dict) -> dict:
     """Graphs compiled and graph breaks since ``before``: 1 graph and 0 breaks means no recompile, no split."""
     now = dynamo_counts()
-    return {"graphs": now["unique_graphs"] - before["unique_graphs"], "graph_breaks": now["graph_breaks"] - before["graph_breaks"],
-            "break_reasons": [r for r in now["break_reasons"] if r not in before["break_reasons"]][:5]}
+    return {
+        "graphs": now["unique_graphs"] - before["unique_graphs"],
+        "graph_breaks": now["graph_breaks"] - before["graph_breaks"],
+        "break_reasons": [r for r in now["break_reasons"] if r not in before["break_reasons"]][:5],
+    }
 
 
 def compile_unet(sdxl, raw_unet, args) -> None:
@@ -232,17 +271,30 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
     n_jobs = G * P
     meta = run.data["meta"]
     meta.update(versions())
-    meta.update({
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "command": "python " + " ".join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
-        "device": device, "sdxl_dtype": str(sdxl_dtype).replace("torch.", ""),
-        "encoder_dtype": str(enc_dtype).replace("torch.", ""), "shapes": shapes, "size": args.size, "steps": args.steps,
-        "groups": G, "prompts": P, "refs": args.refs, "ref_side": args.ref_side, "lora_rank": args.lora_rank,
-        "images_timed": args.images, "unet_repeat": args.repeat,
-        "compile": None if args.skip_compile else {"backend": args.compile_backend, "mode": args.compile_mode},
-    })
-    run.log(f"{meta.get('card', device)} | torch {meta['torch']} transformers {meta['transformers']} "
-            f"diffusers {meta['diffusers']} | SDXL {meta['sdxl_dtype']}, Qwen2-VL {meta['encoder_dtype']}, {shapes} shapes")
+    meta.update(
+        {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            "command": " ".join(["python -m bench.gpu", *(sys.argv[1:] if argv is None else argv)]),
+            "device": device,
+            "sdxl_dtype": str(sdxl_dtype).replace("torch.", ""),
+            "encoder_dtype": str(enc_dtype).replace("torch.", ""),
+            "shapes": shapes,
+            "size": args.size,
+            "steps": args.steps,
+            "groups": G,
+            "prompts": P,
+            "refs": args.refs,
+            "ref_side": args.ref_side,
+            "lora_rank": args.lora_rank,
+            "images_timed": args.images,
+            "unet_repeat": args.repeat,
+            "compile": None if args.skip_compile else {"backend": args.compile_backend, "mode": args.compile_mode},
+        }
+    )
+    run.log(
+        f"{meta.get('card', device)} | torch {meta['torch']} transformers {meta['transformers']} "
+        f"diffusers {meta['diffusers']} | SDXL {meta['sdxl_dtype']}, Qwen2-VL {meta['encoder_dtype']}, {shapes} shapes"
+    )
     torch.manual_seed(0)
     groups = reference_images(G, args.refs, args.ref_side)
     prompts = (PROMPTS * (P // len(PROMPTS) + 1))[:P]
@@ -262,8 +314,10 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
         del qwen  # lm_head goes with it: ours never computes logits
         state.update(checkpoint=checkpoint, enc=enc)
         meta["encoder_params"] = sum(p.numel() for p in enc.parameters())
-        run.log(f"encoder: {_count(meta['encoder_params'])} parameters (trunk without lm_head + final layer + projector), "
-                f"resident {_gib(allocated_gib(device))}")
+        run.log(
+            f"encoder: {_count(meta['encoder_params'])} parameters (trunk without lm_head + final layer + projector), "
+            f"resident {_gib(allocated_gib(device))}"
+        )
 
     with run.stage("encode: ours"):
         enc = state["enc"]
@@ -304,9 +358,11 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
         PK["encode_ours"] = peak_gib(device)
         state["ref_embeds"] = {k: RefEmbeds(v, uncond) for k, v in conds.items()}
         del prefix  # its K/V cache lives on the card
-        run.log(f"ours: group (prefix + first prompt) {E['ours_group_ms']:.1f} ms, extra prompt "
-                f"{E['ours_extra_prompt_ms'] or float('nan'):.1f} ms, uncond {E['ours_uncond_ms']:.1f} ms, "
-                f"{G}x{P} total {E['ours_total_s']:.2f} s, prefix {E['prefix_tokens']} tokens, peak {_gib(PK['encode_ours'])}")
+        run.log(
+            f"ours: group (prefix + first prompt) {E['ours_group_ms']:.1f} ms, extra prompt "
+            f"{E['ours_extra_prompt_ms'] or float('nan'):.1f} ms, uncond {E['ours_uncond_ms']:.1f} ms, "
+            f"{G}x{P} total {E['ours_total_s']:.2f} s, prefix {E['prefix_tokens']} tokens, peak {_gib(PK['encode_ours'])}"
+        )
 
     with run.stage("encode: official path"):
         enc = state["enc"]
@@ -328,13 +384,17 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
         PK["encode_official"] = peak_gib(device)
         E["encode_speedup"] = E["official_total_s"] / E["ours_total_s"]
         E["max_abs_diff"] = max(
-            max((out[k][0].float() - state["ref_embeds"][k].cond.float()).abs().max().item(),
-                (out[k][1].float() - state["ref_embeds"][k].uncond.float()).abs().max().item())
+            max(
+                (out[k][0].float() - state["ref_embeds"][k].cond.float()).abs().max().item(),
+                (out[k][1].float() - state["ref_embeds"][k].uncond.float()).abs().max().item(),
+            )
             for k in out
         )
-        run.log(f"official: {E['official_condition_ms']:.1f} ms per condition (cond + uncond, full prompt, per-image "
-                f"vision, logits), total {E['official_total_s']:.2f} s, peak {_gib(PK['encode_official'])}; "
-                f"encode_speedup {E['encode_speedup']:.2f}, max_abs_diff {E['max_abs_diff']:.3g}")
+        run.log(
+            f"official: {E['official_condition_ms']:.1f} ms per condition (cond + uncond, full prompt, per-image "
+            f"vision, logits), total {E['official_total_s']:.2f} s, peak {_gib(PK['encode_official'])}; "
+            f"encode_speedup {E['encode_speedup']:.2f}, max_abs_diff {E['max_abs_diff']:.3g}"
+        )
 
     with run.stage("release the MLLM"):
         # two-phase design: the MLLM leaves the card before SDXL arrives (kept in host memory here,
@@ -357,8 +417,10 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
         state.update(sdxl=sdxl, raw_unet=raw_unet)
         meta["unet_params"] = sum(p.numel() for p in raw_unet.parameters())
         meta["sdxl_resident_gib"] = allocated_gib(device)
-        run.log(f"SDXL: UNet {_count(meta['unet_params'])} parameters, {len(raw_unet.attn_processors)} attention layers, "
-                f"pipeline resident {_gib(meta['sdxl_resident_gib'])}")
+        run.log(
+            f"SDXL: UNet {_count(meta['unet_params'])} parameters, {len(raw_unet.attn_processors)} attention layers, "
+            f"pipeline resident {_gib(meta['sdxl_resident_gib'])}"
+        )
 
     seeds = iter(range(1000, 10**6))
 
@@ -377,13 +439,24 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
             sample = rnd(2, cfg.in_channels, lat, lat)
             context = rnd(2, context_tokens, cfg.cross_attention_dim)
             t = torch.tensor(999.0, device=device)  # as the scheduler: a 0-dim float32 tensor
-            added = {"text_embeds": rnd(2, pooled), "time_ids": torch.tensor(
-                [[args.size, args.size, 0, 0, args.size, args.size]] * 2, device=device, dtype=sdxl_dtype)}
+            added = {
+                "text_embeds": rnd(2, pooled),
+                "time_ids": torch.tensor(
+                    [[args.size, args.size, 0, 0, args.size, args.size]] * 2, device=device, dtype=sdxl_dtype
+                ),
+            }
 
         @torch.inference_mode()
         def step():
-            return state["sdxl"].unet(sample, t, encoder_hidden_states=context, timestep_cond=None,
-                                      cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False)[0]
+            return state["sdxl"].unet(
+                sample,
+                t,
+                encoder_hidden_states=context,
+                timestep_cond=None,
+                cross_attention_kwargs=None,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
 
         return step
 
@@ -401,7 +474,9 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
         IM[key + "_samples"] = r["samples"]
         run.log(f"image {key}: {IM[key]:.2f} s per image ({args.steps} steps, {args.size}²)")
 
-    common = dict(num_inference_steps=args.steps, guidance_scale=5.0, width=args.size, height=args.size, output_type="np")
+    common = dict(
+        num_inference_steps=args.steps, guidance_scale=5.0, width=args.size, height=args.size, output_type="np"
+    )
     nonfinite = run.data.setdefault("nonfinite_images", {})
 
     @torch.inference_mode()
@@ -413,8 +488,14 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
     def ours_image():
         i = next(seeds)
         gi, p = (i // P) % G, prompts[i % P]
-        request = GenerationRequest(prompt=p, ref_embeds=state["ref_embeds"][(gi, p)], seed=i, steps=args.steps,
-                                    width=args.size, height=args.size)
+        request = GenerationRequest(
+            prompt=p,
+            ref_embeds=state["ref_embeds"][(gi, p)],
+            seed=i,
+            steps=args.steps,
+            width=args.size,
+            height=args.size,
+        )
         try:
             state["ours"].generate([request])
         except NonFiniteImages:  # random fp16 weights may overflow: the work was done all the same
@@ -431,8 +512,15 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
     with run.stage("easyref (ours), eager"):
         choice = _install_ours(state, device, args)
         meta["attention"] = {"backend": choice.backend, "reason": choice.reason}
-        ours = EasyRefPipeline(state["sdxl"], state["checkpoint"], mllm_path="<in-memory>", device=device,
-                               sdxl_dtype=sdxl_dtype, encoder_dtype=enc_dtype, attention=choice)
+        ours = EasyRefPipeline(
+            state["sdxl"],
+            state["checkpoint"],
+            mllm_path="<in-memory>",
+            device=device,
+            sdxl_dtype=sdxl_dtype,
+            encoder_dtype=enc_dtype,
+            attention=choice,
+        )
         state["ours"] = ours
         tokens = 77 + state["checkpoint"].num_tokens
         record_step("ours_eager", tokens, kv_cache=True)
@@ -445,15 +533,7 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
         raw_unet, ckpt = state["raw_unet"], state["checkpoint"]
         if ckpt.has_lora:
             adapter_mod.merge_lora(raw_unet, ckpt.lora, scale=-1.0)  # back to the base weights
-        procs = {}
-        for name in raw_unet.attn_processors:
-            path = name[: -len(".processor")]
-            ip = ckpt.ip.get(path) if path.endswith("attn2") else None
-            with torch.device(device):
-                proc = OfficialAttnProcessor(ckpt.lora[path], ip, ckpt.num_tokens)
-            procs[name] = proc.to(device, sdxl_dtype)
-        raw_unet.set_attn_processor(procs)
-        del procs
+        raw_unet.set_attn_processor(official_processors(raw_unet, ckpt, device, sdxl_dtype))
         record_step("official_eager", 77 + ckpt.num_tokens)
         official = state["official"]
         official.model.to(device)  # the official habit: both Qwen2-VL copies and SDXL resident together
@@ -470,24 +550,34 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
             cond, unc = official.condition(groups[gi], p)
             sync(device)
             cond_s.append(time.perf_counter() - t0)
-            pe, ne, pp, npp = sdxl.encode_prompt(p, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+            pe, ne, pp, npp = sdxl.encode_prompt(
+                p, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+            )
             pe = torch.cat([pe, cond[None].to(pe)], 1)
             ne = torch.cat([ne, unc[None].to(ne)], 1)
-            sdxl(prompt_embeds=pe, negative_prompt_embeds=ne, pooled_prompt_embeds=pp, negative_pooled_prompt_embeds=npp,
-                 generator=torch.Generator("cpu").manual_seed(i), **common)
+            sdxl(
+                prompt_embeds=pe,
+                negative_prompt_embeds=ne,
+                pooled_prompt_embeds=pp,
+                negative_pooled_prompt_embeds=npp,
+                generator=torch.Generator("cpu").manual_seed(i),
+                **common,
+            )
             return cond_s[-1]
 
         reset_peak(device)
         r = time_calls(official_image, device, warmup=1, repeat=args.images)
         PK["official_all_resident"] = peak_gib(device)
         # generation alone: the per-call encode is counted once, from the encode phase
-        gen = [t - c for t, c in zip(r["samples"], cond_s[1:])]
+        gen = [t - c for t, c in zip(r["samples"], cond_s[1:], strict=True)]
         IM["official_eager"] = statistics.median(gen)
         IM["official_eager_samples"] = gen
         IM["official_condition_in_call_s"] = cond_s[1:]
-        run.log(f"image official_eager: {IM['official_eager']:.2f} s per image without its encode "
-                f"(+{1000 * sum(cond_s[1:]) / len(cond_s[1:]):.0f} ms encode in the call), peak with everything "
-                f"resident {_gib(PK['official_all_resident'])}")
+        run.log(
+            f"image official_eager: {IM['official_eager']:.2f} s per image without its encode "
+            f"(+{1000 * sum(cond_s[1:]) / len(cond_s[1:]):.0f} ms encode in the call), peak with everything "
+            f"resident {_gib(PK['official_all_resident'])}"
+        )
         official.model.to("cpu")  # off the card before the compiled stages (the closure above still holds them)
         official.enc.to("cpu")
         del official_image
@@ -521,7 +611,10 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
                 _install_ours(state, device, args)
                 before = dynamo_counts()
                 compile_unet(state["sdxl"], state["raw_unet"], args)
-                state["ours"].compiled = {"enabled": True, "reason": f"torch.compile ({args.compile_backend}, {args.compile_mode})"}
+                state["ours"].compiled = {
+                    "enabled": True,
+                    "reason": f"torch.compile ({args.compile_backend}, {args.compile_mode})",
+                }
                 tokens = 77 + state["checkpoint"].num_tokens
                 step = step_fn(tokens)
                 sync(device)
@@ -542,8 +635,6 @@ def main(argv=None) -> None:  # noqa: C901, PLR0915 - one linear script, stage b
 
 
 def _install_ours(state: dict, device: str, args):
-    from _common import install_easyref
-
     return install_easyref(state["sdxl"], state["checkpoint"], device=device, attention=args.attention)
 
 
@@ -602,14 +693,26 @@ def summarize(d: dict) -> None:
     card = m.get("card", m["device"])
     print()
     print("=" * 100)
-    print(f"### GPU: {card}, {m['date']}" if m.get("card") else f"### {m['device']} ({m['shapes']} shapes: a test of the script, not a result), {m['date']}")
+    print(
+        f"### GPU: {card}, {m['date']}"
+        if m.get("card")
+        else f"### {m['device']} ({m['shapes']} shapes: a test of the script, not a result), {m['date']}"
+    )
     print()
-    print(f"torch {m['torch']}" + (f" (CUDA {m['cuda']})" if m.get("cuda") else "") + f", transformers {m['transformers']}, "
-          f"diffusers {m['diffusers']}; random weights, {m['shapes']} shapes (SDXL-base UNet {_count(m.get('unet_params'))}, "
-          f"Qwen2-VL encoder {_count(m.get('encoder_params'))}), SDXL {m['sdxl_dtype']}, Qwen2-VL {m['encoder_dtype']}, "
-          f"{m['size']}², {m['steps']} Euler steps, CFG 5, batch 1; {G} groups × {P} prompts, "
-          f"{m['refs']} references of {m['ref_side']}px; LoRA rank {m['lora_rank']}; attention {m.get('attention', {}).get('backend', '?')}; "
-          + (f"torch.compile backend {m['compile']['backend']}, mode {m['compile']['mode']}." if m["compile"] else "eager only."))
+    print(
+        f"torch {m['torch']}"
+        + (f" (CUDA {m['cuda']})" if m.get("cuda") else "")
+        + f", transformers {m['transformers']}, "
+        f"diffusers {m['diffusers']}; random weights, {m['shapes']} shapes (SDXL-base UNet {_count(m.get('unet_params'))}, "
+        f"Qwen2-VL encoder {_count(m.get('encoder_params'))}), SDXL {m['sdxl_dtype']}, Qwen2-VL {m['encoder_dtype']}, "
+        f"{m['size']}², {m['steps']} Euler steps, CFG 5, batch 1; {G} groups × {P} prompts, "
+        f"{m['refs']} references of {m['ref_side']}px; LoRA rank {m['lora_rank']}; attention {m.get('attention', {}).get('backend', '?')}; "
+        + (
+            f"torch.compile backend {m['compile']['backend']}, mode {m['compile']['mode']}."
+            if m["compile"]
+            else "eager only."
+        )
+    )
     print()
     print("```")
     print(m["command"])
@@ -618,26 +721,56 @@ def summarize(d: dict) -> None:
     rows = [
         ("UNet ms per CFG step, eager", f(ST.get("plain_eager")), f(ST.get("ours_eager")), f(ST.get("official_eager"))),
         ("UNet ms per CFG step, compiled", f(ST.get("plain_compiled")), f(ST.get("ours_compiled")), "—"),
-        ("s per image (conditions ready), eager", f(IM.get("plain_eager"), ".2f"), f(IM.get("ours_eager"), ".2f"),
-         f(IM.get("official_eager"), ".2f")),
-        ("s per image (conditions ready), compiled", f(IM.get("plain_compiled"), ".2f"), f(IM.get("ours_compiled"), ".2f"), "—"),
-        ("encode ms per group (prefix + first prompt)", "—", f(E.get("ours_group_ms")), f(E.get("official_condition_ms"))),
+        (
+            "s per image (conditions ready), eager",
+            f(IM.get("plain_eager"), ".2f"),
+            f(IM.get("ours_eager"), ".2f"),
+            f(IM.get("official_eager"), ".2f"),
+        ),
+        (
+            "s per image (conditions ready), compiled",
+            f(IM.get("plain_compiled"), ".2f"),
+            f(IM.get("ours_compiled"), ".2f"),
+            "—",
+        ),
+        (
+            "encode ms per group (prefix + first prompt)",
+            "—",
+            f(E.get("ours_group_ms")),
+            f(E.get("official_condition_ms")),
+        ),
         ("encode ms per extra prompt", "—", f(E.get("ours_extra_prompt_ms")), f(E.get("official_condition_ms"))),
-        (f"{G}×{P} total s (encode + {n} images), eager", f(T["plain_eager"]), f(T["ours_eager"]),
-         f(T["official_eager"])),
+        (
+            f"{G}×{P} total s (encode + {n} images), eager",
+            f(T["plain_eager"]),
+            f(T["ours_eager"]),
+            f(T["official_eager"]),
+        ),
         (f"{G}×{P} total s, compiled", f(T["plain_compiled"]), f(T["ours_compiled"]), "—"),
-        ("s per image incl. encode, eager", f(per_image["plain_eager"], ".2f"), f(per_image["ours_eager"], ".2f"),
-         f(per_image["official_eager"], ".2f")),
+        (
+            "s per image incl. encode, eager",
+            f(per_image["plain_eager"], ".2f"),
+            f(per_image["ours_eager"], ".2f"),
+            f(per_image["official_eager"], ".2f"),
+        ),
         ("peak GiB, encode phase", "—", f(PK.get("encode_ours"), ".2f"), f(PK.get("encode_official"), ".2f")),
-        ("peak GiB, generate phase", f(PK.get("generate_plain"), ".2f"), f(PK.get("generate_ours"), ".2f"),
-         f(PK.get("official_all_resident"), ".2f") + " (all resident)" if PK.get("official_all_resident") is not None else "—"),
+        (
+            "peak GiB, generate phase",
+            f(PK.get("generate_plain"), ".2f"),
+            f(PK.get("generate_ours"), ".2f"),
+            f(PK.get("official_all_resident"), ".2f") + " (all resident)"
+            if PK.get("official_all_resident") is not None
+            else "—",
+        ),
     ]
     print(table(rows, ("", "plain SDXL", "easyref (ours)", "official path")))
     print()
-    print("Official path: both conditions re-encoded per image (full prompt, per-image vision loop, logits), "
-          "LoRA on the fly, materialised attention maps; its per-image encode is counted once in the totals, "
-          "from the encode phase. Totals = measured encode of all conditions + images × measured median "
-          f"seconds per image ({m['images_timed']} timed per path and mode, after one warm-up).")
+    print(
+        "Official path: both conditions re-encoded per image (full prompt, per-image vision loop, logits), "
+        "LoRA on the fly, materialised attention maps; its per-image encode is counted once in the totals, "
+        "from the encode phase. Totals = measured encode of all conditions + images × measured median "
+        f"seconds per image ({m['images_timed']} timed per path and mode, after one warm-up)."
+    )
     print()
 
     def verdict(x, ok):
@@ -645,13 +778,31 @@ def summarize(d: dict) -> None:
 
     ov, sp, ef, pk = R["overhead_vs_plain"], R["speedup_vs_official"], R["extra_prompt_fraction"], R["peak_gib"]
     targets = [
-        ("EasyRef per image ≤ 1.05× plain SDXL, compiled (incl. amortised encode)", f(ov, ".3f", "×"), verdict(ov, lambda x: x <= 1.05)),
-        ("  same, generation only / UNet step only", f"{f(R['overhead_vs_plain_generate'], '.3f', '×')} / "
-         f"{f(R['overhead_vs_plain_step'], '.3f', '×')}", ""),
-        (f"≥ 2× the official path's throughput, {G}×{P} (ours eager / compiled)",
-         f"{f(sp, '.2f', '×')} / {f(R['speedup_vs_official_compiled'], '.2f', '×')}", verdict(sp, lambda x: x >= 2)),
-        ("extra prompt ≤ 15% of a full encode", f(None if ef is None else 100 * ef, ".1f", "%"), verdict(ef, lambda x: x <= 0.15)),
-        ("peak GPU memory ≤ 9.5 GiB (max of encode and generate phase)", f(pk, ".2f", " GiB"), verdict(pk, lambda x: x <= 9.5)),
+        (
+            "EasyRef per image ≤ 1.05× plain SDXL, compiled (incl. amortised encode)",
+            f(ov, ".3f", "×"),
+            verdict(ov, lambda x: x <= 1.05),
+        ),
+        (
+            "  same, generation only / UNet step only",
+            f"{f(R['overhead_vs_plain_generate'], '.3f', '×')} / {f(R['overhead_vs_plain_step'], '.3f', '×')}",
+            "",
+        ),
+        (
+            f"≥ 2× the official path's throughput, {G}×{P} (ours eager / compiled)",
+            f"{f(sp, '.2f', '×')} / {f(R['speedup_vs_official_compiled'], '.2f', '×')}",
+            verdict(sp, lambda x: x >= 2),
+        ),
+        (
+            "extra prompt ≤ 15% of a full encode",
+            f(None if ef is None else 100 * ef, ".1f", "%"),
+            verdict(ef, lambda x: x <= 0.15),
+        ),
+        (
+            "peak GPU memory ≤ 9.5 GiB (max of encode and generate phase)",
+            f(pk, ".2f", " GiB"),
+            verdict(pk, lambda x: x <= 9.5),
+        ),
     ]
     print(table(targets, ("target", "measured", "met")))
     if d["skipped"] or d["errors"] or d.get("nonfinite_images"):
@@ -678,7 +829,14 @@ def summarize(d: dict) -> None:
     kv("encode_extra_prompt_ms", E.get("ours_extra_prompt_ms"), ".1f")
     kv("encode_official_condition_ms", E.get("official_condition_ms"), ".1f")
     kv("max_abs_diff", E.get("max_abs_diff"), ".3g")
-    for key in ("encode_ours", "encode_official", "generate_plain", "generate_ours", "generate_ours_compiled", "official_all_resident"):
+    for key in (
+        "encode_ours",
+        "encode_official",
+        "generate_plain",
+        "generate_ours",
+        "generate_ours_compiled",
+        "official_all_resident",
+    ):
         kv(f"peak_gib_{key}", PK.get(key), ".2f")
     kv("peak_gib", R["peak_gib"], ".2f")
     kv("encode_speedup", R["encode_speedup"], ".2f")
