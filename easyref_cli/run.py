@@ -95,7 +95,7 @@ def _phases(plan: Plan, pending: list[Job], options: RunOptions, log: RunLog, pr
     # 1. resolve models
     models = resolve_models(plan, options.cache_dir)
     # 2. encode
-    sdxl_dtype, encoder_dtype = models.dtypes
+    encoder_dtype = models.dtypes[1]
     encoder = LazyEncoder(models.mllm, models.checkpoint, device=models.device, dtype=encoder_dtype)
     try:
         key = model_key(models.mllm, models.checkpoint, encoder)
