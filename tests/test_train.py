@@ -729,3 +729,25 @@ def test_accelerate_launch_two_processes(tiny, dataset, tmp_path):
 
     ckpt = load_checkpoint(out / "checkpoint-2.safetensors")
     assert ckpt.lora_rank == 4 and ckpt.mllm
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/TRAINING.md"])
+def test_documented_recipe_counts_optimizer_steps(doc):
+    """Each stage's --init is the previous stage's last checkpoint, numbered in optimizer steps
+    (the official global_step counts micro-batches: its checkpoint-250000 is 125,000 of ours)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / doc).read_text(encoding="utf-8")
+    commands = re.findall(r"easyref train --stage.*?(?=\n\S|\n\n|\Z)", text, flags=re.S)
+    steps = {}
+    for command in commands:
+        stage, max_steps = re.search(r"--stage\s+(\w+)", command), re.search(r"--max-steps\s+(\d+)", command)
+        if max_steps is None:  # --check-data and the like
+            continue
+        steps[stage.group(1)] = int(max_steps.group(1))
+        init = re.search(r"--init\s+runs/(\w+)/checkpoint-(\d+)", command)
+        if init:
+            assert int(init.group(2)) == steps[init.group(1)], command
+    assert steps["single"] == 125_000  # the official stage-2 run in optimizer steps
+    assert "micro-batches" in text
