@@ -345,7 +345,7 @@ def format_parameters(record: Mapping[str, Any]) -> str:
     """
     lines = [str(record.get("prompt", ""))]
     negative = record.get("negative_prompt")
-    if negative:
+    if negative and record.get("zero_negative") != "always":  # "always" zeroes it: nothing of it was used
         lines.append(f"Negative prompt: {negative}")
     fields: list[tuple[str, Any]] = [
         ("Steps", record.get("steps")),

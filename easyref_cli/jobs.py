@@ -57,10 +57,12 @@ def make_job(
     *, group: Group, prompt_id: str, prompt: str, caption: str, index: int,
     settings: GenerationSettings, template: str, preset: str | None, models: ModelIds,
 ) -> Job:  # fmt: skip
-    """One :class:`Job`: its id from everything that changes pixels, its output from the template."""
+    """One :class:`Job`: its id from everything that changes pixels, its output from the template.
+    With ``seed_mode: official`` the image's place in its noise stream (``index``) changes pixels too."""
+    stream = {"noise_index": index} if settings.seed_mode == "official" else {}
     job_id = make_job_id(
         group=group.name, prompt_id=prompt_id, prompt=prompt, caption=caption,
-        **identity_values(settings), **models.as_dict(),
+        **identity_values(settings), **stream, **models.as_dict(),
     )  # fmt: skip
     output = render_name(
         template, group=group.name, prompt_id=prompt_id, seed=settings.seed, index=index, preset=preset

@@ -89,6 +89,12 @@ def with_setting_options(func):
 
     keys = [key for key, spec in SPECS.items() if spec.flags]
     types = {"int": int, "float": float, "str": str}
+    taken = set(inspect.signature(func).parameters) - {"settings"}
+    for key in keys:  # fail at import, naming the setting, rather than with a Typer traceback later
+        if _field_type(key) not in types or key in taken:
+            raise TypeError(
+                f"setting {key!r}: its type must be int, float or str and its name not a parameter of {func.__name__}"
+            )
     generated = [
         inspect.Parameter(
             key,
@@ -117,6 +123,7 @@ def with_setting_options(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         settings = {key: kwargs.pop(key, None) for key in keys}
+        settings.update(kwargs.pop("settings", None) or {})  # callers from code may pass the dict itself
         return func(*args, settings=settings, **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=params)

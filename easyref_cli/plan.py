@@ -337,6 +337,16 @@ def _replay_plan(
                 f"{source}: reference image {path} has changed since the image was made "
                 f"(sha256 {digest[:12]}… recorded)"
             )
+    recorded_device = record.get("device")
+    if replay.settings.seed_mode == "official" and isinstance(recorded_device, str):
+        # its noise stream was drawn on that kind of device: another kind gives another picture
+        if runtime.device is None:
+            runtime = replace(runtime, device=recorded_device)
+        elif runtime.device.split(":")[0] != recorded_device:
+            raise UsageError(
+                f"{source}: its seed_mode official noise was drawn on {recorded_device}; replay it with "
+                f"--device {recorded_device} (another device type draws another stream)"
+            )
     refs = replay.references
     group = Group(name=replay.group, path=refs[0].parent, images=refs, ignored=())
     models = ModelIds(**{**replay.models, **chosen})

@@ -28,8 +28,8 @@ from easyref_cli.settings import (
     record_types,
 )
 
-#: Version of the record layout written into PNGs.
-RECORD_SCHEMA = 1
+#: The record layout this version writes and reads: 1, or 2 once it carries a setting added since.
+RECORD_SCHEMA = 2
 _TEXTS = {"prompt": (str,), "caption": (str,)}
 
 
@@ -49,8 +49,9 @@ def job_record(
     """
     if references is None:
         references = reference_entries(job.group)
+    settings = identity_values(job.settings)
     return {
-        "schema": RECORD_SCHEMA,
+        "schema": max([1, *(SPECS[k].since for k in settings)]),  # 1 while it means what 0.1 records meant
         "job_id": job.job_id,
         "group": job.group.name,
         "prompt_id": job.prompt_id,
@@ -58,7 +59,7 @@ def job_record(
         "output": job.output.as_posix(),
         "prompt": job.prompt,
         "caption": job.caption,
-        **identity_values(job.settings),
+        **settings,
         **{k: models[k] for k in ("base_model", "mllm", "adapter")},
         "preset": job.preset,
         "references": [dict(r) for r in references],
@@ -119,6 +120,12 @@ def parse_record(record: Mapping[str, Any], *, source: str = "record") -> Replay
     Raises:
         InputError: naming ``source`` when keys are missing, mistyped or out of range.
     """
+    schema = record.get("schema", 1)
+    if isinstance(schema, int) and schema > RECORD_SCHEMA:
+        raise InputError(
+            f"{source}: the easyref record has schema {schema}, newer than this easyref-cli reads "
+            f"({RECORD_SCHEMA}); upgrade easyref-cli to regenerate it"
+        )
     problems = _problems(record)
     settings = None if problems else _settings(record, problems)
     if problems:

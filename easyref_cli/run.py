@@ -120,23 +120,39 @@ def check_existing_outputs(plan: Plan) -> None:
     not by easyref) under the same name is a usage error, never silently kept or clobbered."""
     if plan.overwrite:
         return
-    clashes = []
+    clashes, old_empty_negative = [], False
     for job in plan.jobs:
         path = plan.output_path(job)
         if not path.exists():
             continue
         try:
-            found = files.read_png_record(path).get("job_id")
+            record = files.read_png_record(path)
         except InputError:
-            found = None
-        if found != job.job_id:
+            record = {}
+        if record.get("job_id") != job.job_id or not _same_noise_device(job, record, plan.device):
             clashes.append(str(path))
+            old_empty_negative |= record.get("negative_prompt") == "" and "zero_negative" not in record
     if clashes:
         shown = ", ".join(clashes[:5]) + (f" … and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+        hint = (
+            " (Images made before easyref-cli 0.2 with an empty negative prompt had it zeroed: "
+            '--negative-prompt "" --zero-negative empty resumes them.)'
+            if old_empty_negative
+            else ""
+        )
         raise UsageError(
             f"{len(clashes)} output file(s) already exist but were made with other settings (or not by "
-            f"easyref): {shown}. Use another -o folder or --name-template, or --overwrite to replace them."
+            f"easyref): {shown}. Use another -o folder or --name-template, or --overwrite to replace them.{hint}"
         )
+
+
+def _same_noise_device(job: Job, record: dict, device: str | None) -> bool:
+    """``seed_mode: official`` noise is drawn on the run's device: a CPU and a CUDA stream differ."""
+    if job.settings.seed_mode != "official" or "device" not in record:
+        return True
+    from easyref_cli.env import default_device
+
+    return record["device"] == (device or default_device()).split(":")[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_exif_orientation_apply_or_ignore(tiny, tmp_path):
             return f.get_tensor("cond"), f.metadata()
 
     upright, meta = cond(tagged)
-    raw, raw_meta = cond(tagged, "--exif-orientation", "ignore")
+    raw, raw_meta = cond(tagged, "--exif-orientation", "IGNORE")  # normalised like every choice
     assert torch.equal(raw, cond(plain)[0]) and not torch.equal(raw, upright)
     assert (meta["exif_orientation"], raw_meta["exif_orientation"]) == ("apply", "ignore")
     res = _encode(tiny, tagged, tmp_path / "x.safetensors", "--exif-orientation", "sideways")

@@ -47,7 +47,7 @@ def test_pipeline_settings_are_request_fields_with_the_same_defaults():
     request = {f.name: f.default for f in fields(GenerationRequest)}
     for key, value in pipeline_values(GenerationSettings()).items():
         assert key in request, f"{key} is a pipeline setting but not a GenerationRequest field"
-        if key != "seed":
+        if key not in ("seed", "scheduler"):  # a request's scheduler None keeps the pipeline's own
             assert request[key] == value, key
 
 
@@ -285,3 +285,58 @@ def test_official_seed_mode_replays_from_the_record(tiny, tmp_path, refs):
     res = runner.invoke(app, ["generate", "--from-image", str(second), "-o", str(tmp_path / "b"), *common])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "b" / "cats" / "a-cat_10.png").read_bytes() == second.read_bytes()
+
+
+def test_official_mode_ids_follow_the_noise_stream_not_just_the_seed(tmp_path, refs):
+    """seed 0 -n 2 makes image 'seed 1' from stream 0, slice 1; seed 1 -n 2 makes it from stream 1,
+    slice 0: the same output name, another picture, so another job (resume must not keep it)."""
+    a = _plan(tmp_path, refs, cli={"seed": 0, "images_per_prompt": 2, "seed_mode": "official"}).jobs[1]
+    b = _plan(tmp_path, refs, cli={"seed": 1, "images_per_prompt": 2, "seed_mode": "official"}).jobs[0]
+    assert a.output == b.output and a.seed == b.seed == 1
+    assert a.job_id != b.job_id
+    cpu_a = _plan(tmp_path, refs, cli={"seed": 0, "images_per_prompt": 2}).jobs[1]
+    cpu_b = _plan(tmp_path, refs, cli={"seed": 1, "images_per_prompt": 2}).jobs[0]
+    assert cpu_a.job_id == cpu_b.job_id  # one CPU generator per image: the seed alone decides
+
+
+def _official_png(tmp_path, refs, device: str) -> tuple[Path, P.Plan]:
+    from PIL import Image
+
+    from easyref_cli import files
+
+    plan = _plan(tmp_path, refs, cli={"seed_mode": "official"}, device="cpu")
+    job = plan.jobs[0]
+    record = {**records.job_record(job, plan.models.as_dict()), "device": device}
+    path = plan.output_path(job)
+    files.write_png_atomic(path, Image.new("RGB", (8, 8)), record=record)
+    return path, plan
+
+
+def test_official_mode_noise_device_is_part_of_resume_and_replay(tmp_path, refs):
+    from easyref_cli.run import check_existing_outputs
+
+    path, plan = _official_png(tmp_path, refs, "cuda")
+    with pytest.raises(UsageError, match="made with other settings"):
+        check_existing_outputs(plan)  # same job id, but its noise came from a CUDA stream
+    assert P.build_plan(from_image=path, out_dir=tmp_path / "r").device == "cuda"
+    with pytest.raises(UsageError, match="drawn on cuda; replay it with --device cuda"):
+        P.build_plan(from_image=path, out_dir=tmp_path / "r", device="cpu")
+    path, plan = _official_png(tmp_path / "cpu", refs, "cpu")
+    check_existing_outputs(plan)  # the same stream: resume keeps it
+
+
+def test_record_schema_says_when_a_record_needs_a_newer_reader(tmp_path, refs):
+    models = {"base_model": "b", "mllm": "m", "adapter": "a"}
+    plain = records.job_record(_plan(tmp_path, refs).jobs[0], models)
+    rescaled = records.job_record(_plan(tmp_path, refs, cli={"guidance_rescale": 0.5}).jobs[0], models)
+    assert plain["schema"] == 1 and rescaled["schema"] == 2  # schema 1 while 0.1 reads it right
+    with pytest.raises(InputError, match="schema 3, newer than this easyref-cli reads"):
+        records.parse_record({**plain, "schema": 3})
+
+
+def test_a1111_text_leaves_out_a_negative_prompt_that_was_zeroed():
+    from easyref_cli.files import format_parameters
+
+    record = {"prompt": "p", "negative_prompt": "blurry", "steps": 2}
+    assert "Negative prompt: blurry" in format_parameters(record)
+    assert "Negative prompt" not in format_parameters({**record, "zero_negative": "always"})

@@ -31,7 +31,6 @@ def _check_inputs(group_dir: Path, out: Path, caption: str, instruction: str, de
     check_dtype(dtype)
     check_control_tokens(caption, "--prompt")
     check_control_tokens(instruction, "--instruction")
-    exif = check_choice("--exif-orientation", exif, EXIF_CHOICES)
     groups = files.find_groups([Path(group_dir)])
     if len(groups) != 1:
         raise UsageError(f"{group_dir} holds {len(groups)} groups; `encode` takes one folder of images")
@@ -92,6 +91,7 @@ def encode_group(
     """Validate inputs first (group, images, output, texts), then load the encoder and write the tensors."""
     out = Path(out)
     instruction = INSTRUCTION if instruction is None else instruction
+    exif_orientation = check_choice("--exif-orientation", exif_orientation, EXIF_CHOICES)
     group, images = _check_inputs(group_dir, out, caption, instruction, device, dtype, exif_orientation)
 
     from easyref_cli.env import default_device

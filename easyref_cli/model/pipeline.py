@@ -50,7 +50,8 @@ class GenerationRequest:
     scale: float = 1.0
     width: int = 1024
     height: int = 1024
-    scheduler: str = "euler"
+    #: a ``scheduler:`` name; ``None`` keeps the pipeline's current sampler
+    scheduler: str | None = None
     guidance_rescale: float = 0.0
     zero_negative: str = "never"
     seed_mode: str = "cpu"
@@ -263,7 +264,8 @@ class EasyRefPipeline:
                 "a batch must share steps, guidance, scale, size, scheduler, and whether a negative prompt is given"
             )
         check_size(first.width, first.height)
-        self.set_scheduler(first.scheduler)
+        if first.scheduler is not None:
+            self.set_scheduler(first.scheduler)
         pipe = self.sdxl
         device = pipe._execution_device  # honours CPU offload hooks
         # 2. text embeddings (CLIP, 77 tokens each)
@@ -330,9 +332,9 @@ class EasyRefPipeline:
         first = requests[0]
         if first.seed_mode == "cpu":
             return [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests], None
-        if SCHEDULERS[first.scheduler].stochastic:
+        if SCHEDULERS[self._scheduler_name].stochastic:
             raise UsageError(
-                f"seed_mode 'official' cannot replay the per-step noise of the {first.scheduler} scheduler"
+                f"seed_mode 'official' cannot replay the per-step noise of the {self._scheduler_name} scheduler"
             )
         from diffusers.utils.torch_utils import randn_tensor
 
