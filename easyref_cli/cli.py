@@ -213,6 +213,42 @@ def generate(
     fail_fast: Annotated[
         bool, typer.Option("--fail-fast", help="Stop at the first failed job.", rich_help_panel="Output")
     ] = False,
+    metadata: Annotated[
+        str | None,
+        typer.Option(
+            "--metadata",
+            help="What each PNG carries: full (the easyref record + A1111 parameters), minimal (the settings only, no model or file names) or none. Every PNG also carries the XMP 'AI-generated' label (IPTC trainedAlgorithmicMedia); the manifest keeps the full record. Default: full.",
+            rich_help_panel="Output",
+        ),
+    ] = None,
+    record_paths: Annotated[
+        str | None,
+        typer.Option(
+            "--record-paths",
+            help="relative: references as group/file and local models by name in PNG records (safe to share); absolute: full paths. Default: relative.",
+            rich_help_panel="Output",
+        ),
+    ] = None,
+    groups_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--groups-root",
+            help="With --from-image: the folder holding the group folders its record names relatively. Default: the current folder.",
+            rich_help_panel="Input",
+        ),
+    ] = None,
+    c2pa_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--c2pa-cert",
+            help="Sign C2PA content credentials into every PNG with this certificate chain (PEM; needs the c2pa extra).",
+            rich_help_panel="Output",
+        ),
+    ] = None,
+    c2pa_key: Annotated[
+        Path | None,
+        typer.Option("--c2pa-key", help="The private key (PEM) of --c2pa-cert.", rich_help_panel="Output"),
+    ] = None,
     json_lines: Annotated[
         bool,
         typer.Option(
@@ -238,7 +274,8 @@ def generate(
         no_cache=no_cache, compile=compile, num_processes=num_processes, groups=groups or [], out_dir=out,
         prompts_file=prompts, prompt=prompt, from_image=from_image, preset=preset, model=model,
         base_model=base_model, mllm=mllm, adapter=adapter, device=device, dtype=dtype, attention=attention,
-        offload=offload, name_template=name_template, overwrite=overwrite, fail_fast=fail_fast,
+        offload=offload, name_template=name_template, overwrite=overwrite, fail_fast=fail_fast, metadata=metadata,
+        record_paths=record_paths, groups_root=groups_root, c2pa_cert=c2pa_cert, c2pa_key=c2pa_key,
     )  # fmt: skip
     raise typer.Exit(code=code)
 
@@ -251,17 +288,14 @@ def inspect(
         bool, typer.Option("--parameters", help="Print the A1111 'parameters' text instead of the JSON record.")
     ] = False,
 ) -> None:
-    """Print the provenance record stored in an easyref PNG."""
-    import json
+    """Print the provenance record stored in an easyref PNG; stderr says what the image carries
+    (record, A1111 text, the XMP AI label, C2PA credentials and whether they verify)."""
+    from easyref_cli.commands.inspect import inspect_image
 
-    from easyref_cli import files
-
-    record = files.read_png_record(image)
-    typer.echo(
-        files.format_parameters(record)
-        if parameters
-        else json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True)
-    )
+    text, lines = inspect_image(image, parameters=parameters)
+    for line in lines:
+        typer.echo(line, err=True)
+    typer.echo(text)
 
 
 presets_app = typer.Typer(help="List and show presets (built-in and user YAML files).", no_args_is_help=True)

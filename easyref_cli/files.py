@@ -30,7 +30,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -336,12 +336,13 @@ def _a1111_sampler(name: Any) -> Any:
     return sampler.a1111 if sampler is not None else name
 
 
-def format_parameters(record: Mapping[str, Any]) -> str:
+def format_parameters(record: Mapping[str, Any], *, names: bool = True) -> str:
     """The A1111-style ``parameters`` text for a record.
 
     Line 1 the prompt, line 2 ``Negative prompt: ...`` (omitted when empty), line 3 the
     comma-separated ``Key: value`` settings. Keys missing from the record are left out; values
-    with ``,``, ``:`` or newlines are JSON-quoted as A1111 does.
+    with ``,``, ``:`` or newlines are JSON-quoted as A1111 does. ``names=False`` leaves out the
+    model and adapter names (``--metadata minimal``: settings only).
     """
     lines = [str(record.get("prompt", ""))]
     negative = record.get("negative_prompt")
@@ -356,9 +357,9 @@ def format_parameters(record: Mapping[str, Any]) -> str:
     if record.get("width") is not None and record.get("height") is not None:
         fields.append(("Size", f"{record['width']}x{record['height']}"))
     fields += [
-        ("Model", record.get("base_model")),
+        ("Model", record.get("base_model") if names else None),
         ("EasyRef scale", record.get("scale")),
-        ("EasyRef adapter", record.get("adapter")),
+        ("EasyRef adapter", record.get("adapter") if names else None),
     ]
     if record.get("adapter_sha256"):
         fields.append(("EasyRef adapter hash", str(record["adapter_sha256"])[:10]))
@@ -425,23 +426,74 @@ def write_bytes_atomic(path: Path, data: bytes, *, error: type[EasyRefError] = J
     _fsync_dir(path.parent)
 
 
-def write_png_atomic(path: Path, image: Image.Image, *, record: Mapping[str, Any]) -> None:
-    """Write ``image`` as a PNG carrying ``parameters`` and ``easyref`` text chunks, atomically
+#: ``--metadata``: ``full`` the ``easyref`` record + A1111 ``parameters``; ``minimal`` the settings
+#: only (``parameters`` without model or file names); ``none`` neither. The AI label is always written.
+METADATA_CHOICES = ("full", "minimal", "none")
+
+
+def png_bytes(image: Image.Image, *, record: Mapping[str, Any], metadata: str = "full") -> bytes:
+    """``image`` encoded as PNG with the chunks ``metadata`` asks for, plus the XMP AI label."""
+    import io
+
+    from easyref_cli.labels import XMP_CHUNK, xmp_packet
+
+    info = PngInfo()
+    if metadata in ("full", "minimal"):
+        # add_text falls back to iTXt (UTF-8) when the text is not latin-1.
+        info.add_text(PARAMETERS_CHUNK, format_parameters(record, names=metadata == "full"))
+    if metadata == "full":
+        info.add_itxt(RECORD_CHUNK, json.dumps(dict(record), sort_keys=True, ensure_ascii=False, default=str))
+    info.add_itxt(XMP_CHUNK, xmp_packet(f"easyref-cli {record.get('version') or __version__}"), zip=False)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def write_png_atomic(
+    path: Path,
+    image: Image.Image,
+    *,
+    record: Mapping[str, Any],
+    metadata: str = "full",
+    sign: Callable[[bytes], bytes] | None = None,
+) -> None:
+    """Write ``image`` as a PNG (:func:`png_bytes`), signed by ``sign`` if given, atomically
     (:func:`write_bytes_atomic`).
 
     Raises:
-        JobError: the file cannot be written (disk full, permissions...).
+        JobError: the file cannot be written (disk full, permissions...) or signed.
     """
-    import io
+    data = png_bytes(image, record=record, metadata=metadata)
+    write_bytes_atomic(path, sign(data) if sign is not None else data)
 
-    info = PngInfo()
-    # add_text falls back to iTXt (UTF-8) when the text is not latin-1.
-    info.add_text(PARAMETERS_CHUNK, format_parameters(record))
-    payload = json.dumps(dict(record), sort_keys=True, ensure_ascii=False, default=str)
-    info.add_itxt(RECORD_CHUNK, payload)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    write_bytes_atomic(path, buffer.getvalue())
+
+@dataclass(frozen=True)
+class PngMetadata:
+    """What an image carries: the ``easyref`` record, the A1111 text, the XMP AI label (parsed)."""
+
+    record: dict | None
+    parameters: str | None
+    label: dict | None
+
+
+def read_png_metadata(path: Path) -> PngMetadata:
+    """Every kind of metadata easyref writes, each ``None`` when absent.
+
+    Raises:
+        InputError: naming the file when it is unreadable or not a PNG, or its record is not JSON.
+    """
+    from easyref_cli.labels import XMP_CHUNK, parse_xmp
+
+    path = Path(path)
+    text = _png_text(path)
+    record = _parse_record(text[RECORD_CHUNK], path) if RECORD_CHUNK in text else None
+    label = None
+    if XMP_CHUNK in text:
+        try:
+            label = parse_xmp(text[XMP_CHUNK])
+        except ValueError:
+            label = {}
+    return PngMetadata(record=record, parameters=text.get(PARAMETERS_CHUNK), label=label)
 
 
 def read_png_record(path: Path) -> dict:
@@ -452,20 +504,27 @@ def read_png_record(path: Path) -> dict:
             or the chunk is not a JSON object.
     """
     path = Path(path)
+    raw = _png_text(path).get(RECORD_CHUNK)
+    if raw is None:
+        raise InputError(f"{path} has no {RECORD_CHUNK!r} metadata chunk (was it made by easyref generate?)")
+    return _parse_record(raw, path)
+
+
+def _png_text(path: Path) -> dict[str, str]:
     try:
         with Image.open(path) as im:
             if im.format != "PNG":
                 raise InputError(f"{path} is not a PNG image (it is {im.format or 'unknown'})")
-            text = dict(getattr(im, "text", {}) or {})
+            return dict(getattr(im, "text", {}) or {})
     except InputError:
         raise
     except UnidentifiedImageError:
         raise InputError(f"{path} is not an image") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    raw = text.get(RECORD_CHUNK)
-    if raw is None:
-        raise InputError(f"{path} has no {RECORD_CHUNK!r} metadata chunk (was it made by easyref generate?)")
+
+
+def _parse_record(raw: str, path: Path) -> dict:
     try:
         record = json.loads(raw)
     except json.JSONDecodeError as e:

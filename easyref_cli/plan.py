@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +24,16 @@ from easyref_cli.errors import UsageError
 from easyref_cli.files import Group, find_groups, sha256_file
 from easyref_cli.jobs import Job, make_job
 from easyref_cli.models import MODEL_DEFAULTS, ModelIds, chosen_models
-from easyref_cli.naming import DEFAULT_NAME_TEMPLATE, assign_prompt_ids, check_name_template
+from easyref_cli.naming import DEFAULT_NAME_TEMPLATE, assign_prompt_ids
 from easyref_cli.presets import load_preset
 from easyref_cli.prompts import PromptFile, PromptSpec, load_prompt_file
 from easyref_cli.records import parse_record
+from easyref_cli.runtime import Runtime, check_runtime
 from easyref_cli.settings import (
-    ATTENTION_CHOICES,
     MAX_SEED,
-    OFFLOAD_CHOICES,
     SCHEDULERS,
     GenerationSettings,
-    check_choice,
     check_control_tokens,
-    check_device_name,
-    check_dtype,
     flag_of,
     resolve_settings,
     validate_settings,
@@ -66,6 +62,10 @@ class Plan:
     fail_fast: bool = False
     preset: str | None = None
     name_template: str = DEFAULT_NAME_TEMPLATE
+    metadata: str = "full"
+    record_paths: str = "relative"
+    c2pa_cert: Path | None = None
+    c2pa_key: Path | None = None
 
     @property
     def groups(self) -> tuple[Group, ...]:
@@ -124,32 +124,6 @@ class Plan:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Runtime:
-    """The checked runtime options every plan carries."""
-
-    device: str | None
-    dtype: str | None
-    attention: str
-    offload: str
-    template: str
-    overwrite: bool
-    fail_fast: bool
-
-
-def _check_runtime(
-    device: str | None, dtype: str | None, attention: str | None, offload: str | None,
-    name_template: str | None, overwrite: bool, fail_fast: bool,
-) -> _Runtime:  # fmt: skip
-    offload = check_choice("--offload", offload, OFFLOAD_CHOICES) or "none"
-    check_device_name(device)
-    attention = check_choice("--attention", attention, ATTENTION_CHOICES) or "auto"
-    dtype = check_dtype(dtype)
-    template = DEFAULT_NAME_TEMPLATE if name_template is None else name_template
-    check_name_template(template)
-    return _Runtime(device, dtype, attention, offload, template, overwrite, fail_fast)
-
-
 def _check_cli_settings(cli: Mapping[str, Any] | None) -> dict[str, Any]:
     values, problems = validate_settings(dict(cli or {}))
     if problems:
@@ -178,15 +152,11 @@ def _check_unique_outputs(jobs: Sequence[Job], template: str) -> None:
         first[job.output] = job
 
 
-def _finish(jobs: list[Job], runtime: _Runtime, **fields: Any) -> Plan:
+def _finish(jobs: list[Job], runtime: Runtime, **fields: Any) -> Plan:
     """The checks every plan passes (control tokens, unique outputs), then the frozen Plan."""
     _check_control_tokens(jobs)
-    _check_unique_outputs(jobs, runtime.template)
-    return Plan(
-        jobs=tuple(jobs), device=runtime.device, dtype=runtime.dtype, attention=runtime.attention,
-        offload=runtime.offload, overwrite=runtime.overwrite, fail_fast=runtime.fail_fast,
-        name_template=runtime.template, **fields,
-    )  # fmt: skip
+    _check_unique_outputs(jobs, runtime.name_template)
+    return Plan(jobs=tuple(jobs), **asdict(runtime), **fields)
 
 
 def _check_prompt_source(prompts_file: Path | None, prompt: str | None) -> None:
@@ -265,37 +235,35 @@ def build_plan(
     prompts_file: Path | None = None,
     prompt: str | None = None,
     from_image: Path | None = None,
+    groups_root: Path | None = None,
     preset: str | None = None,
     cli: Mapping[str, Any] | None = None,
     model: str | None = None,
     base_model: str | None = None,
     mllm: str | None = None,
     adapter: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    attention: str | None = None,
-    offload: str | None = None,
-    name_template: str | None = None,
-    overwrite: bool = False,
-    fail_fast: bool = False,
+    **runtime_options: Any,
 ) -> Plan:
     """Validate everything and expand groups × prompts × seeds (or one recorded image) into a Plan.
 
-    ``cli`` holds the settings given on the command line (``None`` = not given).
+    ``cli`` holds the settings given on the command line (``None`` = not given); ``runtime_options``
+    are :func:`easyref_cli.runtime.check_runtime`'s (device, dtype, name template, metadata, ...);
+    ``groups_root`` is where a replay finds references its record names relatively (default: the
+    current folder).
 
     Raises:
         UsageError: for anything wrong: options, model choice, prompt source, groups, presets,
             prompt files, settings, name templates, group filters, colliding outputs, control
             tokens; a replay's missing or changed reference. InputError: an unusable record.
     """
-    runtime = _check_runtime(device, dtype, attention, offload, name_template, overwrite, fail_fast)
+    runtime = check_runtime(**runtime_options)
     chosen = chosen_models(model, base_model, mllm, adapter)
     if from_image is not None:
         if groups or prompts_file or prompt or preset:
             raise UsageError(
                 "--from-image regenerates one recorded image: give no GROUPS, --prompts, --prompt or --preset"
             )
-        return _replay_plan(Path(from_image), out_dir, dict(cli or {}), chosen, model, runtime)
+        return _replay_plan(Path(from_image), out_dir, dict(cli or {}), chosen, model, runtime, groups_root)
     if not groups:
         raise UsageError("give at least one GROUPS folder (or --from-image IMAGE.png)")
     _check_prompt_source(prompts_file, prompt)
@@ -307,20 +275,66 @@ def build_plan(
     found = _find_groups(groups, prompt_file)
     base = resolve_settings(MODEL_DEFAULTS.get(model or ""), preset_settings, prompt_file.defaults, cli_settings)
     models = ModelIds(**chosen)
-    jobs = _expand(found, prompt_file, base, template=runtime.template, preset=preset, models=models)
+    jobs = _expand(found, prompt_file, base, template=runtime.name_template, preset=preset, models=models)
     return _finish(
         jobs, runtime, out_dir=Path(out_dir), models=models, model_family=model, batch_size=base.batch_size,
         preset=preset,
     )  # fmt: skip
 
 
+def _replay_references(replay, root: Path, source: str) -> tuple[Path, ...]:
+    """The recorded references, relative ones under ``root``, each present with its recorded sha256."""
+    paths = []
+    for recorded, digest in zip(replay.references, replay.reference_sha256, strict=True):
+        path = recorded if recorded.is_absolute() else root / recorded
+        if not path.is_file():
+            where = "" if recorded.is_absolute() else f" under {root} (--groups-root sets where references are)"
+            raise UsageError(f"{source}: reference image {recorded}{where} no longer exists")
+        if digest and sha256_file(path) != digest:
+            raise UsageError(
+                f"{source}: reference image {path} has changed since the image was made "
+                f"(sha256 {digest[:12]}… recorded)"
+            )
+        paths.append(path)
+    return tuple(paths)
+
+
+def _replay_models(record: dict, replay, chosen: dict[str, str], family: str | None, source: str):
+    """Models: those chosen on the command line, else the record's family, else the record's ids; a
+    model the record names without its path (records leave paths out) must be given."""
+    if not chosen and family is None and record.get("model") in MODEL_DEFAULTS:
+        family = record["model"]
+        chosen = chosen_models(family)
+    models = ModelIds(**{**replay.models, **chosen})
+    for key, flag in (("base_model", "--base-model"), ("mllm", "--mllm"), ("adapter", "--adapter")):
+        value = getattr(models, key)
+        if (
+            key not in chosen
+            and not Path(value).is_absolute()
+            and not Path(value).exists()
+            and not _looks_like_hub_id(value)
+        ):
+            raise UsageError(
+                f"{source}: the record names its {key.replace('_', ' ')} {value!r} without its location "
+                f"(records leave local paths out); pass {flag} PATH"
+            )
+    return models, family
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not Path(value).is_absolute()
+
+
 def _replay_plan(
-    image: Path, out_dir: Path, cli: dict[str, Any], chosen: dict[str, str], family: str | None, runtime: _Runtime
-) -> Plan:
+    image: Path, out_dir: Path, cli: dict[str, Any], chosen: dict[str, str], family: str | None, runtime: Runtime,
+    groups_root: Path | None = None,
+) -> Plan:  # fmt: skip
     """A one-job plan that regenerates the image ``image``'s record describes.
 
-    The instruction and caption are reused verbatim; models come from the record unless chosen;
-    every reference file must still exist with its recorded sha256.
+    The instruction and caption are reused verbatim; models come from the command line, else the
+    record; every reference file must still exist (relative ones under ``groups_root``, default the
+    current folder) with its recorded sha256.
     """
     record = files.read_png_record(image)
     given = sorted(k for k, v in cli.items() if v is not None and k != "batch_size")
@@ -329,14 +343,7 @@ def _replay_plan(
         raise UsageError(f"--from-image takes its settings from the image's record; {flags} cannot change them")
     source = str(image)
     replay = parse_record(record, source=source)
-    for path, digest in zip(replay.references, replay.reference_sha256, strict=True):
-        if not path.is_file():
-            raise UsageError(f"{source}: reference image {path} no longer exists")
-        if digest and sha256_file(path) != digest:
-            raise UsageError(
-                f"{source}: reference image {path} has changed since the image was made "
-                f"(sha256 {digest[:12]}… recorded)"
-            )
+    refs = _replay_references(replay, Path(groups_root) if groups_root is not None else Path.cwd(), source)
     recorded_device = record.get("device")
     if replay.settings.seed_mode == "official" and isinstance(recorded_device, str):
         # its noise stream was drawn on that kind of device: another kind gives another picture
@@ -347,12 +354,11 @@ def _replay_plan(
                 f"{source}: its seed_mode official noise was drawn on {recorded_device}; replay it with "
                 f"--device {recorded_device} (another device type draws another stream)"
             )
-    refs = replay.references
+    models, family = _replay_models(record, replay, chosen, family, source)
     group = Group(name=replay.group, path=refs[0].parent, images=refs, ignored=())
-    models = ModelIds(**{**replay.models, **chosen})
     job = make_job(
         group=group, prompt_id=replay.prompt_id, prompt=replay.prompt, caption=replay.caption, index=replay.index,
-        settings=replay.settings, template=runtime.template, preset=replay.preset, models=models,
+        settings=replay.settings, template=runtime.name_template, preset=replay.preset, models=models,
     )  # fmt: skip
     batch_size = _check_cli_settings({"batch_size": cli.get("batch_size")}).get("batch_size", 1)
     return _finish(

@@ -7,6 +7,7 @@ Torch-free. The record's setting keys are the schema's identity settings
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,36 @@ RECORD_SCHEMA = 2
 _TEXTS = {"prompt": (str,), "caption": (str,)}
 
 
+#: ``--record-paths``: ``relative`` (default) keeps locations in a shareable form — references as
+#: ``group/file`` under the groups root, local models by their folder or file name, hub ids as they
+#: are — ``absolute`` writes the full paths into every PNG.
+RECORD_PATHS_CHOICES = ("relative", "absolute")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
 def reference_entries(group: Group) -> list[dict[str, str]]:
     """``[{"path": absolute path, "sha256": hex}]`` for a group's images, in encoding order."""
     return [{"path": str(p.resolve()), "sha256": sha256_file(p)} for p in group.images]
+
+
+def model_label(spec: str) -> str:
+    """How a record names a model without its location: a hub id as given, a local path by its name."""
+    if _REPO_ID.match(spec) and not Path(spec).exists():
+        return spec
+    return Path(spec).name
+
+
+def shareable(record: Mapping[str, Any], group: Group) -> dict[str, Any]:
+    """``record`` with no absolute path in it: references as ``group/file`` (relative to the groups
+    root), local models by name. Hashes, settings and everything else are kept."""
+    out = dict(record)
+    out["references"] = [
+        {**ref, "path": f"{group.name}/{Path(ref['path']).name}"} for ref in record.get("references", [])
+    ]
+    for key in ("base_model", "mllm", "adapter"):
+        if isinstance(out.get(key), str):
+            out[key] = model_label(out[key])
+    return out
 
 
 def job_record(

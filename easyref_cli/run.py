@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from easyref_cli import distributed, files
-from easyref_cli.errors import EasyRefError, InputError, JobError, UsageError
+from easyref_cli.errors import EasyRefError, JobError, UsageError
 from easyref_cli.jobs import Job
 from easyref_cli.models import ensure_built
 from easyref_cli.plan import Plan
-from easyref_cli.records import job_record
+from easyref_cli.records import job_record, shareable
+from easyref_cli.resume import check_existing_outputs
 from easyref_cli.runlog import RunLog, RunSummary, Stop, job_error
 from easyref_cli.settings import pipeline_values
 
@@ -108,51 +109,6 @@ def _phases(plan: Plan, pending: list[Job], options: RunOptions, log: RunLog, pr
     # 4. generate
     GeneratePhase(plan, models, options, log, progress).run(conditions)
     # 5. summary: the log's counts, returned by execute()
-
-
-# ----------------------------------------------------------------------------------------------
-# 0. Before anything: outputs made with other settings
-# ----------------------------------------------------------------------------------------------
-
-
-def check_existing_outputs(plan: Plan) -> None:
-    """Resume skips an output only if it is *this* job's image: a file made with other settings (or
-    not by easyref) under the same name is a usage error, never silently kept or clobbered."""
-    if plan.overwrite:
-        return
-    clashes, old_empty_negative = [], False
-    for job in plan.jobs:
-        path = plan.output_path(job)
-        if not path.exists():
-            continue
-        try:
-            record = files.read_png_record(path)
-        except InputError:
-            record = {}
-        if record.get("job_id") != job.job_id or not _same_noise_device(job, record, plan.device):
-            clashes.append(str(path))
-            old_empty_negative |= record.get("negative_prompt") == "" and "zero_negative" not in record
-    if clashes:
-        shown = ", ".join(clashes[:5]) + (f" … and {len(clashes) - 5} more" if len(clashes) > 5 else "")
-        hint = (
-            " (Images made before easyref-cli 0.2 with an empty negative prompt had it zeroed: "
-            '--negative-prompt "" --zero-negative empty resumes them.)'
-            if old_empty_negative
-            else ""
-        )
-        raise UsageError(
-            f"{len(clashes)} output file(s) already exist but were made with other settings (or not by "
-            f"easyref): {shown}. Use another -o folder or --name-template, or --overwrite to replace them.{hint}"
-        )
-
-
-def _same_noise_device(job: Job, record: dict, device: str | None) -> bool:
-    """``seed_mode: official`` noise is drawn on the run's device: a CPU and a CUDA stream differ."""
-    if job.settings.seed_mode != "official" or "device" not in record:
-        return True
-    from easyref_cli.env import default_device
-
-    return record["device"] == (device or default_device()).split(":")[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +204,11 @@ class GeneratePhase:
 
     def __init__(self, plan: Plan, models: ResolvedModels, options: RunOptions, log: RunLog, progress: bool):
         self.plan, self.models, self.options, self.log, self.progress = plan, models, options, log, progress
+        self.signer = None
+        if plan.c2pa_cert is not None:
+            from easyref_cli import credentials
+
+            self.signer = credentials.load_signer(plan.c2pa_cert, plan.c2pa_key)
 
     def run(self, conditions) -> None:
         from tqdm.auto import tqdm
@@ -328,15 +289,34 @@ class GeneratePhase:
 
     def _write(self, job: Job, image, conditions, per_image: float, batch_size: int) -> None:
         # The PNG record holds no wall-clock times, so the same job always gives the same bytes;
-        # timings go to the manifest line.
+        # timings go to the manifest line, which also keeps the full record (absolute paths) whatever
+        # the PNG carries (--metadata, --record-paths).
         record = job_record(job, self.plan.models.as_dict(), references=conditions.references[job.group.name])
         record.update(self.run_record)
+        if self.plan.model_family is not None:
+            record["model"] = self.plan.model_family  # so a replay finds the models without their paths
+        shared = shareable(record, job.group) if self.plan.record_paths == "relative" else record
         try:
-            files.write_png_atomic(self.plan.output_path(job), image, record=record)
+            files.write_png_atomic(
+                self.plan.output_path(job), image, record=shared, metadata=self.plan.metadata,
+                sign=self._signer(shared) if self.signer is not None else None,
+            )  # fmt: skip
         except EasyRefError as exc:
             self.log.fail(job, exc)
             return
-        self.log.ok(job, encode_s=conditions.encode_seconds(job), generate_s=per_image, batch_size=batch_size)
+        self.log.ok(job, encode_s=conditions.encode_seconds(job), generate_s=per_image, batch_size=batch_size,
+                    record=record)  # fmt: skip
+
+    def _signer(self, record: dict):
+        """C2PA: created by easyref-cli, the references as ingredients by (shareable) name and hash."""
+        from easyref_cli import credentials
+
+        ingredients = [{"name": f"{record['group']}/{Path(r['path']).name}", "sha256": r.get("sha256")}
+                       for r in record.get("references", [])]  # fmt: skip
+        generator = f"easyref-cli {record.get('version')}"
+        return lambda png: credentials.sign_png(
+            png, self.signer, title=record["output"], generator=generator, ingredients=ingredients
+        )
 
 
 def _dtype_name(dtype) -> str:

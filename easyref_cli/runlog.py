@@ -131,9 +131,9 @@ class RunLog:
     def skipped(self, job) -> None:
         self.write(job, "skipped", reason="output exists")
 
-    def ok(self, job, *, encode_s: float, generate_s: float, batch_size: int) -> None:
+    def ok(self, job, *, encode_s: float, generate_s: float, batch_size: int, record: dict | None = None) -> None:
         timings = {"encode_s": round(encode_s, 4), "generate_s": round(generate_s, 4), "batch_size": batch_size}
-        self.write(job, "ok", timings=timings)
+        self.write(job, "ok", timings=timings, **({"record": record} if record is not None else {}))
 
     def fail(self, job, exc: BaseException) -> None:
         message = str(exc) if isinstance(exc, EasyRefError) else f"{type(exc).__name__}: {exc}"

@@ -214,11 +214,13 @@ def test_inspect_prints_the_full_record(base_run, tiny):
     assert record["group"] == "beta" and record["prompt_id"] == "robot"
     assert record["instruction"].startswith("Visualize a scene")
     refs = sorted((base_run["groups"] / "beta").iterdir())
-    assert [r["path"] for r in record["references"]] == [str(p.resolve()) for p in refs]
+    # shareable by default: references relative to the groups root, local models by name
+    assert [r["path"] for r in record["references"]] == [f"beta/{p.name}" for p in refs]
     assert [r["sha256"] for r in record["references"]] == [sha256(p) for p in refs]
     assert record["adapter_sha256"] == sha256(tiny.adapter_lora)
-    assert record["base_model"] == str(tiny.base_model) and record["mllm"] == str(tiny.mllm)
-    assert record["adapter"] == str(tiny.adapter_lora)
+    assert record["base_model"] == tiny.base_model.name and record["mllm"] == tiny.mllm.name
+    assert record["adapter"] == tiny.adapter_lora.name
+    assert "carries" not in res.stdout and "AI label (XMP DigitalSourceType): trainedAlgorithmicMedia" in res.stderr
     for package in ("easyref-cli", "torch", "diffusers", "transformers"):
         assert record["versions"][package]
     assert record["attention"]["backend"] in ("sdpa", "xformers")
@@ -254,7 +256,10 @@ def test_inspect_rejects_a_plain_png(tmp_path):
 def from_image_run(base_run, tiny):
     png = base_run["out"] / "alpha" / "robot_8.png"
     out2 = base_run["root"] / "out_from_image"
-    res = invoke("generate", "--from-image", png, "-o", out2, "--device", "cpu", "-q", "--no-cache")
+    res = invoke(
+        "generate", "--from-image", png, "-o", out2, "--device", "cpu", "-q", "--no-cache",
+        "--groups-root", base_run["groups"], *model_args(tiny)[:6],
+    )  # fmt: skip
     return {"res": res, "src": png, "dst": out2 / "alpha" / "robot_8.png", "out": out2}
 
 
@@ -638,8 +643,8 @@ def test_sigterm_stops_after_the_image_in_flight(tmp_path, tiny, monkeypatch):
     written = []
     before = signal.getsignal(signal.SIGTERM)
 
-    def write_then_signal(path, image, *, record):
-        real_write(path, image, record=record)
+    def write_then_signal(path, image, *, record, **kw):
+        real_write(path, image, record=record, **kw)
         written.append(Path(path))
         if len(written) == 1:
             assert _signal_handler_installed(signal.SIGTERM), "no SIGTERM handler during the run"
@@ -660,11 +665,11 @@ def test_sigterm_stops_after_the_image_in_flight(tmp_path, tiny, monkeypatch):
 def test_second_signal_aborts_and_discards_the_image_in_flight(tmp_path, tiny, monkeypatch):
     real_write = files.write_png_atomic
 
-    def signal_twice_then_write(path, image, *, record):
+    def signal_twice_then_write(path, image, *, record, **kw):
         assert _signal_handler_installed(signal.SIGINT), "no SIGINT handler during the run"
         os.kill(os.getpid(), signal.SIGINT)  # first: stop after this image
         os.kill(os.getpid(), signal.SIGINT)  # second: abort now
-        real_write(path, image, record=record)
+        real_write(path, image, record=record, **kw)
 
     monkeypatch.setattr(files, "write_png_atomic", signal_twice_then_write)
     groups = make_groups(tmp_path / "groups", names=("alpha",))

@@ -171,7 +171,7 @@ def test_cli_flag_record_and_replay(tiny, tmp_path, refs):
     [png] = sorted((tmp_path / "a").rglob("*.png"))
     record = records.parse_record(json.loads(__import__("PIL.Image").Image.open(png).text["easyref"]))
     assert record.settings.guidance_rescale == 0.7
-    res = runner.invoke(app, ["generate", "--from-image", str(png), "-o", str(tmp_path / "b"), *models,
+    res = runner.invoke(app, ["generate", "--from-image", str(png), "-o", str(tmp_path / "b"), *models, "--groups-root", str(refs),
                               "--device", "cpu", "-q", "--no-cache"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert (tmp_path / "b" / png.relative_to(tmp_path / "a")).read_bytes() == png.read_bytes()
@@ -282,7 +282,9 @@ def test_official_seed_mode_replays_from_the_record(tiny, tmp_path, refs):
                               "--seed", "9", "--seed-mode", "official", *size, *common])  # fmt: skip
     assert res.exit_code == 0, res.output
     second = tmp_path / "a" / "cats" / "a-cat_10.png"
-    res = runner.invoke(app, ["generate", "--from-image", str(second), "-o", str(tmp_path / "b"), *common])
+    res = runner.invoke(
+        app, ["generate", "--from-image", str(second), "-o", str(tmp_path / "b"), *common, "--groups-root", str(refs)]
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "b" / "cats" / "a-cat_10.png").read_bytes() == second.read_bytes()
 
@@ -313,7 +315,7 @@ def _official_png(tmp_path, refs, device: str) -> tuple[Path, P.Plan]:
 
 
 def test_official_mode_noise_device_is_part_of_resume_and_replay(tmp_path, refs):
-    from easyref_cli.run import check_existing_outputs
+    from easyref_cli.resume import check_existing_outputs
 
     path, plan = _official_png(tmp_path, refs, "cuda")
     with pytest.raises(UsageError, match="made with other settings"):

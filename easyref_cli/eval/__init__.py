@@ -181,7 +181,8 @@ def collect_images(out_dir: Path) -> OutputFolder:
         if path is None:
             folder.missing.append(raw or job_id)
             continue
-        record = files.read_png_record(path)
+        # the manifest keeps the full record (absolute paths) whatever the PNG carries
+        record = entry["record"] if isinstance(entry.get("record"), dict) else files.read_png_record(path)
         recorded_id = record.get("job_id")
         key = path.resolve()
         if (recorded_id is not None and str(recorded_id) != job_id) or key in seen:

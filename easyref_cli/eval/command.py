@@ -119,6 +119,9 @@ def report_command(
     max_images: Annotated[
         int | None, typer.Option("--max-images", min=1, help="Generated images drawn per sheet at most. Default: 120.")
     ] = None,
+    show_paths: Annotated[
+        bool, typer.Option("--show-paths", help="Show the output folder's absolute path in index.html (off: its name).")
+    ] = False,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -129,7 +132,7 @@ def report_command(
     setup_logging(verbose, quiet)
     from easyref_cli.eval.report import build_report
 
-    result = build_report(out, thumb=thumb_size, columns=columns, max_images=max_images)
+    result = build_report(out, thumb=thumb_size, columns=columns, max_images=max_images, show_paths=show_paths)
     typer.echo(str(result.index))
     if not quiet:
         typer.echo(f"wrote {len(result.sheets)} contact sheet(s) under {result.index.parent}", err=True)

@@ -382,8 +382,11 @@ def index_html(
     sheets: Mapping[str, str],
     groups: Mapping[str, Sequence[GeneratedImage]],
     metrics: Mapping[str, Any] | None,
+    *,
+    show_paths: bool = False,
 ) -> str:
-    """The static index page: metrics table (when given), a group list, then every sheet."""
+    """The static index page: metrics table (when given), a group list, then every sheet. The output
+    folder is named, not located, unless ``show_paths`` (reports get shared)."""
     esc = html.escape
     parts = [
         "<!doctype html>",
@@ -393,7 +396,7 @@ def index_html(
         f"<style>{_CSS}</style></head><body>",
         "<h1>easyref report</h1>",
         f'<p class="muted">{sum(len(v) for v in groups.values())} image(s) in {len(groups)} group(s) from '
-        f"<code>{esc(str(out_dir))}</code>; made {esc(time.strftime('%Y-%m-%d %H:%M'))} by easyref-cli "
+        f"<code>{esc(str(Path(out_dir).resolve()) if show_paths else Path(out_dir).resolve().name)}</code>; made {esc(time.strftime('%Y-%m-%d %H:%M'))} by easyref-cli "
         f"{esc(__version__)}.</p>",
         "<h2>Metrics</h2>",
     ]
@@ -429,8 +432,10 @@ def build_report(
     thumb: int | None = None,
     columns: int | None = None,
     max_images: int | None = None,
+    show_paths: bool = False,
 ) -> ReportResult:
-    """Write ``OUT/report/<group>.png`` per group and ``OUT/report/index.html``.
+    """Write ``OUT/report/<group>.png`` per group and ``OUT/report/index.html`` (no absolute path in
+    either unless ``show_paths``).
 
     Raises:
         UsageError: no manifest, nothing finished, bad sizes.
@@ -469,5 +474,5 @@ def build_report(
 
     # 3. The index page
     index = report_dir / INDEX_NAME
-    write_text_atomic(index, index_html(out_dir, names, groups, metrics))
+    write_text_atomic(index, index_html(out_dir, names, groups, metrics, show_paths=show_paths))
     return ReportResult(sheets=paths, index=index)

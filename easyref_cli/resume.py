@@ -1,0 +1,67 @@
+"""Resume: an existing output is skipped only if it is this job's image; anything else under the
+same name is a usage error, never silently kept or clobbered. Torch-free (but for the official
+seed mode, whose noise device it checks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from easyref_cli import files
+from easyref_cli.errors import InputError, UsageError
+from easyref_cli.jobs import Job
+from easyref_cli.plan import Plan
+
+
+def check_existing_outputs(plan: Plan) -> None:
+    """Resume skips an output only if it is *this* job's image: a file made with other settings (or
+    not by easyref) under the same name is a usage error, never silently kept or clobbered."""
+    if plan.overwrite:
+        return
+    clashes, old_empty_negative = [], False
+    manifest = None
+    for job in plan.jobs:
+        path = plan.output_path(job)
+        if not path.exists():
+            continue
+        try:
+            record = files.read_png_record(path)
+        except InputError:  # --metadata minimal/none, or not ours: the manifest line knows what it is
+            manifest = _manifest_records(plan.out_dir) if manifest is None else manifest
+            record = manifest.get(str(path), {})
+        if record.get("job_id") != job.job_id or not _same_noise_device(job, record, plan.device):
+            clashes.append(str(path))
+            old_empty_negative |= record.get("negative_prompt") == "" and "zero_negative" not in record
+    if clashes:
+        shown = ", ".join(clashes[:5]) + (f" … and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+        hint = (
+            " (Images made before easyref-cli 0.2 with an empty negative prompt had it zeroed: "
+            '--negative-prompt "" --zero-negative empty resumes them.)'
+            if old_empty_negative
+            else ""
+        )
+        raise UsageError(
+            f"{len(clashes)} output file(s) already exist but were made with other settings (or not by "
+            f"easyref): {shown}. Use another -o folder or --name-template, or --overwrite to replace them.{hint}"
+        )
+
+
+def _manifest_records(out_dir: Path) -> dict[str, dict]:
+    """The full record of each finished output in ``out_dir``'s manifest, by path (latest line wins)."""
+    path = out_dir / files.MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    records = {}
+    for entry in files.read_manifest(path):
+        if entry.get("status") == "ok" and isinstance(entry.get("record"), dict):
+            records[str(entry.get("path"))] = entry["record"]
+    return records
+
+
+def _same_noise_device(job: Job, record: dict, device: str | None) -> bool:
+    """``seed_mode: official`` noise is drawn on the run's device: a CPU and a CUDA stream differ."""
+    if job.settings.seed_mode != "official" or "device" not in record:
+        return True
+    from easyref_cli.env import default_device
+
+    return record["device"] == (device or default_device()).split(":")[0]
