@@ -203,7 +203,8 @@ def test_installed_easyref_script_generates_and_inspects(tmp_path, tiny):
     assert res.returncode == 0, res.stderr.decode(errors="replace")
     record = json.loads(res.stdout)
     assert record["prompt"] == "a cat" and record["seed"] == 1 and record["steps"] == 2
-    assert len(record["references"]) == 2 and record["adapter"] == str(tiny.adapter_lora)
+    assert len(record["references"]) == 2 and record["adapter"] == tiny.adapter_lora.name  # no paths by default
+    assert "AI label (XMP DigitalSourceType): trainedAlgorithmicMedia" in res.stderr.decode(errors="replace")
 
 
 # ----------------------------------------------------------------------------------------------
