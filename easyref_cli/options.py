@@ -91,7 +91,7 @@ def with_setting_options(func):
     types = {"int": int, "float": float, "str": str}
     taken = set(inspect.signature(func).parameters) - {"settings"}
     for key in keys:  # fail at import, naming the setting, rather than with a Typer traceback later
-        if _field_type(key) not in types or key in taken:
+        if _settings.type_name(key) not in types or key in taken:
             raise TypeError(
                 f"setting {key!r}: its type must be int, float or str and its name not a parameter of {func.__name__}"
             )
@@ -101,7 +101,7 @@ def with_setting_options(func):
             inspect.Parameter.KEYWORD_ONLY,
             default=None,
             annotation=Annotated[
-                types[_field_type(key)] | None,
+                types[_settings.type_name(key)] | None,
                 typer.Option(
                     *SPECS[key].flags,
                     help=SPECS[key].cli_help(DEFAULTS[key]),
@@ -129,12 +129,3 @@ def with_setting_options(func):
     wrapper.__signature__ = signature.replace(parameters=params)
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
     return wrapper
-
-
-def _field_type(key: str) -> str:
-    from dataclasses import fields
-
-    from easyref_cli.settings import GenerationSettings
-
-    annotation = {f.name: f.type for f in fields(GenerationSettings)}[key]
-    return annotation if isinstance(annotation, str) else annotation.__name__

@@ -23,6 +23,7 @@ from easyref_cli import files
 from easyref_cli.errors import UsageError
 from easyref_cli.files import Group, find_groups, sha256_file
 from easyref_cli.jobs import Job, make_job
+from easyref_cli.model.hub import is_repo_id  # torch-free
 from easyref_cli.models import MODEL_DEFAULTS, ModelIds, chosen_models
 from easyref_cli.naming import DEFAULT_NAME_TEMPLATE, assign_prompt_ids
 from easyref_cli.presets import load_preset
@@ -308,22 +309,12 @@ def _replay_models(record: dict, replay, chosen: dict[str, str], family: str | N
     models = ModelIds(**{**replay.models, **chosen})
     for key, flag in (("base_model", "--base-model"), ("mllm", "--mllm"), ("adapter", "--adapter")):
         value = getattr(models, key)
-        if (
-            key not in chosen
-            and not Path(value).is_absolute()
-            and not Path(value).exists()
-            and not _looks_like_hub_id(value)
-        ):
+        if key not in chosen and not Path(value).is_absolute() and not Path(value).exists() and not is_repo_id(value):
             raise UsageError(
                 f"{source}: the record names its {key.replace('_', ' ')} {value!r} without its location "
                 f"(records leave local paths out); pass {flag} PATH"
             )
     return models, family
-
-
-def _looks_like_hub_id(value: str) -> bool:
-    parts = value.split("/")
-    return len(parts) == 2 and all(parts) and not Path(value).is_absolute()
 
 
 def _replay_plan(

@@ -7,7 +7,6 @@ Torch-free. The record's setting keys are the schema's identity settings
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, DEFAULT_M
 from easyref_cli.errors import InputError
 from easyref_cli.files import Group, sha256_file
 from easyref_cli.jobs import Job
+from easyref_cli.model.hub import is_repo_id  # torch-free
 from easyref_cli.naming import slugify
 from easyref_cli.settings import (
     SPECS,
@@ -38,7 +38,6 @@ _TEXTS = {"prompt": (str,), "caption": (str,)}
 #: ``group/file`` under the groups root, local models by their folder or file name, hub ids as they
 #: are — ``absolute`` writes the full paths into every PNG.
 RECORD_PATHS_CHOICES = ("relative", "absolute")
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def reference_entries(group: Group) -> list[dict[str, str]]:
@@ -48,18 +47,19 @@ def reference_entries(group: Group) -> list[dict[str, str]]:
 
 def model_label(spec: str) -> str:
     """How a record names a model without its location: a hub id as given, a local path by its name."""
-    if _REPO_ID.match(spec) and not Path(spec).exists():
-        return spec
-    return Path(spec).name
+    return spec if is_repo_id(spec) else Path(spec).name
 
 
-def shareable(record: Mapping[str, Any], group: Group) -> dict[str, Any]:
+def relative_references(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The record's references as ``group/file`` (relative to the groups root), hashes kept."""
+    return [{**ref, "path": f"{record['group']}/{Path(ref['path']).name}"} for ref in record.get("references", [])]
+
+
+def shareable(record: Mapping[str, Any]) -> dict[str, Any]:
     """``record`` with no absolute path in it: references as ``group/file`` (relative to the groups
     root), local models by name. Hashes, settings and everything else are kept."""
     out = dict(record)
-    out["references"] = [
-        {**ref, "path": f"{group.name}/{Path(ref['path']).name}"} for ref in record.get("references", [])
-    ]
+    out["references"] = relative_references(record)
     for key in ("base_model", "mllm", "adapter"):
         if isinstance(out.get(key), str):
             out[key] = model_label(out[key])

@@ -35,7 +35,7 @@ from easyref_cli.errors import EasyRefError, JobError, UsageError
 from easyref_cli.jobs import Job
 from easyref_cli.models import ensure_built
 from easyref_cli.plan import Plan
-from easyref_cli.records import job_record, shareable
+from easyref_cli.records import job_record, relative_references, shareable
 from easyref_cli.resume import check_existing_outputs
 from easyref_cli.runlog import RunLog, RunSummary, Stop, job_error
 from easyref_cli.settings import pipeline_values
@@ -295,7 +295,7 @@ class GeneratePhase:
         record.update(self.run_record)
         if self.plan.model_family is not None:
             record["model"] = self.plan.model_family  # so a replay finds the models without their paths
-        shared = shareable(record, job.group) if self.plan.record_paths == "relative" else record
+        shared = shareable(record) if self.plan.record_paths == "relative" else record
         try:
             files.write_png_atomic(
                 self.plan.output_path(job), image, record=shared, metadata=self.plan.metadata,
@@ -311,8 +311,7 @@ class GeneratePhase:
         """C2PA: created by easyref-cli, the references as ingredients by (shareable) name and hash."""
         from easyref_cli import credentials
 
-        ingredients = [{"name": f"{record['group']}/{Path(r['path']).name}", "sha256": r.get("sha256")}
-                       for r in record.get("references", [])]  # fmt: skip
+        ingredients = relative_references(record)  # never absolute paths in a public manifest
         generator = f"easyref-cli {record.get('version')}"
         return lambda png: credentials.sign_png(
             png, self.signer, title=record["output"], generator=generator, ingredients=ingredients

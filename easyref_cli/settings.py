@@ -423,10 +423,16 @@ def pipeline_values(settings: GenerationSettings) -> dict[str, Any]:
     return {k: getattr(settings, k) for k, s in SPECS.items() if s.pipeline}
 
 
+def type_name(key: str) -> str:
+    """``"int"``, ``"float"`` or ``"str"``: the declared type of a setting."""
+    annotation = _TYPES[key]
+    return annotation if isinstance(annotation, str) else annotation.__name__
+
+
 def record_types() -> dict[str, tuple[type, ...]]:
     """Types of the identity settings in a record: required (schema 1) and optional (later)."""
     kinds = {"int": (int,), "float": (int, float), "str": (str,)}
-    return {k: kinds[_TYPES[k] if isinstance(_TYPES[k], str) else _TYPES[k].__name__] for k in IDENTITY_KEYS}
+    return {k: kinds[type_name(k)] for k in IDENTITY_KEYS}
 
 
 def flag_of(key: str) -> str:
