@@ -39,9 +39,33 @@ def handle_errors(func):
     return wrapper
 
 
+class BarSafeHandler(logging.StreamHandler):
+    """A stream handler that puts each record on its own line while tqdm progress bars are drawn.
+
+    A bar's line has no newline until it closes, so a plain write would glue the message onto it;
+    ``tqdm.write`` clears the bars, writes the message and draws them again (what
+    ``tqdm.contrib.logging.logging_redirect_tqdm`` does inside a ``with`` block, here for the whole
+    command). tqdm is not imported for it: no bar can be open until something else imported it.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        std = sys.modules.get("tqdm.std")
+        if std is None:
+            super().emit(record)
+            return
+        try:
+            std.tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - as logging.StreamHandler.emit: report and go on
+            self.handleError(record)
+
+
 def setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    handler = BarSafeHandler(sys.stderr)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[handler], force=True)
     if level > logging.DEBUG:
         # transformers/diffusers configure their loggers on import, from these variables.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

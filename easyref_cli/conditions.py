@@ -7,11 +7,14 @@ typed :class:`Conditions` object.
 
 Cache entries are keyed by what determines the tokens: group content hash, instruction, caption,
 the MLLM folder's fingerprint, the adapter's sha256, the final-layer mode and the encoder dtype,
-and written atomically, so a shared ``--cache-dir`` is safe across processes.
+and written atomically, so a shared ``--cache-dir`` is safe across processes. Each entry records the
+sha256, shape and dtype of its tokens and is served only when they check out; a cache folder that
+cannot be used (a file, read-only, not ours) is skipped with one warning, never failing the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,8 +40,15 @@ logger = logging.getLogger(__name__)
 
 #: Bump when the encoder's computation changes, so old cache entries are never served.
 CONDITION_CACHE_VERSION = 1
-#: In the condition cache folder: checkpoint sha256s by real path, size, mtime and inode.
-HASH_MEMO = "file-hashes.json"
+#: Safetensors metadata of a verified entry: the format marker (entries of format 1, before
+#: checksums, have none), the sha256 of the tokens' raw bytes, their shape (JSON list) and dtype.
+CACHE_FORMAT_KEY = "easyref_cache_format"
+CACHE_FORMAT = "2"
+CACHE_SHA256_KEY = "tokens_sha256"
+CACHE_SHAPE_KEY = "tokens_shape"
+CACHE_DTYPE_KEY = "tokens_dtype"
+#: Condition tokens are ``(num_tokens, cross_attention_dim)``.
+TOKENS_NDIM = 2
 #: (group name, caption, instruction, exif orientation): what one condition depends on within a run.
 ConditionId = tuple[str, str, str, str]
 
@@ -52,51 +62,213 @@ def condition_key(**fields: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+class CacheEntryError(Exception):
+    """Why one cache entry cannot be served (internal: it becomes a miss)."""
+
+
+class _LegacyEntry(CacheEntryError):
+    """An entry written before entries carried a checksum."""
+
+
+def tensor_sha256(tokens: torch.Tensor) -> str:
+    """Hex sha256 of a tensor's raw bytes (C order, the bytes safetensors stores)."""
+    flat = tokens.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def entry_metadata(tokens: torch.Tensor) -> dict[str, str]:
+    """The metadata that makes an entry verifiable: format marker, sha256, shape and dtype."""
+    return {
+        CACHE_FORMAT_KEY: CACHE_FORMAT,
+        CACHE_SHA256_KEY: tensor_sha256(tokens),
+        CACHE_SHAPE_KEY: json.dumps(list(tokens.shape)),
+        CACHE_DTYPE_KEY: _dtype_name(tokens.dtype),
+    }
+
+
+def verify_entry(data: bytes, expect_shape: tuple[int | None, ...] | None = None) -> torch.Tensor:
+    """The ``tokens`` of one cache file's bytes, or :class:`CacheEntryError` saying why they cannot
+    be trusted: not safetensors, no checksum (an older version's entry: :class:`_LegacyEntry`), no
+    ``tokens``, shape or dtype other than recorded, a shape other than ``expect_shape`` (``None``
+    entries match any size; without it: any ``TOKENS_NDIM``-D shape), non-finite values, or bytes
+    whose sha256 is not the recorded one (a flipped bit)."""
+    from safetensors.torch import load
+
+    if len(data) < 8:
+        raise CacheEntryError("truncated file")
+    size = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + size]) if size <= len(data) - 8 else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise CacheEntryError("not a safetensors file")
+    meta = header.get("__metadata__") or {}
+    marker = meta.get(CACHE_FORMAT_KEY) if isinstance(meta, dict) else None
+    if marker is None:
+        raise _LegacyEntry("written by an older easyref-cli, without a checksum")
+    if marker != CACHE_FORMAT:
+        raise CacheEntryError(f"unknown entry format {marker!r}")
+    try:
+        tensors = load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CacheEntryError(f"unreadable ({exc})") from None
+    if "tokens" not in tensors:
+        raise CacheEntryError("no 'tokens' tensor")
+    tokens = tensors["tokens"]
+    shape = list(tokens.shape)
+    try:
+        recorded = json.loads(meta.get(CACHE_SHAPE_KEY, "null"))
+    except (TypeError, ValueError):
+        recorded = None
+    if shape != recorded:
+        raise CacheEntryError(f"shape {shape} is not the recorded {recorded}")
+    if _dtype_name(tokens.dtype) != meta.get(CACHE_DTYPE_KEY):
+        raise CacheEntryError(f"dtype {_dtype_name(tokens.dtype)} is not the recorded {meta.get(CACHE_DTYPE_KEY)}")
+    if expect_shape is None:
+        if tokens.ndim != TOKENS_NDIM:
+            raise CacheEntryError(f"shape {shape}: condition tokens are {TOKENS_NDIM}-D (num_tokens, dim)")
+    elif len(shape) != len(expect_shape) or any(
+        e is not None and e != n for e, n in zip(expect_shape, shape, strict=True)
+    ):
+        want = [e if e is not None else "*" for e in expect_shape]
+        raise CacheEntryError(f"shape {shape}, but this model's condition tokens are {want}")
+    if tokens.is_floating_point() and not bool(torch.isfinite(tokens).all()):
+        raise CacheEntryError("non-finite values (NaN or inf)")
+    if tensor_sha256(tokens) != meta.get(CACHE_SHA256_KEY):
+        raise CacheEntryError("checksum mismatch: the file is damaged")
+    return tokens
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 class ConditionCache:
-    """``root/<key[:2]>/<key>.safetensors`` holding one ``tokens`` tensor. ``root=None`` disables it."""
+    """``root/<key[:2]>/<key>.safetensors`` holding one ``tokens`` tensor. ``root=None`` disables it.
+
+    Entries are verified: each records the sha256, shape and dtype of its tokens (see
+    :func:`entry_metadata`), and one that does not match them, the expected shape or finite values
+    (:func:`verify_entry`) is a miss, warned about once and overwritten by the caller's next
+    :meth:`put`. Entries of older versions (no checksum) are misses too, re-encoded once.
+
+    The cache never fails a run: a root that is not a folder (or under a file), or an ``OSError``
+    reading an entry, turns it off (``usable``); an ``OSError`` writing stops the writes
+    (``writable``) while verified entries are still read. Either is one warning per instance.
+    """
 
     def __init__(self, root: Path | None):
         self.root = Path(root) if root is not None else None
         self.hits = 0
         self.misses = 0
+        self.usable = self.root is not None  # False: get and put do nothing
+        self.writable = self.usable  # False: put does nothing, get still reads
+        self._warned = False  # the one cache-level warning
+        self._reported: set[Path] = set()  # entries already warned about
+        self._legacy = 0
+        if self.root is not None:
+            self._check_root(self.root)
+
+    def _check_root(self, root: Path) -> None:
+        """Turn the cache off when ``root`` (or the nearest existing folder above it) is not a folder."""
+        try:
+            existing = next((p for p in (root, *root.parents) if p.exists()), None)
+            if existing is not None and not existing.is_dir():
+                where = "it is" if existing == root else f"{existing} is"
+                self._disable(f"{where} a file, not a folder")
+        except OSError as exc:
+            self._disable(_reason(exc))
+
+    def _warn_once(self, message: str, *args: Any) -> None:
+        if self._warned:
+            logger.debug(message, *args)
+        else:
+            self._warned = True
+            logger.warning(message, *args)
+
+    def _disable(self, reason: str) -> None:
+        self.usable = self.writable = False
+        self._warn_once("condition cache %s unusable (%s): running without it", self.root, reason)
+
+    def _stop_writing(self, reason: str) -> None:
+        self.writable = False
+        self._warn_once(
+            "condition cache %s unusable for writing (%s): running without storing new conditions in it",
+            self.root,
+            reason,
+        )
 
     def _path(self, key: str) -> Path:
         assert self.root is not None
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def get(self, key: str) -> torch.Tensor | None:
-        if self.root is None:
+    def get(self, key: str, *, expect_shape: tuple[int | None, ...] | None = None) -> torch.Tensor | None:
+        """The verified tokens stored under ``key``, or ``None`` (a miss). ``expect_shape``: the
+        shape the caller needs (``None`` entries match any size); without it any 2-D tokens."""
+        if not self.usable:
             return None
         path = self._path(key)
-        if not path.is_file():
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
             self.misses += 1
             return None
-        from safetensors.torch import load_file
-
-        try:
-            tokens = load_file(str(path))["tokens"]
-        except Exception as exc:  # noqa: BLE001 - a damaged entry is a miss, not a failure
-            logger.warning("ignoring unreadable cache entry %s (%s)", path, exc)
+        except OSError as exc:
             self.misses += 1
+            self._disable(f"cannot read {path}: {_reason(exc)}")
+            return None
+        try:
+            tokens = verify_entry(data, expect_shape)
+        except CacheEntryError as exc:
+            self.misses += 1
+            self._report(path, exc)
             return None
         self.hits += 1
         return tokens
 
-    def put(self, key: str, tokens: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
-        if self.root is None:
+    def _report(self, path: Path, exc: CacheEntryError) -> None:
+        if path in self._reported:
             return
-        from safetensors.torch import save_file
+        self._reported.add(path)
+        if isinstance(exc, _LegacyEntry):
+            self._legacy += 1
+            if self._legacy > 1:
+                logger.debug("condition cache entry %s: %s; encoding it again", path, exc)
+                return
+            logger.warning(
+                "condition cache entry %s: %s; encoding it again (other such entries: no further message)", path, exc
+            )
+            return
+        logger.warning("ignoring condition cache entry %s (%s): encoding it again", path, exc)
 
+    def put(self, key: str, tokens: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
+        """Store ``tokens`` under ``key`` atomically (a unique temporary file, then ``os.replace``),
+        with ``metadata`` and the checksum metadata. Never raises for the file system."""
+        if not self.writable:
+            return
+        from safetensors.torch import save
+
+        tokens = tokens.detach().cpu().contiguous()
+        if tokens.is_floating_point() and not bool(torch.isfinite(tokens).all()):
+            logger.debug("not caching %s: non-finite values", key)
+            return
+        data = save({"tokens": tokens}, metadata={**(metadata or {}), **entry_metadata(tokens)})
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")  # unique across hosts sharing the folder
         try:
-            save_file({"tokens": tokens.detach().cpu().contiguous()}, str(tmp), metadata=metadata or {})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "xb") as f:
+                f.write(data)
             os.replace(tmp, path)
         except OSError as exc:
-            logger.warning("could not write cache entry %s (%s)", path, exc)
+            self._stop_writing(_reason(exc))
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -168,6 +340,15 @@ def model_key(mllm: Path, checkpoint, encoder: LazyEncoder) -> dict[str, Any]:
     }
 
 
+def expected_token_shape(checkpoint) -> tuple[int, int] | None:
+    """``(num_tokens, cross_attention_dim)`` of the condition tokens ``checkpoint`` makes (``None``
+    when it cannot tell: the cache then checks for 2-D tokens only)."""
+    try:
+        return int(checkpoint.num_tokens), int(checkpoint.cross_attention_dim)
+    except Exception:  # noqa: BLE001 - a stand-in checkpoint without the shape facts
+        return None
+
+
 @dataclass
 class _Group:
     """One group's encoding state: its content hash, images and prefix states, loaded lazily."""
@@ -185,6 +366,7 @@ class EncodePhase:
         self.encoder, self.cache, self.key, self.log = encoder, cache, key, log
         self.conditions = Conditions()
         self._uncond: dict[str, torch.Tensor] = {}
+        self._shape = expected_token_shape(encoder.checkpoint)  # what a cache entry must hold
 
     def run(self, jobs: list[Job], *, progress: bool) -> Conditions:
         from tqdm.auto import tqdm
@@ -241,7 +423,7 @@ class EncodePhase:
             key = condition_key(
                 kind="cond", group=state.hash, caption=job.caption, instruction=instruction, **extra, **self.key
             )
-            cond = self.cache.get(key)
+            cond = self.cache.get(key, expect_shape=self._shape)
             if cond is None:
                 cond = self._encode_fresh(job, state)
                 self.cache.put(key, cond, {"kind": "cond", "group": state.group.name, "caption": job.caption})
@@ -261,7 +443,7 @@ class EncodePhase:
     def _uncond_for(self, instruction: str) -> torch.Tensor:
         if instruction not in self._uncond:
             key = condition_key(kind="uncond", instruction=instruction, **self.key)
-            tokens = self.cache.get(key)
+            tokens = self.cache.get(key, expect_shape=self._shape)
             if tokens is None:
                 tokens = self.encoder.get().encode_uncond(instruction)
                 self.cache.put(key, tokens, {"kind": "uncond", "instruction": instruction})

@@ -100,4 +100,17 @@ def ensure_built(family: str | None) -> None:
     if family == "tiny":
         from easyref_cli.tiny import ensure_tiny_models
 
-        ensure_tiny_models(easyref_home() / "tiny-models")
+        home = easyref_home()
+        folder = home / "tiny-models"
+        try:
+            ensure_tiny_models(folder)
+        except OSError as exc:  # a read-only or foreign EASYREF_HOME: say where and what to change
+            detail = exc.strerror or str(exc) or type(exc).__name__
+            if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+                detail = f"{exc.filename} is not a folder"  # mkdir(exist_ok=True) met a file
+            elif exc.strerror and exc.filename:
+                detail = f"{exc.strerror}: {exc.filename}"
+            raise UsageError(
+                f"--model tiny cannot build its models in {folder} ({detail}); they are built there on first use: "
+                f"set EASYREF_HOME (now {home}) to a writable folder, or pass --base-model/--mllm/--adapter"
+            ) from None

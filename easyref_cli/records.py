@@ -20,13 +20,15 @@ from easyref_cli.jobs import Job
 from easyref_cli.model.hub import is_repo_id  # torch-free
 from easyref_cli.naming import slugify
 from easyref_cli.settings import (
+    IDENTITY_KEYS,
     SPECS,
     GenerationSettings,
     Invalid,
-    check_setting,
+    as_int,
     from_record,
     identity_values,
     record_types,
+    validate_settings,
 )
 
 #: The record layout this version writes and reads: 1, or 2 once it carries a setting added since.
@@ -121,6 +123,15 @@ def _problems(record: Mapping[str, Any]) -> list[str]:
                 problems.append(f"{key}: missing")
         elif isinstance(record[key], bool) or not isinstance(record[key], kind):
             problems.append(f"{key}: unexpected value {record[key]!r}")
+    for key, minimum in (("schema", 1), ("index", 0)):  # optional: a missing one means 1 and 0
+        if key in record:
+            try:
+                as_int(record[key], minimum=minimum)
+            except Invalid as e:
+                problems.append(f"{key}: {e}")
+    for key in ("group", "prompt_id", "preset"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            problems.append(f"{key}: must be a string, got {record[key]!r}")
     refs = record.get("references") if isinstance(record.get("references"), list) else []
     if not refs and "references" in record:
         problems.append("references: empty")
@@ -131,13 +142,10 @@ def _problems(record: Mapping[str, Any]) -> list[str]:
 
 
 def _settings(record: Mapping[str, Any], problems: list[str]) -> GenerationSettings:
-    values = {}
-    for key in record_types():
-        if key in record:
-            try:
-                values[key] = check_setting(key, record[key])
-            except Invalid as e:
-                problems.append(f"{key}: {e}")
+    """The recorded settings, checked by the validation a prompt file's ``defaults:`` gets."""
+    recorded = {key: record[key] for key in record_types() if key in record}
+    values, invalid = validate_settings(recorded, allowed=IDENTITY_KEYS)
+    problems.extend(f"{key}: {message}" for key, message in invalid)
     values["ref_text"] = "prompt" if record["caption"] == record["prompt"] else "none"
     return from_record(values)
 

@@ -17,6 +17,11 @@ from easyref_cli.errors import UsageError
 #: One problem: (line or None, where, message).
 Problem = tuple[int | None, str, str]
 
+#: The most nodes aliases (``*name``) may add to a document when expanded. Nested anchors that
+#: repeat each other ("billion laughs": 9 levels of 9 aliases are 9**9 strings) are refused before
+#: any Python object is built; ``<<: *defaults`` and other ordinary reuse stay far below it.
+MAX_ALIAS_NODES = 100_000
+
 
 def _yaml_error_message(e, path) -> str:
     """``file:line: YAML syntax error`` at the line where the parser gave up."""
@@ -78,16 +83,60 @@ class _LineWalker:
                 self.walk(item, at + (i,))
 
 
+class _AliasBudget:
+    """Counts the nodes aliases add to a composed node graph, refusing more than ``limit``.
+
+    Each node's expanded size (itself plus everything under it, aliases expanded) is computed once
+    and memoised by node identity, so the count costs one pass over the nodes as written, however
+    large the expansion; an alias that points into its own node (a recursive structure) is refused.
+    """
+
+    def __init__(self, path: Path, what: str, limit: int = MAX_ALIAS_NODES):
+        self.path, self.what, self.limit = path, what, limit
+        self.added = 0
+        self._sizes: dict[int, int | None] = {}  # id(node) → expanded size; None while being counted
+
+    def count(self, n: yaml.Node, line: int) -> int:
+        """The expanded size of ``n``, reached from a node starting on ``line`` (where an alias sits)."""
+        key = id(n)
+        if key in self._sizes:
+            size = self._sizes[key]
+            if size is None:
+                raise UsageError(
+                    f"{self.path}:{line}: YAML alias in {self.what} refers to a node that contains it (a recursive "
+                    f"structure, anchored on line {n.start_mark.line + 1}); write the value out instead"
+                )
+            self.added += size  # a second reference: an alias repeating the whole node
+            if self.added > self.limit:
+                raise UsageError(
+                    f"{self.path}:{line}: YAML aliases in {self.what} expand to more than {self.limit:,} nodes "
+                    "(anchors repeating anchors, as in a 'billion laughs' file); write the values out or repeat "
+                    "less"
+                )
+            return size
+        self._sizes[key] = None
+        here = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            size = 1 + sum(self.count(k, here) + self.count(v, k.start_mark.line + 1) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            size = 1 + sum(self.count(item, here) for item in n.value)
+        else:
+            size = 1
+        self._sizes[key] = size
+        return size
+
+
 def load_yaml_with_lines(path: Path, *, what: str = "YAML file") -> tuple[Any, dict[tuple, int]]:
     """``yaml.safe_load`` a file, also returning 1-based line numbers per data path.
 
     ``lines[("prompts", 2, "steps")]`` is the line of the ``steps`` key of the third prompt;
     ``lines[("prompts", 2)]`` is where that item starts; ``lines[()]`` the document start.
-    Duplicate mapping keys, which PyYAML would silently collapse, are errors.
+    Duplicate mapping keys, which PyYAML would silently collapse, are errors, and so are aliases
+    that would expand to more than :data:`MAX_ALIAS_NODES` nodes, or into themselves.
 
     Raises:
         UsageError: missing/unreadable file, YAML syntax error (with ``file:line``), several
-            documents, or duplicate keys.
+            documents, duplicate keys, runaway or recursive aliases, nesting too deep.
     """
     path = Path(path)
     text = _read_text(path, what)
@@ -96,14 +145,17 @@ def load_yaml_with_lines(path: Path, *, what: str = "YAML file") -> tuple[Any, d
     try:
         node = loader.get_single_node()
         # Walk the node tree before constructing: construction flattens '<<' merges in place,
-        # which would look like duplicate keys.
+        # which would look like duplicate keys; and count what aliases expand to before building it.
         if node is not None:
+            _AliasBudget(path, what).count(node, node.start_mark.line + 1)
             walker.walk(node, ())
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         raise UsageError(f"{_yaml_error_message(e, path)} in {what}: {_yaml_problem(e)}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{path}: YAML error in {what}: {e}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: {what} is nested too deeply to read; flatten its lists and mappings") from None
     finally:
         loader.dispose()
     if walker.duplicates:

@@ -27,6 +27,8 @@ from easyref_cli import files
 from easyref_cli.cli import app
 from easyref_cli.constants import OFFICIAL_NEGATIVE_PROMPT
 from easyref_cli.model import hub
+from easyref_cli.plan import build_plan
+from easyref_cli.records import job_record
 from easyref_cli.runlog import RunSummary
 from easyref_cli.testing import make_reference_images
 
@@ -545,7 +547,14 @@ def test_dry_run_lists_jobs_and_writes_nothing(tmp_path, forbid_model_load):
     assert not out.exists()
 
     (out / "beta").mkdir(parents=True)
-    (out / "beta" / "a-cat_1.png").write_bytes(b"x")
+    (out / "beta" / "a-cat_1.png").write_bytes(b"x")  # not this job's image: the run would refuse, so does --dry-run
+    res = invoke("generate", groups, "--prompt", "a cat", "-n", "2", "-o", out, "--dry-run", "--json")
+    assert res.exit_code == 2 and "beta/a-cat_1.png" in res.output
+    plan = build_plan(out_dir=out, groups=[groups], prompt="a cat", cli={"images_per_prompt": 2})
+    (out / "beta" / "a-cat_1.png").unlink()
+    files.write_png_atomic(
+        out / "beta" / "a-cat_1.png", Image.new("RGB", (8, 8)), record=job_record(plan.jobs[3], plan.models.as_dict())
+    )
     res = invoke("generate", groups, "--prompt", "a cat", "-n", "2", "-o", out, "--dry-run", "--json")
     assert res.exit_code == 0, res.output
     entries = [json.loads(line) for line in res.stdout.splitlines()]  # nothing but JSON on stdout
@@ -957,7 +966,7 @@ def test_missing_hub_weights_exit_2_with_a_hint(tmp_path, monkeypatch):
     res = invoke("generate", groups, "--prompt", "a", "-o", out, "--device", "cpu", "-q")
     assert res.exit_code == 2, res.output
     assert "stabilityai/stable-diffusion-xl-base-1.0" in res.stderr
-    assert "--base-model" in res.stderr and "--model tiny" in res.stderr
+    assert "--base-model" in res.stderr and "--model demo" in res.stderr
     assert pngs(out) == []
 
 

@@ -9,6 +9,11 @@ when ``OUT/eval/per_image.jsonl`` exists, its CLIP-I / CLIP-T / DINO-I.
 every text HTML-escaped; the metrics table from ``OUT/eval/metrics.json`` when it exists, then
 each group's sheet.
 
+The report overwrites only its own files: each sheet carries a ``easyref-report`` PNG text chunk
+and the index a ``generator`` meta tag. A generated image (``--name-template "report/..."``) or any
+other file in the way of a sheet is left alone and the sheet takes the next free name
+(``<group>-2.png``); an ``index.html`` the report did not write stops it before it writes anything.
+
 Drawing uses Pillow's default font (``ImageFont.load_default``); no torch is imported.
 """
 
@@ -26,6 +31,7 @@ from typing import Any
 from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from easyref_cli import __version__, files
 from easyref_cli.errors import InputError, UsageError
@@ -57,6 +63,12 @@ _MUTED = (110, 110, 110)
 _FONT_SIZE = 12
 _TITLE_SIZE = 18
 _PROMPT_LINES = 2
+#: The PNG text chunk that marks a contact sheet as written by ``easyref report``.
+SHEET_MARKER = "easyref-report"
+#: The tag that marks ``index.html`` as written by ``easyref report``.
+_INDEX_MARKER = '<meta name="generator" content="easyref-cli report">'
+#: How ``index.html`` began before it carried the tag (easyref-cli 0.1).
+_INDEX_LEGACY = ("<!doctype html>", "<title>easyref report:")
 
 
 @dataclass
@@ -392,6 +404,7 @@ def index_html(
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        _INDEX_MARKER,
         f"<title>easyref report: {esc(Path(out_dir).resolve().name)}</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>easyref report</h1>",
@@ -426,6 +439,54 @@ def index_html(
 # ----------------------------------------------------------------------------------------------
 
 
+def is_report_file(path: Path) -> bool:
+    """Whether ``path`` is a file ``easyref report`` wrote: a sheet with its marker chunk, or its index."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    if path.suffix.lower() == ".html":
+        try:
+            with path.open("rb") as f:
+                head = f.read(4096).decode("utf-8", "replace")
+        except OSError:
+            return False
+        return _INDEX_MARKER in head or all(part in head for part in _INDEX_LEGACY)
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and SHEET_MARKER in im.info  # written before the pixels: nothing decoded
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def _may_write(path: Path, outputs: set[Path]) -> bool:
+    """A new file, or one this report wrote before (never an image the manifest lists)."""
+    if not path.exists() and not path.is_symlink():
+        return True
+    return path.resolve() not in outputs and is_report_file(path)
+
+
+def _sheet_path(report_dir: Path, group: str, taken: set[str], outputs: set[Path]) -> Path:
+    """Where ``group``'s sheet goes: ``<group>.png``, or the next free name when another file is there."""
+    while True:
+        path = report_dir / sheet_filename(group, taken)
+        if _may_write(path, outputs):
+            return path
+        logger.warning(
+            "report: %s was not written by easyref report (a generated image?): left as it is; the sheet of "
+            "group %s goes to the next free name",
+            path,
+            group,
+        )
+
+
+def _check_index(index: Path, outputs: set[Path]) -> None:
+    if not _may_write(index, outputs):
+        raise UsageError(
+            f"{index} was not written by easyref report and would be overwritten by the report's index page; "
+            f"move it out of {index.parent} (or delete it) and run easyref report again"
+        )
+
+
 def build_report(
     out_dir: Path,
     *,
@@ -456,8 +517,11 @@ def build_report(
     metrics = read_metrics(out_dir)
     scores = read_per_image(out_dir)
 
-    # 2. One sheet per group
+    # 2. One sheet per group, never over a file the report did not write
     report_dir = out_dir / REPORT_DIRNAME
+    outputs = {im.path.resolve() for im in folder.images}
+    index = report_dir / INDEX_NAME
+    _check_index(index, outputs)
     taken: set[str] = {INDEX_NAME.lower()}
     names: dict[str, str] = {}
     paths: dict[str, Path] = {}
@@ -466,13 +530,14 @@ def build_report(
         sheet = contact_sheet(
             group, images, scores=scores, summary=summary, thumb=thumb, columns=columns, max_images=max_images
         )
+        info = PngInfo()
+        info.add_text(SHEET_MARKER, f"easyref-cli {__version__}")
         buffer = io.BytesIO()
-        sheet.save(buffer, format="PNG", optimize=False)
-        names[group] = sheet_filename(group, taken)
-        paths[group] = report_dir / names[group]
+        sheet.save(buffer, format="PNG", optimize=False, pnginfo=info)
+        paths[group] = _sheet_path(report_dir, group, taken, outputs)
+        names[group] = paths[group].name
         write_bytes_atomic(paths[group], buffer.getvalue())
 
     # 3. The index page
-    index = report_dir / INDEX_NAME
     write_text_atomic(index, index_html(out_dir, names, groups, metrics, show_paths=show_paths))
     return ReportResult(sheets=paths, index=index)

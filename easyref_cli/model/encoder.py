@@ -81,6 +81,13 @@ def qwen_vl_utils_smart_resize(
     return h_bar, w_bar
 
 
+def image_label(image, index: int, count: int) -> str:
+    """How an error names a reference image: its file when the image says (``info["path"]``, as
+    :func:`easyref_cli.files.load_image` may record it, or PIL's ``filename``), else its place in the group."""
+    path = (getattr(image, "info", None) or {}).get("path") or getattr(image, "filename", "")
+    return f"reference image {path}" if path else f"reference image {index + 1} of {count}"
+
+
 def processor_pixel_bounds(cond_image_size: int = COND_IMAGE_SIZE) -> tuple[int, int]:
     """``(min_pixels, max_pixels)`` the official code gave the Qwen2-VL processor."""
     side = cond_image_size // 28
@@ -249,10 +256,15 @@ class ReferenceEncoder(nn.Module):
         """Pre-resize (qwen_vl_utils) then run the Qwen2-VL image processor on RGB PIL images."""
         if not images:
             raise InputError("a reference group needs at least one image")
-        try:
-            resized = [pre_resize(im) for im in images]
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
+        resized = []
+        for i, im in enumerate(images):
+            try:
+                resized.append(pre_resize(im))
+            except ValueError as exc:  # the 200:1 aspect limit
+                raise InputError(
+                    f"cannot use {image_label(im, i, len(images))} ({im.width}×{im.height} pixels): {exc}; crop or "
+                    "pad it, or move it out of its group"
+                ) from exc
         out = self.image_processor(images=resized, return_tensors="pt")
         grid = out["image_grid_thw"]
         merge = getattr(self.image_processor, "merge_size", 2)

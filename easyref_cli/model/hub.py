@@ -25,6 +25,12 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
+#: What to run offline instead of a model that is not cached: the trained demo for generation;
+#: eval's scorers have no demo, only its tiny random ones.
+_OFFLINE_HINT = "`easyref generate --model demo` for an offline run (the tiny EasyRef shipped with the package)"
+_OFFLINE_HINTS = dict.fromkeys(("--clip-model", "--dino-model"), "`easyref eval --model tiny` for an offline smoke run")
+
+
 def _snapshot(repo_id: str, option: str, allow_patterns=None) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -42,7 +48,7 @@ def _snapshot(repo_id: str, option: str, allow_patterns=None) -> Path:
     raise ModelError(
         f"{repo_id} is not in the Hugging Face cache and cannot be fetched ({reason}). "
         f"Download it on a connected machine (`hf download {repo_id} --local-dir DIR`), copy DIR here "
-        f"and pass {option} DIR — or try `--model tiny` for an offline smoke run."
+        f"and pass {option} DIR — or try {_OFFLINE_HINTS.get(option, _OFFLINE_HINT)}."
     )
 
 
