@@ -144,7 +144,9 @@ def run(plan: Plan, execute: Execute, *, progress: bool = True) -> RunSummary:
             summary.worker = True
             return summary
         merged = merge_shards(plan.out_dir, [j.job_id for j in plan.jobs])
-        return RunSummary.of(merged, total=len(plan.jobs), interrupted=summary.interrupted)
+        total = RunSummary.of(merged, total=len(plan.jobs), interrupted=summary.interrupted)
+        total.stopped = summary.stopped
+        return total
     finally:
         procs.close()
 
@@ -155,7 +157,7 @@ def merge_shards(out_dir: Path, job_order: Sequence[str] = ()) -> list[dict]:
     Also picks up shards a crashed run left behind. Returns the merged entries.
     """
     out_dir = Path(out_dir)
-    shards = sorted(out_dir.glob(SHARD_GLOB))
+    shards = sorted(s for s in out_dir.glob(SHARD_GLOB) if not files.is_locked(s))  # locked: a live run's
     if not shards:
         return []
     order = {job_id: i for i, job_id in enumerate(job_order)}

@@ -33,3 +33,10 @@ class JobError(EasyRefError):
     """One generation job failed (NaNs, out of memory...); the batch runner records it and goes on."""
 
     exit_code = 1
+
+
+class StorageError(EasyRefError):
+    """The output storage cannot take more (disk full, quota, read-only): the run stops at once, with
+    what it finished intact, instead of computing images it cannot write."""
+
+    exit_code = 1

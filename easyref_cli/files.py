@@ -25,6 +25,7 @@ the planning part; the run adds the rest):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from easyref_cli import __version__
-from easyref_cli.errors import EasyRefError, InputError, JobError, UsageError
+from easyref_cli.errors import EasyRefError, InputError, JobError, StorageError, UsageError
 from easyref_cli.settings import SCHEDULERS
 
 #: File extensions (lower case) that count as reference images.
@@ -113,17 +114,45 @@ def _dir_name(path: Path) -> str:
     return name
 
 
+def _holds_images(path: Path) -> bool:
+    """True if the folder ``path`` directly holds an image (an unreadable folder holds none)."""
+    try:
+        with os.scandir(path) as entries:
+            return any(is_image_file(Path(entry.path)) for entry in entries)
+    except OSError:
+        return False
+
+
+def _refuse_mixed_folder(group: Group) -> None:
+    """A group folder whose non-hidden sub-folders hold images too is ambiguous: refuse it."""
+    subdirs = [p for p in group.ignored if not p.name.startswith(".") and p.is_dir() and _holds_images(p)]
+    if not subdirs:
+        return
+    path = group.path
+    shown = ", ".join(p.name for p in subdirs[:5]) + (f" and {len(subdirs) - 5} more" if len(subdirs) > 5 else "")
+    loose = ", ".join(p.name for p in group.images[:3]) + (", ..." if len(group.images) > 3 else "")
+    raise UsageError(
+        f"{path} holds both images ({len(group.images)}: {loose}) and sub-folders with images ({shown}), so it "
+        "is unclear whether it is one group or a folder of groups. Either pass the sub-folders themselves as "
+        f"GROUPS (e.g. {subdirs[0]}), or move the loose images into a sub-folder of their own so that {path} is "
+        f"a folder of groups; to keep {path} as one group instead, move its sub-folders out or hide them "
+        "(a leading '.' in the name)"
+    )
+
+
 def find_groups(paths: Sequence[Path]) -> list[Group]:
     """Turn GROUPS arguments into reference groups.
 
-    A directory holding images is one group named after the directory (its sub-directories are
-    then ignored). A directory holding no images is a parent: each non-hidden sub-directory that
-    holds images is a group named after the sub-directory; sub-directories without images are
-    skipped (and named in the error when no group at all is found). Groups keep the argument order
-    and are naturally sorted within a parent; images are naturally sorted; hidden entries skipped.
+    A directory holding images is one group named after the directory; its sub-directories must
+    then hold no images (hidden ones and those without images are ignored). A directory holding
+    no images is a parent: each non-hidden sub-directory that holds images is a group named after
+    the sub-directory; sub-directories without images are skipped (and named in the error when no
+    group at all is found). Groups keep the argument order and are naturally sorted within a
+    parent; images are naturally sorted; hidden entries skipped.
 
     Raises:
-        UsageError: missing path, not a directory, no images found, or two groups with one name.
+        UsageError: missing path, not a directory, no images found, a directory holding both
+            images and sub-directories with images, or two groups with one name.
     """
     groups: list[Group] = []
     if not paths:
@@ -139,6 +168,7 @@ def find_groups(paths: Sequence[Path]) -> list[Group]:
             )
         group = _scan_group(path, _dir_name(path))
         if group is not None:
+            _refuse_mixed_folder(group)
             groups.append(group)
             continue
         subdirs = [p for p in _list_dir(path) if p.is_dir() and not p.name.startswith(".")]
@@ -224,7 +254,9 @@ def load_image(path: Path, *, exif_orientation: bool = True) -> Image.Image:
         with _strict_truncation(), Image.open(path) as im:
             im.load()
             # exif_transpose returns a detached copy, so the result outlives the open file.
-            return _to_rgb(ImageOps.exif_transpose(im) if exif_orientation else im.copy())
+            image = _to_rgb(ImageOps.exif_transpose(im) if exif_orientation else im.copy())
+            image.info["path"] = str(path)  # so a later error about this image (its aspect ratio) can name it
+            return image
     except Image.DecompressionBombError as e:
         raise InputError(
             f"cannot use reference image {path}: too many pixels ({e}); refusing a possible decompression bomb"
@@ -300,7 +332,7 @@ def sha256_file_memo(path: Path, memo: Path | None) -> str:
         return entry["sha256"]
     digest = sha256_file(real)
     entries[str(real)] = {"stamp": stamp, "sha256": digest}
-    with contextlib.suppress(EasyRefError):
+    with contextlib.suppress(EasyRefError, OSError):  # a read-only or misplaced cache folder included
         write_bytes_atomic(Path(memo), json.dumps(entries, indent=1, sort_keys=True).encode("utf-8"), error=InputError)
     return digest
 
@@ -409,8 +441,11 @@ def write_bytes_atomic(path: Path, data: bytes, *, error: type[EasyRefError] = J
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise error(f"cannot create output directory {path.parent}: {e.strerror or e}") from None
-    fd, tmp = _open_exclusive_temp(path.parent, path.name)
+        raise storage_error(e, f"cannot create output directory {path.parent}", error) from None
+    try:
+        fd, tmp = _open_exclusive_temp(path.parent, path.name)
+    except OSError as e:
+        raise storage_error(e, f"cannot write {path}", error) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -421,9 +456,27 @@ def write_bytes_atomic(path: Path, data: bytes, *, error: type[EasyRefError] = J
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise error(f"cannot write {path}: {e.strerror or e}") from None
+            raise storage_error(e, f"cannot write {path}", error) from None
         raise
     _fsync_dir(path.parent)
+
+
+#: Errors that no other file in the same place would escape: the run stops instead of failing job after job.
+STORAGE_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS, errno.EIO) if code is not None
+)
+
+
+def storage_error(exc: OSError, what: str, error: type[EasyRefError] = JobError) -> EasyRefError:
+    """``what`` failed with ``exc``: a :class:`StorageError` when the storage itself is full, over
+    quota, read-only or failing (the run stops), else ``error`` (this file only)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in STORAGE_ERRNOS:
+        return StorageError(
+            f"{what}: {reason}. The run stopped; the images it finished and the manifest are intact — "
+            "free space (or fix the storage) and run the same command again to resume"
+        )
+    return error(f"{what}: {reason}")
 
 
 #: ``--metadata``: ``full`` the ``easyref`` record + A1111 ``parameters``; ``minimal`` the settings
@@ -589,43 +642,96 @@ class ManifestWriter:
     """Append-only writer for ``manifest.jsonl``: one JSON object per line, durable per line.
 
     Use as a context manager. Opening repairs a torn last line left by a crash (see
-    :func:`read_manifest`), then appends; each :meth:`write` flushes and fsyncs.
+    :func:`read_manifest`), then appends; each :meth:`write` appends its whole line with one
+    ``write`` under an exclusive ``flock`` and fsyncs, so several runs sharing an output folder
+    append to one manifest without interleaving. ``exclusive=True`` holds the lock from open to
+    close instead (a manifest shard, written by one process; see :func:`is_locked`).
+
+    Raises:
+        StorageError: the storage is full, over quota or read-only (the run stops).
+        UsageError: the manifest cannot be opened or written for another reason.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, exclusive: bool = False) -> None:
         self.path = Path(path)
-        self._file = None
+        self.exclusive = exclusive
+        self._fd: int | None = None
 
     def open(self) -> ManifestWriter:
         """Open for appending (creating parent directories)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _repair_tail(self.path)
-            self._file = open(self.path, "a", encoding="utf-8", newline="\n")
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+            with self._lock():
+                _repair_tail(self.path)
+            if self.exclusive:
+                _flock(self._fd, True)
         except OSError as e:
-            raise UsageError(f"cannot open manifest {self.path}: {e.strerror or e}") from None
+            self.close()
+            raise storage_error(e, f"cannot open manifest {self.path}", UsageError) from None
         return self
 
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        if self.exclusive or self._fd is None:
+            yield
+            return
+        _flock(self._fd, True)
+        try:
+            yield
+        finally:
+            _flock(self._fd, False)
+
     def write(self, entry: Mapping[str, Any]) -> None:
-        """Append one entry as a JSON line, then flush and fsync."""
-        if self._file is None:
+        """Append one entry as a JSON line, then fsync."""
+        if self._fd is None:
             raise RuntimeError("ManifestWriter is not open")
-        line = json.dumps(dict(entry), ensure_ascii=False, sort_keys=True, default=str)
-        self._file.write(line + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        line = (json.dumps(dict(entry), ensure_ascii=False, sort_keys=True, default=str) + "\n").encode("utf-8")
+        try:
+            with self._lock():
+                written = os.write(self._fd, line)
+                if written != len(line):  # a short write (disk full): the rest, or an error
+                    os.write(self._fd, line[written:])
+                os.fsync(self._fd)
+        except OSError as e:
+            raise storage_error(e, f"cannot write manifest {self.path}", UsageError) from None
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Close the file (idempotent); closing releases any lock."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> ManifestWriter:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _flock(fd: int, lock: bool, *, blocking: bool = True) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows: appends of one line are not interleaved in practice
+        return True
+    flags = (fcntl.LOCK_EX if lock else fcntl.LOCK_UN) | (0 if blocking else fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, flags)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def is_locked(path: Path) -> bool:
+    """True while a :class:`ManifestWriter` with ``exclusive=True`` holds ``path`` (a live shard)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return not _flock(fd, True, blocking=False)
+    finally:
+        os.close(fd)
 
 
 def read_manifest(path: Path) -> list[dict]:

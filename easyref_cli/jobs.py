@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ class Job:
     ``caption`` is what the MLLM reads after ``settings.instruction`` (the prompt, or ``""`` for
     ``ref_text: none``); ``settings.seed`` is this image's seed and ``index`` its 0-based place
     among the prompt's seeds; ``output`` is relative to the plan's ``out_dir``. ``job_id`` hashes
-    the group name, prompt id, texts, every identity setting and the model ids.
+    the group name, prompt id, texts, every identity setting, the references' sha256s and the
+    models' content ids (:mod:`easyref_cli.identity`); ``legacy_id`` is the id easyref-cli 0.2 and
+    earlier gave the same job (model paths, no reference content), so their images still resume.
     """
 
     job_id: str
@@ -31,6 +34,8 @@ class Job:
     settings: GenerationSettings
     output: Path
     preset: str | None = None
+    reference_sha256: tuple[str | None, ...] = ()
+    legacy_id: str = ""
 
     @property
     def seed(self) -> int:
@@ -56,15 +61,19 @@ class Job:
 def make_job(
     *, group: Group, prompt_id: str, prompt: str, caption: str, index: int,
     settings: GenerationSettings, template: str, preset: str | None, models: ModelIds,
+    identity: Mapping[str, str], references: tuple[str | None, ...],
 ) -> Job:  # fmt: skip
     """One :class:`Job`: its id from everything that changes pixels, its output from the template.
-    With ``seed_mode: official`` the image's place in its noise stream (``index``) changes pixels too."""
+
+    ``identity`` holds the models' content ids and ``references`` the group's image sha256s (see
+    :mod:`easyref_cli.identity`). With ``seed_mode: official`` the image's place in its noise stream
+    (``index``) changes pixels too."""
     stream = {"noise_index": index} if settings.seed_mode == "official" else {}
-    job_id = make_job_id(
-        group=group.name, prompt_id=prompt_id, prompt=prompt, caption=caption,
-        **identity_values(settings), **stream, **models.as_dict(),
-    )  # fmt: skip
+    common = dict(group=group.name, prompt_id=prompt_id, prompt=prompt, caption=caption,
+                  **identity_values(settings), **stream)  # fmt: skip
+    job_id = make_job_id(**common, models=dict(identity), references=list(references))
+    legacy_id = make_job_id(**common, **models.as_dict())
     output = render_name(
         template, group=group.name, prompt_id=prompt_id, seed=settings.seed, index=index, preset=preset
     )
-    return Job(job_id, group, prompt_id, prompt, caption, index, settings, output, preset)
+    return Job(job_id, group, prompt_id, prompt, caption, index, settings, output, preset, references, legacy_id)

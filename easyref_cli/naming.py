@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import string
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -157,3 +158,96 @@ def make_job_id(**fields: Any) -> str:
     """16 hex chars of sha256 over the JSON of ``fields`` (sorted keys): stable across runs."""
     payload = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+#: A file or folder name may have at most 255 bytes (ext4, XFS, btrfs, ZFS, APFS: ``NAME_MAX``).
+NAME_MAX_BYTES = 255
+#: A path given to the kernel may have at most 4096 bytes with its terminating NUL (Linux ``PATH_MAX``).
+PATH_MAX_BYTES = 4096
+#: :func:`easyref_cli.files.write_bytes_atomic` first writes ``.NAME.<12 hex>.tmp`` next to ``NAME``.
+ATOMIC_TEMP_EXTRA_BYTES = len("." + "." + "0" * 12 + ".tmp")
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
+def _long_name_problem(path: Path, temp_extra: int) -> tuple[str, int, int, bool] | None:
+    """(component, its bytes, its limit, whether it is the last) of the first component of ``path`` that is
+    too long, or None."""
+    parts = path.parts
+    for i, part in enumerate(parts):
+        if i == 0 and path.anchor and part == path.anchor:
+            continue
+        limit = NAME_MAX_BYTES - (temp_extra if i == len(parts) - 1 else 0)
+        size = _utf8_len(part)
+        if size > limit:
+            return part, size, limit, i == len(parts) - 1
+    return None
+
+
+def _limit_text(limit: int, temp_extra: int) -> str:
+    if limit == NAME_MAX_BYTES:
+        return f"at most {NAME_MAX_BYTES}"
+    return f"at most {limit} ({NAME_MAX_BYTES}, less {temp_extra} for the temporary '.NAME.<random>.tmp' written first)"
+
+
+def check_path_length(path: Path, what: str, *, temp_extra: int = ATOMIC_TEMP_EXTRA_BYTES) -> None:
+    """Raise UsageError if the file ``path`` cannot be written for its length: a name over 255 bytes (the
+    file's own over ``255 - temp_extra``, its temporary name being longer) or a whole path over 4095.
+
+    ``what`` names the path's source in the message (``"--out"``).
+    """
+    path = Path(path)
+    problem = _long_name_problem(path, temp_extra)
+    if problem is not None:
+        part, size, limit, _ = problem
+        raise UsageError(
+            f"{what} {path}: the name {part!r} is {size} bytes in UTF-8, {_limit_text(limit, temp_extra)} "
+            "are allowed; choose a shorter name"
+        )
+    full = _utf8_len(os.path.abspath(path)) + temp_extra
+    if full >= PATH_MAX_BYTES:
+        raise UsageError(
+            f"{what} {path}: the path is {full - temp_extra} bytes in UTF-8 as an absolute path; at most "
+            f"{PATH_MAX_BYTES - 1 - temp_extra} are allowed; choose a shorter path"
+        )
+
+
+def check_output_names(out_dir: Path, jobs: Iterable[Any], template: str) -> None:
+    """Raise UsageError now if an output could not be written later for its length.
+
+    Every folder name of ``out_dir`` and of each job's ``output`` may have 255 bytes in UTF-8 and each
+    file name 255 less :data:`ATOMIC_TEMP_EXTRA_BYTES` (its temporary name is that much longer); the whole
+    temporary path, absolute, stays under :data:`PATH_MAX_BYTES`. The message names the offending name and
+    the template. ``jobs`` need ``output``, ``group.name``, ``prompt_id`` and ``seed``.
+    """
+    out_dir = Path(out_dir)
+    problem = _long_name_problem(out_dir, 0)
+    if problem is not None:
+        part, size, limit, _ = problem
+        raise UsageError(
+            f"-o {out_dir}: the folder name {part!r} is {size} bytes in UTF-8, at most {limit} are allowed; "
+            "choose a shorter output folder"
+        )
+    base = _utf8_len(os.path.abspath(out_dir)) + 1
+    for job in jobs:
+        what = (
+            f"(group {job.group.name!r}, prompt {job.prompt_id!r}, seed {job.seed}) from --name-template {template!r}"
+        )
+        problem = _long_name_problem(job.output, ATOMIC_TEMP_EXTRA_BYTES)
+        if problem is not None:
+            part, size, limit, last = problem
+            kind = "file" if last else "folder"
+            raise UsageError(
+                f"output {kind} name {part!r} {what} is {size} bytes in UTF-8; "
+                f"{_limit_text(limit, ATOMIC_TEMP_EXTRA_BYTES)} are allowed: shorten the template's text "
+                "(rendered fields are cut to 150 bytes each; put long parts in separate folders with '/')"
+            )
+        full = base + _utf8_len(job.output.as_posix()) + ATOMIC_TEMP_EXTRA_BYTES
+        if full >= PATH_MAX_BYTES:
+            raise UsageError(
+                f"output path {out_dir / job.output} {what} is {full - ATOMIC_TEMP_EXTRA_BYTES} bytes in UTF-8 "
+                f"as an absolute path; at most {PATH_MAX_BYTES - 1 - ATOMIC_TEMP_EXTRA_BYTES} are allowed "
+                "(4095, less the temporary name's extra bytes): choose a shorter -o or --name-template"
+            )

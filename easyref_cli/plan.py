@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from easyref_cli import files
 from easyref_cli.errors import UsageError
 from easyref_cli.files import Group, find_groups, sha256_file
+from easyref_cli.identity import model_identity, reference_digests
 from easyref_cli.jobs import Job, make_job
 from easyref_cli.model.hub import is_repo_id  # torch-free
 from easyref_cli.models import MODEL_DEFAULTS, ModelIds, chosen_models
@@ -67,6 +68,7 @@ class Plan:
     record_paths: str = "relative"
     c2pa_cert: Path | None = None
     c2pa_key: Path | None = None
+    model_identity: Mapping[str, str] = field(default_factory=dict)  # content ids (easyref_cli.identity)
 
     @property
     def groups(self) -> tuple[Group, ...]:
@@ -153,10 +155,27 @@ def _check_unique_outputs(jobs: Sequence[Job], template: str) -> None:
         first[job.output] = job
 
 
-def _finish(jobs: list[Job], runtime: Runtime, **fields: Any) -> Plan:
-    """The checks every plan passes (control tokens, unique outputs), then the frozen Plan."""
+def _finish(
+    jobs: list[Job], runtime: Runtime, *, group_args: Sequence[Path] = (), prompt_file: PromptFile | None = None,
+    **fields: Any,
+) -> Plan:  # fmt: skip
+    """The checks every plan passes, then the frozen Plan.
+
+    Control tokens, unique outputs; ``-o`` a folder, output names and paths short enough to write, no
+    output inside a reference folder (a group's, or a GROUPS argument of ``group_args``); captions and
+    instructions within the MLLM's token limit (``prompt_file`` locates a prompt in the message).
+    """
+    from easyref_cli import outputs_check
+    from easyref_cli.naming import check_output_names
+
     _check_control_tokens(jobs)
     _check_unique_outputs(jobs, runtime.name_template)
+    out_dir = Path(fields["out_dir"])
+    check_output_names(out_dir, jobs, runtime.name_template)
+    outputs_check.check_out_dir(out_dir, jobs)
+    outputs_check.check_outputs_outside_references(out_dir, jobs, group_args)
+    models = fields.get("models") or ModelIds()
+    outputs_check.check_text_lengths(jobs, models.mllm, prompt_file)
     return Plan(jobs=tuple(jobs), **asdict(runtime), **fields)
 
 
@@ -206,7 +225,7 @@ def _seeds(spec: PromptSpec, settings: GenerationSettings) -> tuple[int, ...]:
 
 def _expand(
     groups: Sequence[Group], prompt_file: PromptFile, base: GenerationSettings, *,
-    template: str, preset: str | None, models: ModelIds,
+    template: str, preset: str | None, models: ModelIds, identity: Mapping[str, str],
 ) -> list[Job]:  # fmt: skip
     """Jobs, group-major: each prompt's own settings over ``base``, one job per seed."""
     per_prompt = []
@@ -215,6 +234,7 @@ def _expand(
         per_prompt.append((spec, prompt_id, settings, _seeds(spec, settings)))
     jobs = []
     for group in groups:
+        references = reference_digests(group)
         for spec, prompt_id, settings, seeds in per_prompt:
             if spec.groups is not None and group.name not in spec.groups:
                 continue
@@ -223,7 +243,7 @@ def _expand(
                     make_job(
                         group=group, prompt_id=prompt_id, prompt=spec.prompt, caption=settings.caption(spec.prompt),
                         index=index, settings=replace(settings, seed=seed), template=template, preset=preset,
-                        models=models,
+                        models=models, identity=identity, references=references,
                     )
                 )  # fmt: skip
     return jobs
@@ -276,10 +296,13 @@ def build_plan(
     found = _find_groups(groups, prompt_file)
     base = resolve_settings(MODEL_DEFAULTS.get(model or ""), preset_settings, prompt_file.defaults, cli_settings)
     models = ModelIds(**chosen)
-    jobs = _expand(found, prompt_file, base, template=runtime.name_template, preset=preset, models=models)
+    identity = model_identity(models.as_dict(), model)
+    jobs = _expand(
+        found, prompt_file, base, template=runtime.name_template, preset=preset, models=models, identity=identity
+    )
     return _finish(
         jobs, runtime, out_dir=Path(out_dir), models=models, model_family=model, batch_size=base.batch_size,
-        preset=preset,
+        preset=preset, model_identity=identity, group_args=[Path(g) for g in groups], prompt_file=prompt_file,
     )  # fmt: skip
 
 
@@ -347,12 +370,14 @@ def _replay_plan(
             )
     models, family = _replay_models(record, replay, chosen, family, source)
     group = Group(name=replay.group, path=refs[0].parent, images=refs, ignored=())
+    identity = model_identity(models.as_dict(), family)
     job = make_job(
         group=group, prompt_id=replay.prompt_id, prompt=replay.prompt, caption=replay.caption, index=replay.index,
         settings=replay.settings, template=runtime.name_template, preset=replay.preset, models=models,
+        identity=identity, references=reference_digests(group),
     )  # fmt: skip
     batch_size = _check_cli_settings({"batch_size": cli.get("batch_size")}).get("batch_size", 1)
     return _finish(
         [job], runtime, out_dir=Path(out_dir), models=models, model_family=family, batch_size=batch_size,
-        preset=replay.preset,
+        preset=replay.preset, model_identity=identity,
     )  # fmt: skip

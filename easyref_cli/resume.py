@@ -13,23 +13,52 @@ from easyref_cli.jobs import Job
 from easyref_cli.plan import Plan
 
 
+class Existing:
+    """What is already at each job's output: this job's image, or something else (lazily reads the
+    manifest for images whose PNG carries no record: ``--metadata minimal/none``, or not ours)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self._manifest: dict[str, dict] | None = None
+
+    def record(self, path: Path) -> dict:
+        try:
+            return files.read_png_record(path)
+        except InputError:
+            if self._manifest is None:
+                self._manifest = _manifest_records(self.plan.out_dir)
+            return self._manifest.get(str(path), {})
+
+    def is_ours(self, job: Job, record: dict) -> bool:
+        """``record`` describes ``job``'s image: the same id, or an image of easyref-cli 0.2 and earlier
+        (ids from model paths) whose references still have the recorded content; its noise device too."""
+        if record.get("job_id") != job.job_id and not _legacy_match(job, record):
+            return False
+        return _same_noise_device(job, record, self.plan.device)
+
+
+def _legacy_match(job: Job, record: dict) -> bool:
+    if "model_identity" in record or not job.legacy_id or record.get("job_id") != job.legacy_id:
+        return False
+    refs = record.get("references")
+    recorded = [r.get("sha256") for r in refs if isinstance(r, dict)] if isinstance(refs, list) else None
+    return recorded == list(job.reference_sha256)
+
+
 def check_existing_outputs(plan: Plan) -> None:
-    """Resume skips an output only if it is *this* job's image: a file made with other settings (or
-    not by easyref) under the same name is a usage error, never silently kept or clobbered."""
+    """Resume skips an output only if it is *this* job's image: a file made with other settings or
+    other references (or not by easyref) under the same name is a usage error, never silently kept or
+    clobbered. ``--dry-run`` runs the same check, so it never promises a skip the run would refuse."""
     if plan.overwrite:
         return
     clashes, old_empty_negative = [], False
-    manifest = None
+    existing = Existing(plan)
     for job in plan.jobs:
         path = plan.output_path(job)
         if not path.exists():
             continue
-        try:
-            record = files.read_png_record(path)
-        except InputError:  # --metadata minimal/none, or not ours: the manifest line knows what it is
-            manifest = _manifest_records(plan.out_dir) if manifest is None else manifest
-            record = manifest.get(str(path), {})
-        if record.get("job_id") != job.job_id or not _same_noise_device(job, record, plan.device):
+        record = existing.record(path)
+        if not existing.is_ours(job, record):
             clashes.append(str(path))
             old_empty_negative |= record.get("negative_prompt") == "" and "zero_negative" not in record
     if clashes:
@@ -41,8 +70,9 @@ def check_existing_outputs(plan: Plan) -> None:
             else ""
         )
         raise UsageError(
-            f"{len(clashes)} output file(s) already exist but were made with other settings (or not by "
-            f"easyref): {shown}. Use another -o folder or --name-template, or --overwrite to replace them.{hint}"
+            f"{len(clashes)} output file(s) already exist but were made with other settings or other reference "
+            f"images (or not by easyref): {shown}. Use another -o folder or --name-template, or --overwrite to "
+            f"replace them.{hint}"
         )
 
 

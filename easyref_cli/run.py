@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from easyref_cli import distributed, files
-from easyref_cli.errors import EasyRefError, JobError, UsageError
+from easyref_cli.claims import Claims
+from easyref_cli.errors import EasyRefError, JobError, StorageError, UsageError
 from easyref_cli.jobs import Job
 from easyref_cli.models import ensure_built
 from easyref_cli.plan import Plan
@@ -77,24 +78,28 @@ def execute(plan: Plan, manifest: Path, *, options: RunOptions, progress: bool) 
     log = RunLog(manifest, plan.out_dir, total=len(plan.jobs), json_out=options.json_out,
                  fail_fast=plan.fail_fast, stop=stop)  # fmt: skip
     try:
-        with log, _graceful_signals(stop):
+        with log, _graceful_signals(stop), Claims(plan.out_dir) as claims:
+            claims.remove_orphan_temps()
             for job in plan.jobs:
                 if job.job_id not in pending_ids:
                     log.skipped(job)
             if pending:
-                _phases(plan, pending, options, log, progress)
+                _phases(plan, pending, options, log, progress, claims)
     except KeyboardInterrupt:
         log.summary.interrupted = True
+    except StorageError as exc:  # full or read-only storage: stop now, what is finished stays intact
+        logger.error("%s", exc)
+        log.summary.stopped = str(exc)
     if stop.signum is not None:
         log.summary.interrupted = True
     return log.summary
 
 
-def _phases(plan: Plan, pending: list[Job], options: RunOptions, log: RunLog, progress: bool) -> None:
+def _phases(plan: Plan, pending: list[Job], options: RunOptions, log: RunLog, progress: bool, claims: Claims) -> None:
     from easyref_cli.conditions import ConditionCache, EncodePhase, LazyEncoder, model_key
 
     # 1. resolve models
-    models = resolve_models(plan, options.cache_dir)
+    models = resolve_models(plan)
     # 2. encode
     encoder_dtype = models.dtypes[1]
     encoder = LazyEncoder(models.mllm, models.checkpoint, device=models.device, dtype=encoder_dtype)
@@ -107,7 +112,7 @@ def _phases(plan: Plan, pending: list[Job], options: RunOptions, log: RunLog, pr
     if not conditions.ready or log.stop.requested:
         return
     # 4. generate
-    GeneratePhase(plan, models, options, log, progress).run(conditions)
+    GeneratePhase(plan, models, options, log, progress, claims).run(conditions)
     # 5. summary: the log's counts, returned by execute()
 
 
@@ -161,11 +166,12 @@ def check_adapter_matches(base_model: Path, checkpoint) -> None:
     checkpoint.check_unet(skeleton)
 
 
-def resolve_models(plan: Plan, cache_dir: Path | None) -> ResolvedModels:
-    """Phase 1. The adapter's sha256 keys the condition cache; it is remembered beside the cache
-    (real path, size, mtime, inode), so a multi-GB checkpoint is hashed once, not on every run."""
-    from easyref_cli.conditions import HASH_MEMO
+def resolve_models(plan: Plan) -> ResolvedModels:
+    """Phase 1. The adapter's sha256 keys the condition cache; it is remembered where planning keeps
+    file hashes (:func:`easyref_cli.identity.hash_memo`: real path, size, mtime, inode), so a multi-GB
+    checkpoint is hashed once, not on every run."""
     from easyref_cli.env import default_device
+    from easyref_cli.identity import hash_memo
     from easyref_cli.model import hub
     from easyref_cli.model.checkpoint import load_checkpoint
     from easyref_cli.model.pipeline import resolve_dtypes
@@ -175,7 +181,7 @@ def resolve_models(plan: Plan, cache_dir: Path | None) -> ResolvedModels:
     base_model = hub.resolve_folder(plan.models.base_model, "--base-model")
     mllm = hub.resolve_folder(plan.models.mllm, "--mllm")
     adapter = hub.resolve_checkpoint(plan.models.adapter)
-    checkpoint = load_checkpoint(adapter, hash_memo=cache_dir / HASH_MEMO if cache_dir is not None else None)
+    checkpoint = load_checkpoint(adapter, hash_memo=hash_memo())
     check_adapter_matches(base_model, checkpoint)  # before minutes of encoding, not after
     device = plan.device or default_device()
     return ResolvedModels(base_model, mllm, adapter, checkpoint, device, resolve_dtypes(plan.dtype, device))
@@ -200,10 +206,16 @@ def batches(jobs: Sequence[Job], key: Callable[[Job], Any], size: int) -> Iterat
 
 class GeneratePhase:
     """SDXL with the adapter; each ready job's request built from its settings (the schema's
-    ``pipeline`` fields), batched by the request's batch key, written with its record."""
+    ``pipeline`` fields), batched by the request's batch key, written with its record.
 
-    def __init__(self, plan: Plan, models: ResolvedModels, options: RunOptions, log: RunLog, progress: bool):
+    Each job's output is claimed just before its batch (:mod:`easyref_cli.claims`): a job another
+    live run holds is left to it (the same job) or fails (another job for the same file), and an
+    output another run finished meanwhile is skipped (this job's) or fails (not this job's)."""
+
+    def __init__(self, plan: Plan, models: ResolvedModels, options: RunOptions, log: RunLog, progress: bool,
+                 claims: Claims):  # fmt: skip
         self.plan, self.models, self.options, self.log, self.progress = plan, models, options, log, progress
+        self.claims = claims
         self.signer = None
         if plan.c2pa_cert is not None:
             from easyref_cli import credentials
@@ -230,14 +242,48 @@ class GeneratePhase:
         self._steps = tqdm(total=0, desc="steps", unit="step", leave=False, disable=not self.progress,
                            file=sys.stderr, position=1)  # fmt: skip
         try:
-            for batch in batches(conditions.ready, lambda j: requests[j.job_id].batch_key(), self.plan.batch_size):
+            claimed = self._claimed(conditions.ready, bar)
+            for batch in batches(claimed, lambda j: requests[j.job_id].batch_key(), self.plan.batch_size):
                 if self.log.stop.requested:
                     break
-                self._batch(pipe, batch, [requests[j.job_id] for j in batch], conditions)
+                try:
+                    self._batch(pipe, batch, [requests[j.job_id] for j in batch], conditions)
+                finally:
+                    for job in batch:
+                        self.claims.release(job.output)
                 bar.update(len(batch))
         finally:
             self._steps.close()
             bar.close()
+
+    def _claimed(self, jobs: Sequence[Job], bar) -> Iterator[Job]:
+        """The jobs this run claims and still has to make, claimed one by one as batches fill."""
+        from easyref_cli.resume import Existing
+
+        for job in jobs:
+            if self.log.stop.requested:
+                return
+            path = self.plan.output_path(job)
+            holder = self.claims.acquire(job.job_id, job.output)
+            if holder is not None:
+                if holder.job_id == job.job_id:
+                    self.log.elsewhere(job, holder)
+                else:
+                    self.log.fail(job, JobError(f"{path} is being made by another run ({holder}) with other settings; "
+                                                "not overwritten (use another -o folder or --name-template)"))  # fmt: skip
+                bar.update(1)
+                continue
+            if path.exists() and not self.plan.overwrite:  # another run finished it since this one was planned
+                existing = Existing(self.plan)
+                if existing.is_ours(job, existing.record(path)):
+                    self.log.skipped(job)
+                else:
+                    self.log.fail(job, JobError(f"{path} was just written by another run with other settings; "
+                                                "not overwritten (use another -o folder or --name-template)"))  # fmt: skip
+                self.claims.release(job.output)
+                bar.update(1)
+                continue
+            yield job
 
     def _load_pipeline(self):
         from easyref_cli.env import package_versions
@@ -264,6 +310,7 @@ class GeneratePhase:
             self._steps.reset(total=total)  # per image, so the rate shown is this image's
         self._steps.n = step
         self._steps.refresh()
+        self.claims.heartbeat()
 
     def _batch(self, pipe, batch: list[Job], requests: list, conditions) -> None:
         from easyref_cli.model.pipeline import NonFiniteImages
@@ -293,6 +340,7 @@ class GeneratePhase:
         # the PNG carries (--metadata, --record-paths).
         record = job_record(job, self.plan.models.as_dict(), references=conditions.references[job.group.name])
         record.update(self.run_record)
+        record["model_identity"] = dict(self.plan.model_identity)  # the models by content, as the job id has them
         if self.plan.model_family is not None:
             record["model"] = self.plan.model_family  # so a replay finds the models without their paths
         shared = shareable(record) if self.plan.record_paths == "relative" else record
@@ -301,6 +349,8 @@ class GeneratePhase:
                 self.plan.output_path(job), image, record=shared, metadata=self.plan.metadata,
                 sign=self._signer(shared) if self.signer is not None else None,
             )  # fmt: skip
+        except StorageError:
+            raise  # the storage is full or read-only: every next image would fail too
         except EasyRefError as exc:
             self.log.fail(job, exc)
             return

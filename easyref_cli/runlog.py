@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from easyref_cli.errors import EasyRefError, JobError
-from easyref_cli.files import ManifestWriter
+from easyref_cli.files import MANIFEST_NAME, ManifestWriter
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,9 @@ class RunSummary:
     ok: int = 0
     skipped: int = 0
     failed: int = 0
+    elsewhere: int = 0  # left to another live run that holds their claims (same jobs)
     interrupted: bool = False
+    stopped: str | None = None  # why the run stopped at once (a StorageError's message)
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
     worker: bool = False  # a non-main process of a distributed run: the main one reports for all
@@ -38,7 +40,7 @@ class RunSummary:
             return 130
         if self.worker:  # a non-zero worker exit would make the launcher kill the others mid-run
             return 0
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.stopped else 0
 
     def count(self, entry: Mapping[str, Any]) -> None:
         """Count one manifest entry."""
@@ -63,9 +65,12 @@ class RunSummary:
 
     def line(self) -> str:
         rate = self.ok / self.seconds if self.seconds > 0 and self.ok else 0.0
-        text = (
-            f"{self.ok} done, {self.skipped} skipped, {self.failed} failed in {self.seconds:.1f}s ({rate:.2f} images/s)"
-        )
+        text = f"{self.ok} done, {self.skipped} skipped, {self.failed} failed"
+        if self.elsewhere:
+            text += f", {self.elsewhere} made by another run sharing the output folder"
+        text += f" in {self.seconds:.1f}s ({rate:.2f} images/s)"
+        if self.stopped:
+            return text + f" — stopped: {self.stopped}"
         return text + (" — interrupted; rerun the same command to finish" if self.interrupted else "")
 
 
@@ -102,7 +107,8 @@ class RunLog:
         self.json_out = json_out
         self.fail_fast = fail_fast
         self.stop = stop if stop is not None else Stop()
-        self._writer = ManifestWriter(manifest)
+        # A shard (``.manifest.rankN.jsonl``) has one writer, which holds its lock for the whole run.
+        self._writer = ManifestWriter(manifest, exclusive=Path(manifest).name != MANIFEST_NAME)
 
     def __enter__(self) -> RunLog:
         self._writer.open()
@@ -134,6 +140,17 @@ class RunLog:
     def ok(self, job, *, encode_s: float, generate_s: float, batch_size: int, record: dict | None = None) -> None:
         timings = {"encode_s": round(encode_s, 4), "generate_s": round(generate_s, 4), "batch_size": batch_size}
         self.write(job, "ok", timings=timings, **({"record": record} if record is not None else {}))
+
+    def elsewhere(self, job, holder) -> None:
+        """Another live run holds this job's claim and makes the same image: no manifest line (the
+        holder writes it), a ``--json`` line and a count."""
+        logger.info("%s: made by another run (%s)", job.output, holder)
+        self.summary.elsewhere += 1
+        if self.json_out is not None:
+            entry = {"job_id": job.job_id, "status": "elsewhere", "path": str(self.out_dir / job.output),
+                     "holder": str(holder)}  # fmt: skip
+            self.json_out.write(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
+            self.json_out.flush()
 
     def fail(self, job, exc: BaseException) -> None:
         message = str(exc) if isinstance(exc, EasyRefError) else f"{type(exc).__name__}: {exc}"

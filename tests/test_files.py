@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from easyref_cli import files
-from easyref_cli.errors import InputError, JobError, UsageError
+from easyref_cli.errors import InputError, JobError, StorageError, UsageError
 
 
 def _img(path: Path, size=(8, 8), color=(10, 20, 30), mode="RGB", **save) -> Path:
@@ -422,8 +422,17 @@ def test_write_png_atomic_leaves_nothing_on_error(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(JobError, match="No space left"):
+    with pytest.raises(StorageError, match="No space left"):  # the storage, not this job: the run stops
         files.write_png_atomic(tmp_path / "new.png", Image.new("RGB", (4, 4)), record={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]
+
+    def denied(*a, **k):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "fsync", denied)
+    with pytest.raises(JobError, match="Permission denied") as err:  # this file only: the job fails
+        files.write_png_atomic(tmp_path / "new.png", Image.new("RGB", (4, 4)), record={})
+    assert not isinstance(err.value, StorageError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]
 
 

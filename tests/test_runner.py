@@ -141,8 +141,10 @@ def test_condition_cache_key_follows_the_mllm_weights(tiny, tmp_path):
     assert folder_fingerprint(copy) != before
 
 
-def test_adapter_sha256_is_remembered_beside_the_condition_cache(tiny, ref_group, tmp_path, monkeypatch):
-    """A (resumed) run with a condition cache hashes a multi-GB adapter once, not every time."""
+def test_adapter_sha256_is_remembered_in_the_easyref_home(tiny, ref_group, tmp_path, monkeypatch):
+    """Runs (planning their job ids, then loading the adapter) hash a multi-GB adapter once, not every time."""
+    from easyref_cli.identity import hash_memo
+
     import hashlib
     from pathlib import Path
 
@@ -156,4 +158,4 @@ def test_adapter_sha256_is_remembered_beside_the_condition_cache(tiny, ref_group
         record = files.read_png_record(next((tmp_path / out).rglob("*.png")))
         assert record["adapter_sha256"] == hashlib.sha256(adapter.read_bytes()).hexdigest()
     assert hashed.count(adapter) == 1
-    assert (cache / conditions.HASH_MEMO).is_file()
+    assert hash_memo().is_file()

@@ -21,16 +21,50 @@ class EncodeResult:
     metadata: dict[str, str]
 
 
-def _check_inputs(group_dir: Path, out: Path, caption: str, instruction: str, device, dtype, exif: str):
-    """Every usage check before any model loads; returns the group and its decoded images."""
-    from easyref_cli import files
+def _check_out(out: Path) -> None:
+    """``--out`` names a file that can be written: not a folder, below folders, not too long."""
+    from easyref_cli.naming import check_path_length
 
     if out.suffix != ".safetensors":
         raise UsageError(f"--out must end in .safetensors, got {out}")
+    check_path_length(out, "--out", temp_extra=len(".") + len(".tmp"))  # _write's ".NAME.tmp"
+    for path in (out, *out.parents):
+        try:
+            if not path.exists():
+                continue
+            is_dir = path.is_dir()
+        except OSError:
+            return  # cannot look: the write reports it
+        if path == out and is_dir:
+            raise UsageError(f"--out {out} is a folder; give a file name ending in .safetensors")
+        if path != out and not is_dir:
+            raise UsageError(f"--out {out}: {path} is a file, not a folder; give a path inside a folder")
+        return
+
+
+def _check_text_lengths(caption: str, instruction: str, mllm: str) -> None:
+    from easyref_cli.outputs_check import MAX_CAPTION_TOKENS, TokenCounter
+
+    counter = TokenCounter(mllm)
+    for flag, text in (("--prompt", caption), ("--instruction", instruction)):
+        excess = counter.excess(text)
+        if excess is not None:
+            raise UsageError(
+                f"{flag} is {excess}; the MLLM reads at most {MAX_CAPTION_TOKENS} tokens of it "
+                "(MAX_CAPTION_TOKENS; the reference images count apart): shorten it"
+            )
+
+
+def _check_inputs(group_dir: Path, out: Path, caption: str, instruction: str, device, dtype, exif: str, mllm: str):
+    """Every usage check before any model loads; returns the group and its decoded images."""
+    from easyref_cli import files
+
+    _check_out(out)
     check_device_name(device)
     check_dtype(dtype)
     check_control_tokens(caption, "--prompt")
     check_control_tokens(instruction, "--instruction")
+    _check_text_lengths(caption, instruction, mllm)
     groups = files.find_groups([Path(group_dir)])
     if len(groups) != 1:
         raise UsageError(f"{group_dir} holds {len(groups)} groups; `encode` takes one folder of images")
@@ -92,7 +126,8 @@ def encode_group(
     out = Path(out)
     instruction = INSTRUCTION if instruction is None else instruction
     exif_orientation = check_choice("--exif-orientation", exif_orientation, EXIF_CHOICES)
-    group, images = _check_inputs(group_dir, out, caption, instruction, device, dtype, exif_orientation)
+    mllm_spec, adapter_spec = mllm or DEFAULT_MLLM, adapter or DEFAULT_ADAPTER
+    group, images = _check_inputs(group_dir, out, caption, instruction, device, dtype, exif_orientation, mllm_spec)
 
     from easyref_cli.env import default_device
     from easyref_cli.model import hub
@@ -100,7 +135,6 @@ def encode_group(
     from easyref_cli.model.encoder import ReferenceEncoder
     from easyref_cli.model.pipeline import resolve_dtypes
 
-    mllm_spec, adapter_spec = mllm or DEFAULT_MLLM, adapter or DEFAULT_ADAPTER
     mllm_path = hub.resolve_folder(mllm_spec, "--mllm")
     checkpoint = load_checkpoint(hub.resolve_checkpoint(adapter_spec))
     device = device or default_device()

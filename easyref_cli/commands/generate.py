@@ -13,6 +13,7 @@ from easyref_cli.env import easyref_home
 from easyref_cli.errors import UsageError
 from easyref_cli.models import MODEL_NOTICES
 from easyref_cli.plan import Plan, build_plan
+from easyref_cli.resume import check_existing_outputs
 
 
 def _describe(plan: Plan, json_lines: bool, stdout: IO[str]) -> None:
@@ -62,6 +63,7 @@ def generate(
     if plan.model_family in MODEL_NOTICES and progress:
         print(MODEL_NOTICES[plan.model_family], file=stderr)
     if dry_run:
+        check_existing_outputs(plan)  # what the run would refuse, the dry run refuses too
         _describe(plan, json_lines, stdout)
         return 0
     if num_processes is not None and num_processes > 1:
