@@ -7,10 +7,10 @@ and the process's start time. Another run that meets a live claim leaves the job
 (the same job) or fails it (another job for the same file: other settings), never writing the file.
 A claim is released once the image is written or has failed.
 
-A claim whose holder is dead is stale and taken over: on the same host when its process no longer
-exists (or its pid now belongs to a newer process), on another host when it has not been refreshed
-for :data:`STALE_AFTER_S` — a holder refreshes its claims at most every :data:`HEARTBEAT_S` while
-it works. Temporary files of writes cut short by ``kill -9`` are removed by the next run unless a
+A claim whose holder is dead is stale and taken over: on the same host as soon as its process no
+longer exists (or its pid now belongs to a newer process), anywhere when it has not been refreshed
+for :data:`STALE_AFTER_S` (gone, suspended or hung) — a holder refreshes its claims at most every
+:data:`HEARTBEAT_S` while it works. Temporary files of writes cut short by ``kill -9`` are removed by the next run unless a
 live run holds their output.
 
 Torch-free. Locks are ``fcntl.flock`` (local disks, NFSv4 and most cluster filesystems); where
@@ -27,7 +27,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,8 @@ STALE_AFTER_S = 30 * 60
 HEARTBEAT_S = 60
 #: A claim file that is still empty or unreadable after this long was cut short: stale.
 _UNREADABLE_GRACE_S = 10
+_LOCK_NAME = ".lock"
+_LOCKS_WORK = True  # False once flock failed here (a filesystem without locks): one warning, then O_EXCL alone
 _TMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{12}\.tmp$")  # files.write_bytes_atomic's temp names
 
 try:
@@ -59,6 +61,14 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[-1].split()[19]  # field 22, counted after the (command)
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (Linux): containers sharing a hostname have different ones."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -68,7 +78,10 @@ def _pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return True
+    try:  # a zombie (exited, not yet reaped by its parent) holds nothing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @dataclass(frozen=True)
@@ -79,18 +92,25 @@ class Holder:
     pid: int
     host: str
     start: str | None = None
+    ns: str | None = None  # pid namespace
 
     def __str__(self) -> str:
         return f"pid {self.pid} on {self.host}"
 
     @classmethod
     def me(cls, job_id: str) -> Holder:
-        return cls(job_id, os.getpid(), socket.gethostname(), _start_time(os.getpid()))
+        return cls(job_id, os.getpid(), socket.gethostname(), _start_time(os.getpid()), _pid_namespace())
+
+    def is_me(self) -> bool:
+        return self.pid == os.getpid() and self.host == socket.gethostname() and self.ns == _pid_namespace()
 
     def alive(self, age_s: float) -> bool:
-        """Is the holder still running? ``age_s``: seconds since the claim was last refreshed."""
-        if self.host != socket.gethostname():
-            return age_s < STALE_AFTER_S
+        """Is the holder still running? ``age_s``: seconds since the claim was last refreshed. Its pid is
+        asked only on the same host, in the same pid namespace, on a system where signal 0 probes."""
+        if age_s >= STALE_AFTER_S:  # no heartbeat for that long: gone, suspended or hung
+            return False
+        if self.host != socket.gethostname() or self.ns != _pid_namespace() or os.name == "nt":
+            return True
         if not _pid_alive(self.pid):
             return False
         return self.start is None or _start_time(self.pid) in (None, self.start)
@@ -117,24 +137,44 @@ class Claims:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """Hold the claims folder's lock (a ``flock`` on the folder itself, so it leaves no file)."""
+        """Hold the claims lock: ``flock`` on ``.claims/.lock`` (a regular file opened read-write, as
+        NFS needs). Where no lock can be taken (Windows, a filesystem without locks) the ``O_EXCL``
+        create of each claim decides alone, after one warning."""
+        lock = self.dir / _LOCK_NAME
         while True:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.dir, os.O_RDONLY)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
             except FileNotFoundError:
-                continue  # removed by a run finishing right now: make it again
+                continue  # the folder was removed by a run finishing right now: make it again
             except OSError as e:
                 raise StorageError(f"cannot create the claims folder {self.dir}: {e.strerror or e}") from None
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_nlink > 0:
+            if not self._flock(fd):
                 break
-            os.close(fd)  # it was removed while this run waited for its lock
+            try:
+                current = os.stat(lock)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+            os.close(fd)  # removed (with its folder) while this run waited for it: take the new one
         try:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+    def _flock(self, fd: int) -> bool:
+        global _LOCKS_WORK
+        if fcntl is None or not _LOCKS_WORK:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            _LOCKS_WORK = False
+            logger.warning("cannot lock %s (%s): claims rely on exclusive creates alone", self.dir, e.strerror or e)
+            return False
+        return True
 
     def acquire(self, job_id: str, output: Path) -> Holder | None:
         """Claim ``output`` for ``job_id``: ``None`` once it is ours, else the live holder of the claim.
@@ -170,13 +210,16 @@ class Claims:
         """The live holder of the claim file ``path``; None when there is none or it is stale."""
         try:
             age = time.time() - path.stat().st_mtime
+        except OSError:
+            return None
+        try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            holder = Holder(str(data["job_id"]), int(data["pid"]), str(data["host"]), data.get("start"))
+            holder = Holder(str(data["job_id"]), int(data["pid"]), str(data["host"]), data.get("start"), data.get("ns"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):  # being written right now, or cut short
             return Holder(job_id="?", pid=-1, host="?") if age < _UNREADABLE_GRACE_S else None
-        if holder.pid == os.getpid() and holder.host == socket.gethostname():
+        if holder.is_me():
             return None  # ours (a claim this process left, e.g. a retried job)
         if holder.alive(age):
             return holder
@@ -184,10 +227,20 @@ class Claims:
         return None
 
     def release(self, output: Path) -> None:
+        """Give up the claim of ``output`` — unless another run took it over meanwhile (this run was
+        suspended past :data:`STALE_AFTER_S`, say): then it is that run's and stays."""
         path = self.held.pop(Path(output), None)
-        if path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        if path is None:
+            return
+        with contextlib.suppress(StorageError), self._locked():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return
+            if isinstance(data, dict) and Holder(str(data.get("job_id")), data.get("pid"), str(data.get("host")),
+                                                 data.get("start"), data.get("ns")).is_me():  # fmt: skip
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
     def release_all(self) -> None:
         """Release every claim held, and remove the claims folder once no run holds any."""
@@ -196,7 +249,9 @@ class Claims:
         if not self.dir.is_dir():
             return
         with contextlib.suppress(StorageError), self._locked(), contextlib.suppress(OSError):
-            self.dir.rmdir()  # fails while other runs' claims are in it
+            if [p.name for p in self.dir.iterdir()] == [_LOCK_NAME]:
+                (self.dir / _LOCK_NAME).unlink()
+                self.dir.rmdir()
 
     def heartbeat(self) -> None:
         """Refresh the claims held (at most every :data:`HEARTBEAT_S`), so other hosts see them live."""
@@ -208,23 +263,27 @@ class Claims:
             with contextlib.suppress(OSError):
                 os.utime(path)
 
-    def remove_orphan_temps(self) -> int:
-        """Delete temporary files of writes cut short (``kill -9``) whose output no live run holds."""
+    def remove_orphan_temps(self, outputs: Iterable[Path]) -> int:
+        """Delete temporary files of writes cut short (``kill -9``) next to the planned ``outputs``
+        (relative paths): a temp file whose output no live run holds. Other files are never touched."""
+        by_folder: dict[Path, set[str]] = {}
+        for output in outputs:
+            by_folder.setdefault(self.out_dir / Path(output).parent, set()).add(Path(output).name)
         removed = 0
-        if not self.out_dir.is_dir():
-            return 0
-        for root, dirs, names in os.walk(self.out_dir):
-            dirs[:] = [d for d in dirs if d != CLAIMS_DIR]
-            for name in names:
+        for folder, names in by_folder.items():
+            try:
+                entries = [e.name for e in os.scandir(folder)]
+            except OSError:
+                continue
+            for name in entries:
                 match = _TMP.match(name)
-                if match is None:
+                if match is None or match["name"] not in names:
                     continue
-                tmp = Path(root) / name
-                output = tmp.with_name(match["name"]).relative_to(self.out_dir)
+                output = (folder / match["name"]).relative_to(self.out_dir)
                 if self.holder(self.path(output)) is not None:
                     continue  # a live run is writing it right now
                 with contextlib.suppress(OSError):
-                    tmp.unlink()
+                    (folder / name).unlink()
                     removed += 1
         if removed:
             logger.info("removed %d temporary file(s) left by an interrupted run in %s", removed, self.out_dir)

@@ -645,7 +645,7 @@ class ManifestWriter:
     :func:`read_manifest`), then appends; each :meth:`write` appends its whole line with one
     ``write`` under an exclusive ``flock`` and fsyncs, so several runs sharing an output folder
     append to one manifest without interleaving. ``exclusive=True`` holds the lock from open to
-    close instead (a manifest shard, written by one process; see :func:`is_locked`).
+    close instead (a manifest shard, written by one process, which a merge takes only once it is unlocked).
 
     Raises:
         StorageError: the storage is full, over quota or read-only (the run stops).
@@ -661,15 +661,31 @@ class ManifestWriter:
         """Open for appending (creating parent directories)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+            self._fd = self._open_locked() if self.exclusive else self._open()
             with self._lock():
                 _repair_tail(self.path)
-            if self.exclusive:
-                _flock(self._fd, True)
         except OSError as e:
             self.close()
             raise storage_error(e, f"cannot open manifest {self.path}", UsageError) from None
         return self
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+
+    def _open_locked(self) -> int:
+        """Open and lock a shard that is still the one at ``self.path`` (a merge may have taken and
+        unlinked the file between the open and the lock: then open a new one)."""
+        while True:
+            fd = self._open()
+            _flock(fd, True)
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                return fd
+            os.close(fd)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -689,10 +705,16 @@ class ManifestWriter:
         line = (json.dumps(dict(entry), ensure_ascii=False, sort_keys=True, default=str) + "\n").encode("utf-8")
         try:
             with self._lock():
-                written = os.write(self._fd, line)
-                if written != len(line):  # a short write (disk full): the rest, or an error
-                    os.write(self._fd, line[written:])
-                os.fsync(self._fd)
+                size = os.fstat(self._fd).st_size
+                try:
+                    view = memoryview(line)
+                    while view:  # a short write (disk full) goes on with the rest, or fails
+                        view = view[os.write(self._fd, view) :]
+                    os.fsync(self._fd)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.truncate(self.path, size)  # no torn line for the next writer to append after
+                    raise
         except OSError as e:
             raise storage_error(e, f"cannot write manifest {self.path}", UsageError) from None
 
@@ -722,16 +744,19 @@ def _flock(fd: int, lock: bool, *, blocking: bool = True) -> bool:
     return True
 
 
-def is_locked(path: Path) -> bool:
-    """True while a :class:`ManifestWriter` with ``exclusive=True`` holds ``path`` (a live shard)."""
+def try_lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting: False when another holder has it, or when
+    this filesystem cannot lock (then nothing can tell a live file from a finished one: leave it)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return _flock(fd, True, blocking=False)
     except OSError:
         return False
-    try:
-        return not _flock(fd, True, blocking=False)
-    finally:
-        os.close(fd)
+
+
+#: Manifest shards: ``.manifest.rankN.HOST-PID.jsonl`` of a distributed run's processes,
+#: ``.manifest.shard-K-of-N.HOST-PID.jsonl`` of ``--shard K/N`` runs; folded into ``manifest.jsonl`` by the
+#: next run that finds them unlocked (their writers hold them locked while they run).
+SHARD_GLOB = ".manifest.*.jsonl"
 
 
 def read_manifest(path: Path) -> list[dict]:

@@ -5,7 +5,9 @@ seed mode, whose noise device it checks).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from easyref_cli import files
 from easyref_cli.errors import InputError, UsageError
@@ -21,25 +23,31 @@ class Existing:
         self.plan = plan
         self._manifest: dict[str, dict] | None = None
 
-    def record(self, path: Path) -> dict:
+    def record(self, path: Path, *, fresh: bool = False) -> dict:
+        """The record of the image at ``path``: its PNG's, else its manifest line's (``fresh``: the
+        manifest is read again when the image is not in the copy read before — another run may have
+        written it since)."""
         try:
             return files.read_png_record(path)
         except InputError:
-            if self._manifest is None:
+            if self._manifest is None or (fresh and str(path) not in self._manifest):
                 self._manifest = _manifest_records(self.plan.out_dir)
             return self._manifest.get(str(path), {})
 
     def is_ours(self, job: Job, record: dict) -> bool:
         """``record`` describes ``job``'s image: the same id, or an image of easyref-cli 0.2 and earlier
         (ids from model paths) whose references still have the recorded content; its noise device too."""
-        if record.get("job_id") != job.job_id and not _legacy_match(job, record):
+        if record.get("job_id") != job.job_id and not _legacy_match(job, record, self.plan.model_identity):
             return False
         return _same_noise_device(job, record, self.plan.device)
 
 
-def _legacy_match(job: Job, record: dict) -> bool:
+def _legacy_match(job: Job, record: dict, identity: Mapping[str, Any]) -> bool:
     if "model_identity" in record or not job.legacy_id or record.get("job_id") != job.legacy_id:
         return False
+    adapter = str(identity.get("adapter", ""))
+    if adapter.startswith("sha256:") and record.get("adapter_sha256") not in (None, adapter.removeprefix("sha256:")):
+        return False  # retrained at the same path
     refs = record.get("references")
     recorded = [r.get("sha256") for r in refs if isinstance(r, dict)] if isinstance(refs, list) else None
     return recorded == list(job.reference_sha256)
@@ -78,13 +86,16 @@ def check_existing_outputs(plan: Plan) -> None:
 
 def _manifest_records(out_dir: Path) -> dict[str, dict]:
     """The full record of each finished output in ``out_dir``'s manifest, by path (latest line wins)."""
-    path = out_dir / files.MANIFEST_NAME
-    if not path.is_file():
-        return {}
     records = {}
-    for entry in files.read_manifest(path):
-        if entry.get("status") == "ok" and isinstance(entry.get("record"), dict):
-            records[str(entry.get("path"))] = entry["record"]
+    # the manifest, then the shards of runs still going (or not yet folded in), whose lines are newer
+    for path in [out_dir / files.MANIFEST_NAME, *sorted(out_dir.glob(files.SHARD_GLOB))]:
+        try:
+            entries = files.read_manifest(path)
+        except UsageError:
+            continue
+        for entry in entries:
+            if entry.get("status") == "ok" and isinstance(entry.get("record"), dict):
+                records[str(entry.get("path"))] = entry["record"]
     return records
 
 

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -32,11 +32,12 @@ from typing import IO, Any
 
 from easyref_cli import distributed, files
 from easyref_cli.claims import Claims
-from easyref_cli.errors import EasyRefError, JobError, StorageError, UsageError
+from easyref_cli.cooperate import Cooperation
+from easyref_cli.errors import EasyRefError, JobError, StorageError
 from easyref_cli.jobs import Job
-from easyref_cli.models import ensure_built
 from easyref_cli.plan import Plan
-from easyref_cli.records import job_record, relative_references, shareable
+from easyref_cli.records import extras_record, job_record, relative_references, shareable
+from easyref_cli.resolve import ResolvedModels, resolve_models
 from easyref_cli.resume import check_existing_outputs
 from easyref_cli.runlog import RunLog, RunSummary, Stop, job_error
 from easyref_cli.settings import pipeline_values
@@ -79,7 +80,7 @@ def execute(plan: Plan, manifest: Path, *, options: RunOptions, progress: bool) 
                  fail_fast=plan.fail_fast, stop=stop)  # fmt: skip
     try:
         with log, _graceful_signals(stop), Claims(plan.out_dir) as claims:
-            claims.remove_orphan_temps()
+            claims.remove_orphan_temps(job.output for job in plan.jobs)
             for job in plan.jobs:
                 if job.job_id not in pending_ids:
                     log.skipped(job)
@@ -114,77 +115,6 @@ def _phases(plan: Plan, pending: list[Job], options: RunOptions, log: RunLog, pr
     # 4. generate
     GeneratePhase(plan, models, options, log, progress, claims).run(conditions)
     # 5. summary: the log's counts, returned by execute()
-
-
-# ----------------------------------------------------------------------------------------------
-# 1. Resolve models
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ResolvedModels:
-    """Local model paths, the loaded adapter checkpoint, the device and ``(sdxl, encoder)`` dtypes."""
-
-    base_model: Path
-    mllm: Path
-    adapter: Path
-    checkpoint: Any
-    device: str
-    dtypes: tuple[Any, Any]
-
-
-def check_device(device: str | None) -> None:
-    """A device torch can use here, or a UsageError (instead of a traceback after loading models)."""
-    import torch
-
-    if device is None:
-        return
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {device!r} is not a torch device ({exc}); use cpu, cuda, cuda:N, mps…") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine (see `easyref doctor`)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: MPS is not available on this machine")
-
-
-def check_adapter_matches(base_model: Path, checkpoint) -> None:
-    """Validate the adapter against the base UNet's *config* (a weightless skeleton on the meta device)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    try:
-        config = UNet2DConditionModel.load_config(str(base_model), subfolder="unet")
-        with torch.device("meta"):
-            skeleton = UNet2DConditionModel.from_config(config)
-    except Exception as exc:  # noqa: BLE001 - missing/odd config: the full load reports it properly later
-        logger.debug("adapter pre-check skipped: %s", exc)
-        return
-    checkpoint.check_unet(skeleton)
-
-
-def resolve_models(plan: Plan) -> ResolvedModels:
-    """Phase 1. The adapter's sha256 keys the condition cache; it is remembered where planning keeps
-    file hashes (:func:`easyref_cli.identity.hash_memo`: real path, size, mtime, inode), so a multi-GB
-    checkpoint is hashed once, not on every run."""
-    from easyref_cli.env import default_device
-    from easyref_cli.identity import hash_memo
-    from easyref_cli.model import hub
-    from easyref_cli.model.checkpoint import load_checkpoint
-    from easyref_cli.model.pipeline import resolve_dtypes
-
-    ensure_built(plan.model_family)
-    check_device(plan.device)
-    base_model = hub.resolve_folder(plan.models.base_model, "--base-model")
-    mllm = hub.resolve_folder(plan.models.mllm, "--mllm")
-    adapter = hub.resolve_checkpoint(plan.models.adapter)
-    checkpoint = load_checkpoint(adapter, hash_memo=hash_memo())
-    check_adapter_matches(base_model, checkpoint)  # before minutes of encoding, not after
-    device = plan.device or default_device()
-    return ResolvedModels(base_model, mllm, adapter, checkpoint, device, resolve_dtypes(plan.dtype, device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,48 +172,25 @@ class GeneratePhase:
         self._steps = tqdm(total=0, desc="steps", unit="step", leave=False, disable=not self.progress,
                            file=sys.stderr, position=1)  # fmt: skip
         try:
-            claimed = self._claimed(conditions.ready, bar)
-            for batch in batches(claimed, lambda j: requests[j.job_id].batch_key(), self.plan.batch_size):
-                if self.log.stop.requested:
-                    break
-                try:
-                    self._batch(pipe, batch, [requests[j.job_id] for j in batch], conditions)
-                finally:
-                    for job in batch:
-                        self.claims.release(job.output)
-                bar.update(len(batch))
+            cooperation = Cooperation(self.plan, self.claims, self.log, bar.update)
+            self._make(pipe, cooperation.first(conditions.ready), requests, conditions, bar)
+            while cooperation.waiting and not self.log.stop.requested:  # images other runs are making
+                self._make(pipe, cooperation.poll(), requests, conditions, bar)
         finally:
             self._steps.close()
             bar.close()
 
-    def _claimed(self, jobs: Sequence[Job], bar) -> Iterator[Job]:
-        """The jobs this run claims and still has to make, claimed one by one as batches fill."""
-        from easyref_cli.resume import Existing
-
-        for job in jobs:
+    def _make(self, pipe, jobs: Iterable[Job], requests: dict, conditions, bar) -> None:
+        """Batches of ``jobs`` (each claimed), generated and written, their claims released."""
+        for batch in batches(jobs, lambda j: requests[j.job_id].batch_key(), self.plan.batch_size):
             if self.log.stop.requested:
-                return
-            path = self.plan.output_path(job)
-            holder = self.claims.acquire(job.job_id, job.output)
-            if holder is not None:
-                if holder.job_id == job.job_id:
-                    self.log.elsewhere(job, holder)
-                else:
-                    self.log.fail(job, JobError(f"{path} is being made by another run ({holder}) with other settings; "
-                                                "not overwritten (use another -o folder or --name-template)"))  # fmt: skip
-                bar.update(1)
-                continue
-            if path.exists() and not self.plan.overwrite:  # another run finished it since this one was planned
-                existing = Existing(self.plan)
-                if existing.is_ours(job, existing.record(path)):
-                    self.log.skipped(job)
-                else:
-                    self.log.fail(job, JobError(f"{path} was just written by another run with other settings; "
-                                                "not overwritten (use another -o folder or --name-template)"))  # fmt: skip
-                self.claims.release(job.output)
-                bar.update(1)
-                continue
-            yield job
+                break
+            try:
+                self._batch(pipe, batch, [requests[j.job_id] for j in batch], conditions)
+            finally:
+                for job in batch:
+                    self.claims.release(job.output)
+            bar.update(len(batch))
 
     def _load_pipeline(self):
         from easyref_cli.env import package_versions
@@ -292,7 +199,7 @@ class GeneratePhase:
         m, plan = self.models, self.plan
         pipe = EasyRefPipeline.from_pretrained(
             m.base_model, m.mllm, m.checkpoint, device=plan.device, dtype=plan.dtype, attention=plan.attention,
-            compile=self.options.compile, offload=plan.offload,
+            compile=self.options.compile, offload=plan.offload, vae=m.vae, base_config=m.base_config, loras=m.loras,
         )  # fmt: skip
         attention = pipe.attention
         self.run_record = {
@@ -340,6 +247,7 @@ class GeneratePhase:
         # the PNG carries (--metadata, --record-paths).
         record = job_record(job, self.plan.models.as_dict(), references=conditions.references[job.group.name])
         record.update(self.run_record)
+        record.update(extras_record(self.plan.models, self.plan.model_identity))  # --vae, --base-config, --lora
         record["model_identity"] = dict(self.plan.model_identity)  # the models by content, as the job id has them
         if self.plan.model_family is not None:
             record["model"] = self.plan.model_family  # so a replay finds the models without their paths

@@ -178,7 +178,9 @@ def _plant_claim(out: Path, output: str, *, job_id: str, pid: int, host: str | N
     path = c.path(Path(output))
     path.parent.mkdir(parents=True, exist_ok=True)
     start = claims._start_time(pid) if host is None else None
-    holder = {"job_id": job_id, "pid": pid, "host": host or socket.gethostname(), "start": start, "output": output}
+    ns = claims._pid_namespace() if host is None else None
+    holder = {"job_id": job_id, "pid": pid, "host": host or socket.gethostname(), "start": start, "ns": ns,
+              "output": output}  # fmt: skip
     path.write_text(json.dumps(holder))
     if age_s:
         t = time.time() - age_s
@@ -221,33 +223,83 @@ def test_claim_lifecycle(tmp_path):
     c.release_all()
 
 
-def test_a_job_claimed_by_a_live_run_is_left_to_it_or_fails_if_it_is_another_job(tiny, tmp_path):
-    groups = make_groups(tmp_path / "groups", names=("alpha",))
-    out = tmp_path / "out"
-    args = ["generate", groups, "--prompt", "a cat", "-n", "2", "-o", out, *tiny_args(tiny)]
-    plan = build_plan(out_dir=out, groups=[groups], prompt="a cat", cli={"images_per_prompt": 2, "width": 64, "height": 64, "steps": 2},
-                      base_model=str(tiny.base_model), mllm=str(tiny.mllm), adapter=str(tiny.adapter_lora))  # fmt: skip
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
-        planted = _plant_claim(out, "alpha/a-cat_0.png", job_id=plan.jobs[0].job_id, pid=live.pid)
-        res = invoke(*args, "--json")
-        assert res.exit_code == 0, res.output
-        assert not (out / "alpha" / "a-cat_0.png").exists() and (out / "alpha" / "a-cat_1.png").exists()
-        assert "1 made by another run" in res.output
-        assert any(json.loads(line).get("status") == "elsewhere" for line in res.stdout.splitlines() if line)
-        assert [e["status"] for e in manifest(out)] == ["ok"]  # the holder writes its own line
-        assert planted.is_file()  # another run's claim is never removed
+def _sleeper() -> subprocess.Popen:
+    """A live process standing for another run."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 
-        planted = _plant_claim(out, "alpha/a-cat_0.png", job_id="0123456789abcdef", pid=live.pid)
-        res = invoke(*args)
-        assert res.exit_code == 1 and "being made by another run" in res.output
-        assert not (out / "alpha" / "a-cat_0.png").exists()
+
+def _on_first_poll(monkeypatch, action) -> None:
+    """Run ``action`` (what the other run does meanwhile) when this run first looks again at the
+    jobs it waits for: deterministic, whatever the machine's speed."""
+    from easyref_cli import cooperate
+
+    real, done = cooperate.Cooperation.poll, []
+    monkeypatch.setattr(cooperate, "POLL_S", 0.05)
+
+    def poll(self):
+        if not done:
+            done.append(action())
+        return real(self)
+
+    monkeypatch.setattr(cooperate.Cooperation, "poll", poll)
+
+
+def test_a_job_another_run_holds_is_waited_for_taken_over_or_failed(tiny, tmp_path, monkeypatch):
+    groups = make_groups(tmp_path / "groups", names=("alpha",))
+    out, made = tmp_path / "out", tmp_path / "made"
+    args = ["generate", groups, "--prompt", "a cat", "-n", "2", "-o", "*", *tiny_args(tiny)]
+    run = lambda folder, *extra: invoke(*[folder if a == "*" else a for a in args], *extra)  # noqa: E731
+    assert run(made).exit_code == 0  # the image the other run will make
+    plan = build_plan(out_dir=out, groups=[groups], prompt="a cat", cli={"images_per_prompt": 2, "width": 64,
+                      "height": 64, "steps": 2}, base_model=str(tiny.base_model), mllm=str(tiny.mllm),
+                      adapter=str(tiny.adapter_lora))  # fmt: skip
+    job = plan.jobs[0]
+    claim = claims.Claims(out).path(job.output)
+
+    # 1. the other run makes the image while this one waits: counted as made by it, not made twice
+    other = _sleeper()
+    try:
+        _plant_claim(out, job.output.as_posix(), job_id=job.job_id, pid=other.pid)
+
+        def finish():
+            (out / job.output).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(made / job.output, out / job.output)
+            claim.unlink()
+
+        _on_first_poll(monkeypatch, finish)
+        res = run(out, "--json")
     finally:
-        live.kill()
-        live.wait()
-    res = invoke(*args)  # the holder died without finishing: its claim is taken over
+        other.kill()
+        other.wait()
+    assert res.exit_code == 0, res.output
+    assert "1 done, 0 skipped, 0 failed, 1 made by another run" in res.output
+    assert any(json.loads(line).get("status") == "elsewhere" for line in res.stdout.splitlines() if line)
+    assert [e["status"] for e in manifest(out)] == ["ok"]  # the other run writes its own line
+    assert (out / job.output).read_bytes() == (made / job.output).read_bytes()
+    monkeypatch.undo()
+
+    # 2. the other run dies without making it: this run takes its claim over and makes the image
+    (out / job.output).unlink()
+    other = _sleeper()
+    _plant_claim(out, job.output.as_posix(), job_id=job.job_id, pid=other.pid)
+    _on_first_poll(monkeypatch, lambda: (other.kill(), other.wait()))
+    res = run(out)
     assert res.exit_code == 0 and "1 done, 1 skipped" in res.output, res.output
-    assert not (out / claims.CLAIMS_DIR).exists()
+    assert (out / job.output).read_bytes() == (made / job.output).read_bytes()
+    assert not (out / claims.CLAIMS_DIR).exists()  # every claim released, the folder removed
+    monkeypatch.undo()
+
+    # 3. a live run holds the file for another job (other settings): this job fails, nothing is written
+    (out / job.output).unlink()
+    other = _sleeper()
+    try:
+        planted = _plant_claim(out, job.output.as_posix(), job_id="0123456789abcdef", pid=other.pid)
+        res = run(out)
+        assert res.exit_code == 1 and "being made by another run" in res.output, res.output
+        assert not (out / job.output).exists() and planted.is_file()  # another run's claim is never removed
+    finally:
+        other.kill()
+        other.wait()
 
 
 def _run_all(commands: list[list[str]], env: dict) -> list[subprocess.CompletedProcess]:
@@ -337,13 +389,36 @@ def test_a_full_disk_while_writing_the_manifest_stops_cleanly(tiny, tmp_path, mo
     real_write = os.write
 
     def write(fd, data):
-        if b'"status": "ok"' in data:
+        if b'"status": "ok"' in bytes(data):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", write)
     res = invoke("generate", groups, "--prompt", "a cat", "-o", out, *tiny_args(tiny))
     assert res.exit_code == 1 and "cannot write manifest" in res.output and str(out) in res.output, res.output
+    raw = (out / files.MANIFEST_NAME).read_bytes()
+    assert raw == b"" or raw.endswith(b"\n")  # no torn line for the next run to append after
+
+
+def test_a_short_manifest_write_is_rolled_back(tmp_path, monkeypatch):
+    path = tmp_path / files.MANIFEST_NAME
+    with files.ManifestWriter(path) as manifest:
+        manifest.write({"job_id": "a", "status": "ok"})
+        real_write = os.write
+        calls = []
+
+        def short(fd, data):  # half the line lands, then the disk is full
+            calls.append(1)
+            if len(calls) == 1:
+                return real_write(fd, bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "write", short)
+        with pytest.raises(files.StorageError, match="No space left"):
+            manifest.write({"job_id": "b", "status": "ok"})
+        monkeypatch.setattr(os, "write", real_write)
+        manifest.write({"job_id": "c", "status": "ok"})
+    assert [e["job_id"] for e in files.read_manifest(path)] == ["a", "c"]
 
 
 def test_temporary_files_left_by_kill_9_are_removed(tiny, tmp_path):

@@ -7,7 +7,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from easyref_cli import conditions, files
+from easyref_cli import files
 from easyref_cli.cli import app
 
 
@@ -143,10 +143,10 @@ def test_condition_cache_key_follows_the_mllm_weights(tiny, tmp_path):
 
 def test_adapter_sha256_is_remembered_in_the_easyref_home(tiny, ref_group, tmp_path, monkeypatch):
     """Runs (planning their job ids, then loading the adapter) hash a multi-GB adapter once, not every time."""
-    from easyref_cli.identity import hash_memo
-
     import hashlib
     from pathlib import Path
+
+    from easyref_cli.identity import hash_memo
 
     cache = tmp_path / "cache"
     real_hash, hashed = files.sha256_file, []
