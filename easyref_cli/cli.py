@@ -108,7 +108,17 @@ def generate(
         ),
     ] = None,
     prompts: Annotated[
-        Path | None, typer.Option("--prompts", help="YAML prompt file (defaults: + prompts:).", rich_help_panel="Input")
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="Prompt file, or - for standard input: YAML (defaults: + prompts:), .txt (one prompt per line, "
+            "# comments) or .jsonl (one JSON object per line, the keys of a YAML prompts: item, or a JSON string). "
+            "The format goes by extension (.yaml/.yml, .txt, .jsonl/.ndjson); for - or another extension, by "
+            "content: JSONL if every line (blank and # lines aside) starts with {, YAML if it is a mapping with "
+            "prompts:, else one prompt per line.",
+            allow_dash=True,
+            rich_help_panel="Input",
+        ),
     ] = None,
     prompt: Annotated[
         str | None, typer.Option("--prompt", "-p", help="One prompt (instead of --prompts).", rich_help_panel="Input")
@@ -140,6 +150,31 @@ def generate(
     base_model: BaseModelOpt = None,
     mllm: MllmOpt = None,
     adapter: AdapterOpt = None,
+    base_config: Annotated[
+        str | None,
+        typer.Option(
+            "--base-config",
+            help="With a single-file --base-model (an A1111/ComfyUI .safetensors): the SDXL diffusers folder or hub id its component configs come from (default: the SDXL base repo, from the Hugging Face cache).",
+            rich_help_panel="Models",
+        ),
+    ] = None,
+    vae: Annotated[
+        str | None,
+        typer.Option(
+            "--vae",
+            help="A VAE replacing the base model's: diffusers folder, hub id or single .safetensors file (e.g. an fp16-safe SDXL VAE, which is decoded without the fp32 upcast).",
+            rich_help_panel="Models",
+        ),
+    ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            help="A community SDXL LoRA (kohya or diffusers format) as FILE_OR_ID[:WEIGHT], fused after EasyRef's own LoRA; repeat for several. Also 'loras:' in presets and prompt-file defaults.",
+            rich_help_panel="Models",
+            show_default=False,
+        ),
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     attention: Annotated[
@@ -186,6 +221,22 @@ def generate(
             rich_help_panel="Runtime",
         ),
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="K/N: make only the K-th of N shares of the plan (whole groups, the same share whenever it runs), for job arrays and plain parallel processes over a shared OUT; each share writes its own manifest shard, folded into manifest.jsonl when it ends (or by --merge-manifest).",
+            rich_help_panel="Runtime",
+        ),
+    ] = None,
+    merge_manifest: Annotated[
+        bool,
+        typer.Option(
+            "--merge-manifest",
+            help="Fold finished manifest shards into OUT/manifest.jsonl and report how many of the plan's images exist (exit 1 if some are missing); generates nothing.",
+            rich_help_panel="Runtime",
+        ),
+    ] = False,
     name_template: Annotated[
         str | None,
         typer.Option(
@@ -269,13 +320,17 @@ def generate(
     setup_logging(verbose, quiet)
     from easyref_cli.commands.generate import generate as run_generate
 
+    if lora:
+        settings = {**(settings or {}), "loras": lora}
     code = run_generate(
         settings=settings, dry_run=dry_run, json_lines=json_lines, progress=not quiet, cache_dir=cache_dir,
         no_cache=no_cache, compile=compile, num_processes=num_processes, groups=groups or [], out_dir=out,
         prompts_file=prompts, prompt=prompt, from_image=from_image, preset=preset, model=model,
-        base_model=base_model, mllm=mllm, adapter=adapter, device=device, dtype=dtype, attention=attention,
+        base_model=base_model, mllm=mllm, adapter=adapter, vae=vae, base_config=base_config, device=device,
+        dtype=dtype, attention=attention,
         offload=offload, name_template=name_template, overwrite=overwrite, fail_fast=fail_fast, metadata=metadata,
-        record_paths=record_paths, groups_root=groups_root, c2pa_cert=c2pa_cert, c2pa_key=c2pa_key,
+        record_paths=record_paths, groups_root=groups_root, c2pa_cert=c2pa_cert, c2pa_key=c2pa_key, shard=shard,
+        merge_manifest=merge_manifest,
     )  # fmt: skip
     raise typer.Exit(code=code)
 
@@ -326,11 +381,22 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or YAML p
 @handle_errors
 def doctor(
     device: DeviceOpt = None,
+    base_model: BaseModelOpt = None,
+    base_config: Annotated[
+        str | None, typer.Option("--base-config", help="As for generate: show what it resolves to.")
+    ] = None,
+    vae: Annotated[str | None, typer.Option("--vae", help="As for generate: show what it resolves to.")] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option("--lora", help="As for generate (repeatable): show what each resolves to.")
+    ] = None,
 ) -> None:
-    """Versions, devices, dtype support, the attention-backend probe, which default models resolve locally."""
+    """Versions, devices, dtype support, the attention-backend probe, which default models resolve locally,
+    what --base-model/--base-config/--vae/--lora resolve to, and whether output folders here can be shared
+    (file locks)."""
     from easyref_cli.commands.doctor import report
 
-    typer.echo(report(device=device))
+    models = {"base_model": base_model, "base_config": base_config, "vae": vae, "loras": lora or []}
+    typer.echo(report(device=device, models=models))
 
 
 from easyref_cli.eval.command import eval_command, report_command  # noqa: E402 - torch-free at import

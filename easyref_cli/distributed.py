@@ -28,13 +28,25 @@ from easyref_cli.runlog import RunSummary
 
 logger = logging.getLogger(__name__)
 
-SHARD_GLOB = ".manifest.rank*.jsonl"
+SHARD_GLOB = files.SHARD_GLOB
 BARRIER_TIMEOUT_HOURS = 72
 STATUS_ENV = "EASYREF_STATUS_FILE"
 
 
 def shard_path(out_dir: Path, index: int) -> Path:
-    return Path(out_dir) / f".manifest.rank{index}.jsonl"
+    """Process ``index``'s manifest shard, unique to this run (two distributed runs may share OUT)."""
+    import socket
+
+    return Path(out_dir) / f".manifest.rank{index}.{socket.gethostname()}-{os.getpid()}.jsonl"
+
+
+def share_path(out_dir: Path, shard: tuple[int, int]) -> Path:
+    """The manifest shard of a ``--shard K/N`` run (unique per share; the host and pid keep two runs
+    of the same share apart)."""
+    import socket
+
+    k, n = shard
+    return Path(out_dir) / f".manifest.shard-{k}-of-{n}.{socket.gethostname()}-{os.getpid()}.jsonl"
 
 
 def is_distributed() -> bool:
@@ -126,6 +138,13 @@ def run(plan: Plan, execute: Execute, *, progress: bool = True) -> RunSummary:
     """
     procs = current(plan.device)
     try:
+        if procs.count == 1 and plan.shard is not None:
+            k, n = plan.shard  # whole groups of the *plan* (not of what is pending): the same share whenever it starts
+            share = replace(plan, jobs=tuple(shard_jobs(plan.jobs, n, k - 1)))
+            merge_shards(plan.out_dir)  # finished shards of earlier runs; live ones are locked and stay
+            summary = execute(share, share_path(plan.out_dir, plan.shard), progress=progress)
+            merge_shards(plan.out_dir, [j.job_id for j in plan.jobs])  # its own, and any other that finished
+            return summary
         if procs.count == 1:
             merge_shards(plan.out_dir)  # left behind by a crashed distributed run
             return execute(plan, plan.out_dir / files.MANIFEST_NAME, progress=progress)
@@ -144,7 +163,9 @@ def run(plan: Plan, execute: Execute, *, progress: bool = True) -> RunSummary:
             summary.worker = True
             return summary
         merged = merge_shards(plan.out_dir, [j.job_id for j in plan.jobs])
-        total = RunSummary.of(merged, total=len(plan.jobs), interrupted=summary.interrupted)
+        ours = {j.job_id for j in plan.jobs}  # another run's finished shards may be folded in too
+        total = RunSummary.of([e for e in merged if e.get("job_id") in ours], total=len(plan.jobs),
+                              interrupted=summary.interrupted)  # fmt: skip
         total.stopped = summary.stopped
         return total
     finally:
@@ -152,27 +173,42 @@ def run(plan: Plan, execute: Execute, *, progress: bool = True) -> RunSummary:
 
 
 def merge_shards(out_dir: Path, job_order: Sequence[str] = ()) -> list[dict]:
-    """Append every manifest shard's lines to ``manifest.jsonl`` (plan order), then delete the shards.
+    """Append every finished manifest shard's lines to ``manifest.jsonl`` (plan order), then delete
+    those shards. Returns the merged entries.
 
-    Also picks up shards a crashed run left behind. Returns the merged entries.
+    Also picks up shards a crashed run left behind. A shard is taken only under its own exclusive
+    lock: a live writer holds it (its shard stays), and of two runs merging at once each shard goes
+    to one of them (the other finds it locked, or already unlinked).
     """
     out_dir = Path(out_dir)
-    shards = sorted(s for s in out_dir.glob(SHARD_GLOB) if not files.is_locked(s))  # locked: a live run's
-    if not shards:
-        return []
     order = {job_id: i for i, job_id in enumerate(job_order)}
     entries: list[tuple[int, int, int, dict]] = []
-    for rank, shard in enumerate(shards):
-        for line, entry in enumerate(files.read_manifest(shard)):
-            entries.append((order.get(str(entry.get("job_id")), len(order)), rank, line, entry))
-    entries.sort(key=lambda e: e[:3])
-    merged = [e[3] for e in entries]
-    with files.ManifestWriter(out_dir / files.MANIFEST_NAME) as manifest:
-        for entry in merged:
-            manifest.write(entry)
-    for shard in shards:
-        shard.unlink(missing_ok=True)
-    return merged
+    taken: list[tuple[Path, int]] = []
+    try:
+        for rank, shard in enumerate(sorted(out_dir.glob(SHARD_GLOB))):
+            try:
+                fd = os.open(shard, os.O_RDWR)  # NFS locks exclusively only what is open for writing
+            except OSError:
+                continue
+            if not files.try_lock(fd) or os.fstat(fd).st_nlink == 0:  # live, or merged a moment ago
+                os.close(fd)
+                continue
+            taken.append((shard, fd))
+            for line, entry in enumerate(files.read_manifest(shard)):
+                entries.append((order.get(str(entry.get("job_id")), len(order)), rank, line, entry))
+        if not taken:
+            return []
+        entries.sort(key=lambda e: e[:3])
+        merged = [e[3] for e in entries]
+        with files.ManifestWriter(out_dir / files.MANIFEST_NAME) as manifest:
+            for entry in merged:
+                manifest.write(entry)
+        for shard, _ in taken:
+            shard.unlink(missing_ok=True)
+        return merged
+    finally:
+        for _, fd in taken:
+            os.close(fd)
 
 
 def relaunch(num_processes: int, argv: Sequence[str]) -> int:

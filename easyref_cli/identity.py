@@ -28,10 +28,14 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from easyref_cli import files
 from easyref_cli.errors import EasyRefError, InputError
 from easyref_cli.files import Group
+
+if TYPE_CHECKING:
+    from easyref_cli.models import ModelIds
 
 logger = logging.getLogger(__name__)
 
@@ -124,15 +128,23 @@ def content_id(spec: str, hashes: FileHashes) -> str:
     return spec  # a hub id, or a path that does not exist (the run says so when it resolves it)
 
 
-def model_identity(models: dict[str, str], family: str | None, memo: Path | None = None) -> dict[str, str]:
-    """The job-id identity of the run's three models (``base_model``, ``mllm``, ``adapter``)."""
-    if family == "tiny":
-        from easyref_cli.tiny import _BUILD_VERSION
-
-        return {key: f"{_BUILD_VERSION}/{key}" for key in models}
+def model_identity(models: ModelIds, family: str | None, memo: Path | None = None) -> dict[str, Any]:
+    """The job-id identity of the run's models: the three EasyRef models, then any ``vae``,
+    ``base_config`` and ``loras`` (``[[content id, weight], ...]``) given."""
     hashes = FileHashes(hash_memo() if memo is None else memo)
     try:
-        return {key: content_id(spec, hashes) for key, spec in models.items()}
+        if family == "tiny":
+            from easyref_cli.tiny import _BUILD_VERSION
+
+            out: dict[str, Any] = {key: f"{_BUILD_VERSION}/{key}" for key in models.as_dict()}
+        else:
+            out = {key: content_id(spec, hashes) for key, spec in models.as_dict().items()}
+        for key in ("vae", "base_config"):
+            if getattr(models, key) is not None:
+                out[key] = content_id(getattr(models, key), hashes)
+        if models.loras:
+            out["loras"] = [[content_id(spec, hashes), weight] for spec, weight in models.loras]
+        return out
     finally:
         hashes.save()
 

@@ -61,7 +61,7 @@ class Job:
 def make_job(
     *, group: Group, prompt_id: str, prompt: str, caption: str, index: int,
     settings: GenerationSettings, template: str, preset: str | None, models: ModelIds,
-    identity: Mapping[str, str], references: tuple[str | None, ...],
+    identity: Mapping[str, Any], references: tuple[str | None, ...],
 ) -> Job:  # fmt: skip
     """One :class:`Job`: its id from everything that changes pixels, its output from the template.
 
@@ -72,7 +72,7 @@ def make_job(
     common = dict(group=group.name, prompt_id=prompt_id, prompt=prompt, caption=caption,
                   **identity_values(settings), **stream)  # fmt: skip
     job_id = make_job_id(**common, models=dict(identity), references=list(references))
-    legacy_id = make_job_id(**common, **models.as_dict())
+    legacy_id = "" if models.extras() else make_job_id(**common, **models.as_dict())  # 0.2 had no vae/LoRA
     output = render_name(
         template, group=group.name, prompt_id=prompt_id, seed=settings.seed, index=index, preset=preset
     )

@@ -7,6 +7,7 @@ Torch-free: a plan only needs the ids (paths or hub ids). The tiny family's weig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, DEFAULT_MLLM
 from easyref_cli.env import easyref_home
@@ -41,14 +42,28 @@ MODEL_NOTICES = {
 
 @dataclass(frozen=True)
 class ModelIds:
-    """The three models of a run, as given (hub ids or local paths)."""
+    """The models of a run, as given (hub ids or local paths): the three EasyRef needs, and what the
+    SDXL ecosystem adds — a ``vae`` to replace the base model's, the ``base_config`` folder a
+    single-file base model takes its component configs from, and community ``loras`` as
+    ``(file or hub id, weight)`` pairs fused in order after EasyRef's own LoRA."""
 
     base_model: str = DEFAULT_BASE_MODEL
     mllm: str = DEFAULT_MLLM
     adapter: str = DEFAULT_ADAPTER
+    vae: str | None = None
+    base_config: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()
 
     def as_dict(self) -> dict[str, str]:
+        """The three EasyRef models (what records and job ids always carried)."""
         return {"base_model": self.base_model, "mllm": self.mllm, "adapter": self.adapter}
+
+    def extras(self) -> dict[str, Any]:
+        """The ecosystem models given (none of them: ``{}``, so plain runs keep their ids and records)."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in ("vae", "base_config") if getattr(self, k) is not None}
+        if self.loras:
+            out["loras"] = [[spec, weight] for spec, weight in self.loras]
+        return out
 
 
 def _tiny_ids() -> dict[str, str]:
@@ -114,3 +129,28 @@ def ensure_built(family: str | None) -> None:
                 f"--model tiny cannot build its models in {folder} ({detail}); they are built there on first use: "
                 f"set EASYREF_HOME (now {home}) to a writable folder, or pass --base-model/--mllm/--adapter"
             ) from None
+
+
+def check_extra_models(models: ModelIds) -> None:
+    """``--vae``, ``--base-config`` and each LoRA name an existing path or a hub id (checked at planning).
+
+    Raises:
+        UsageError: naming the flag and the value.
+    """
+    from pathlib import Path
+
+    from easyref_cli.model.hub import is_repo_id  # torch-free
+
+    if models.base_config is not None and Path(models.base_model).expanduser().is_dir():
+        raise UsageError(
+            f"--base-config is for a single-file --base-model; {models.base_model} is a diffusers folder with its own configs"
+        )
+    given = [("--vae", models.vae), ("--base-config", models.base_config)]
+    given += [("--lora", spec) for spec, _ in models.loras]
+    for flag, spec in given:
+        if spec is None or Path(spec).expanduser().exists():
+            continue
+        parts = spec.split("/")
+        if is_repo_id(spec) or (len(parts) >= 3 and is_repo_id("/".join(parts[:2]))):
+            continue
+        raise UsageError(f"{flag} {spec}: no such file or folder (and not a hub id like owner/name or owner/name/file)")

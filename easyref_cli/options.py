@@ -27,7 +27,7 @@ BaseModelOpt = Annotated[
     str | None,
     typer.Option(
         "--base-model",
-        help="SDXL diffusers folder or hub id (default stabilityai/stable-diffusion-xl-base-1.0).",
+        help="SDXL diffusers folder, hub id, or single-file checkpoint (.safetensors, A1111/ComfyUI layout; see --base-config). Default: stabilityai/stable-diffusion-xl-base-1.0.",
         rich_help_panel="Models",
     ),
 ]

@@ -19,17 +19,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from easyref_cli import files
 from easyref_cli.errors import UsageError
-from easyref_cli.files import Group, find_groups, sha256_file
+from easyref_cli.files import Group, find_groups
 from easyref_cli.identity import model_identity, reference_digests
 from easyref_cli.jobs import Job, make_job
-from easyref_cli.model.hub import is_repo_id  # torch-free
-from easyref_cli.models import MODEL_DEFAULTS, ModelIds, chosen_models
+from easyref_cli.models import MODEL_DEFAULTS, ModelIds, check_extra_models, chosen_models
 from easyref_cli.naming import DEFAULT_NAME_TEMPLATE, assign_prompt_ids
 from easyref_cli.presets import load_preset
-from easyref_cli.prompts import PromptFile, PromptSpec, load_prompt_file
-from easyref_cli.records import parse_record
+from easyref_cli.prompts import PromptFile, PromptSpec, load_prompts
+from easyref_cli.replay import read_replay
 from easyref_cli.runtime import Runtime, check_runtime
 from easyref_cli.settings import (
     MAX_SEED,
@@ -68,7 +66,8 @@ class Plan:
     record_paths: str = "relative"
     c2pa_cert: Path | None = None
     c2pa_key: Path | None = None
-    model_identity: Mapping[str, str] = field(default_factory=dict)  # content ids (easyref_cli.identity)
+    shard: tuple[int, int] | None = None
+    model_identity: Mapping[str, Any] = field(default_factory=dict)  # content ids (easyref_cli.identity)
 
     @property
     def groups(self) -> tuple[Group, ...]:
@@ -225,7 +224,7 @@ def _seeds(spec: PromptSpec, settings: GenerationSettings) -> tuple[int, ...]:
 
 def _expand(
     groups: Sequence[Group], prompt_file: PromptFile, base: GenerationSettings, *,
-    template: str, preset: str | None, models: ModelIds, identity: Mapping[str, str],
+    template: str, preset: str | None, models: ModelIds, identity: Mapping[str, Any],
 ) -> list[Job]:  # fmt: skip
     """Jobs, group-major: each prompt's own settings over ``base``, one job per seed."""
     per_prompt = []
@@ -263,6 +262,8 @@ def build_plan(
     base_model: str | None = None,
     mllm: str | None = None,
     adapter: str | None = None,
+    vae: str | None = None,
+    base_config: str | None = None,
     **runtime_options: Any,
 ) -> Plan:
     """Validate everything and expand groups × prompts × seeds (or one recorded image) into a Plan.
@@ -284,6 +285,7 @@ def build_plan(
             raise UsageError(
                 "--from-image regenerates one recorded image: give no GROUPS, --prompts, --prompt or --preset"
             )
+        chosen.update({k: v for k, v in (("vae", vae), ("base_config", base_config)) if v is not None})
         return _replay_plan(Path(from_image), out_dir, dict(cli or {}), chosen, model, runtime, groups_root)
     if not groups:
         raise UsageError("give at least one GROUPS folder (or --from-image IMAGE.png)")
@@ -292,11 +294,12 @@ def build_plan(
     preset_settings: Mapping[str, Any] = {}
     if preset is not None:
         preset_settings = load_preset(preset)
-    prompt_file = load_prompt_file(Path(prompts_file)) if prompts_file is not None else PromptFile.single(prompt)
+    prompt_file = load_prompts(prompts_file) if prompts_file is not None else PromptFile.single(prompt)
     found = _find_groups(groups, prompt_file)
     base = resolve_settings(MODEL_DEFAULTS.get(model or ""), preset_settings, prompt_file.defaults, cli_settings)
-    models = ModelIds(**chosen)
-    identity = model_identity(models.as_dict(), model)
+    models = ModelIds(**chosen, vae=vae, base_config=base_config, loras=base.loras)
+    check_extra_models(models)
+    identity = model_identity(models, model)
     jobs = _expand(
         found, prompt_file, base, template=runtime.name_template, preset=preset, models=models, identity=identity
     )
@@ -306,78 +309,24 @@ def build_plan(
     )  # fmt: skip
 
 
-def _replay_references(replay, root: Path, source: str) -> tuple[Path, ...]:
-    """The recorded references, relative ones under ``root``, each present with its recorded sha256."""
-    paths = []
-    for recorded, digest in zip(replay.references, replay.reference_sha256, strict=True):
-        path = recorded if recorded.is_absolute() else root / recorded
-        if not path.is_file():
-            where = "" if recorded.is_absolute() else f" under {root} (--groups-root sets where references are)"
-            raise UsageError(f"{source}: reference image {recorded}{where} no longer exists")
-        if digest and sha256_file(path) != digest:
-            raise UsageError(
-                f"{source}: reference image {path} has changed since the image was made "
-                f"(sha256 {digest[:12]}… recorded)"
-            )
-        paths.append(path)
-    return tuple(paths)
-
-
-def _replay_models(record: dict, replay, chosen: dict[str, str], family: str | None, source: str):
-    """Models: those chosen on the command line, else the record's family, else the record's ids; a
-    model the record names without its path (records leave paths out) must be given."""
-    if not chosen and family is None and record.get("model") in MODEL_DEFAULTS:
-        family = record["model"]
-        chosen = chosen_models(family)
-    models = ModelIds(**{**replay.models, **chosen})
-    for key, flag in (("base_model", "--base-model"), ("mllm", "--mllm"), ("adapter", "--adapter")):
-        value = getattr(models, key)
-        if key not in chosen and not Path(value).is_absolute() and not Path(value).exists() and not is_repo_id(value):
-            raise UsageError(
-                f"{source}: the record names its {key.replace('_', ' ')} {value!r} without its location "
-                f"(records leave local paths out); pass {flag} PATH"
-            )
-    return models, family
-
-
 def _replay_plan(
     image: Path, out_dir: Path, cli: dict[str, Any], chosen: dict[str, str], family: str | None, runtime: Runtime,
     groups_root: Path | None = None,
 ) -> Plan:  # fmt: skip
-    """A one-job plan that regenerates the image ``image``'s record describes.
-
-    The instruction and caption are reused verbatim; models come from the command line, else the
-    record; every reference file must still exist (relative ones under ``groups_root``, default the
-    current folder) with its recorded sha256.
-    """
-    record = files.read_png_record(image)
-    given = sorted(k for k, v in cli.items() if v is not None and k != "batch_size")
-    if given:
-        flags = ", ".join(flag_of(k) for k in given)
-        raise UsageError(f"--from-image takes its settings from the image's record; {flags} cannot change them")
-    source = str(image)
-    replay = parse_record(record, source=source)
-    refs = _replay_references(replay, Path(groups_root) if groups_root is not None else Path.cwd(), source)
-    recorded_device = record.get("device")
-    if replay.settings.seed_mode == "official" and isinstance(recorded_device, str):
-        # its noise stream was drawn on that kind of device: another kind gives another picture
-        if runtime.device is None:
-            runtime = replace(runtime, device=recorded_device)
-        elif runtime.device.split(":")[0] != recorded_device:
-            raise UsageError(
-                f"{source}: its seed_mode official noise was drawn on {recorded_device}; replay it with "
-                f"--device {recorded_device} (another device type draws another stream)"
-            )
-    models, family = _replay_models(record, replay, chosen, family, source)
-    group = Group(name=replay.group, path=refs[0].parent, images=refs, ignored=())
-    identity = model_identity(models.as_dict(), family)
+    """A one-job plan that regenerates the image ``image``'s record describes (:mod:`easyref_cli.replay`)."""
+    given = sorted(k for k, v in cli.items() if v is not None and k not in ("batch_size", "loras"))
+    if cli.get("loras"):  # where the recorded LoRAs are (their content is checked against the record)
+        chosen = {**chosen, "loras": _check_cli_settings({"loras": cli["loras"]})["loras"]}
+    r = read_replay(Path(image), chosen, family, runtime, groups_root, refuse=[flag_of(k) for k in given])
+    identity = model_identity(r.models, r.family)
+    r.check_identity(identity, str(image))
     job = make_job(
-        group=group, prompt_id=replay.prompt_id, prompt=replay.prompt, caption=replay.caption, index=replay.index,
-        settings=replay.settings, template=runtime.name_template, preset=replay.preset, models=models,
-        identity=identity, references=reference_digests(group),
+        group=r.group, prompt_id=r.replay.prompt_id, prompt=r.replay.prompt, caption=r.replay.caption,
+        index=r.replay.index, settings=r.replay.settings, template=r.runtime.name_template, preset=r.replay.preset,
+        models=r.models, identity=identity, references=reference_digests(r.group),
     )  # fmt: skip
     batch_size = _check_cli_settings({"batch_size": cli.get("batch_size")}).get("batch_size", 1)
     return _finish(
-        [job], runtime, out_dir=Path(out_dir), models=models, model_family=family, batch_size=batch_size,
-        preset=replay.preset, model_identity=identity,
+        [job], r.runtime, out_dir=Path(out_dir), models=r.models, model_family=r.family, batch_size=batch_size,
+        preset=r.replay.preset, model_identity=identity,
     )  # fmt: skip

@@ -1,22 +1,51 @@
 """The prompt file: ``defaults:`` (any setting) and ``prompts:`` (strings or mappings). Torch-free.
 
-Every problem is reported at once, each as ``file:line: where: message``.
+Three formats make the same :class:`PromptFile` (so the same plan):
+
+* **YAML** — a mapping with an optional ``defaults:`` (any setting) and a ``prompts:`` list of
+  strings or mappings (keys in :data:`PROMPT_KEYS`);
+* **text** — one prompt per line; blank lines and lines starting with ``#`` are skipped, a ``#``
+  later in a line is part of the prompt, leading and trailing whitespace is stripped;
+* **JSON Lines** — one JSON object per line with the keys of a YAML ``prompts:`` item, or a bare
+  JSON string (a prompt); blank lines (and ``#`` lines) are skipped.
+
+Text and JSON Lines have no ``defaults:``: settings come from the command line and the preset.
+
+The format: by extension — ``.yaml``/``.yml`` YAML, ``.txt`` text, ``.jsonl``/``.ndjson`` JSON
+Lines; for standard input (``--prompts -``) or any other extension, by content — JSON Lines if
+every non-blank line not starting with ``#`` starts with ``{``; else YAML if the text parses to a
+mapping with a ``prompts:`` (or ``defaults:``) key, or does not parse but has such a top-level key
+line (so its YAML error is reported); otherwise text.
+
+Every problem is reported at once, each as ``file:line: where: message`` (standard input is
+``<stdin>``).
 """
 
 from __future__ import annotations
 
+import json
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from easyref_cli.errors import UsageError
 from easyref_cli.settings import MAX_SEED, PER_PROMPT_KEYS, Invalid, as_int, validate_settings
-from easyref_cli.yamlio import Problem, format_problems, line_of, load_yaml_with_lines
+from easyref_cli.yamlio import Problem, format_problems, line_of, load_yaml_text_with_lines, read_text
 
 #: Every key a prompt mapping may hold: the text, its id, the per-prompt settings, seeds and groups.
 PROMPT_KEYS: tuple[str, ...] = ("prompt", "id", *PER_PROMPT_KEYS, "seeds", "groups")
 PROMPT_FILE_KEYS = ("defaults", "prompts")
+
+#: ``--prompts -``: read the prompt file from standard input, named ``<stdin>`` in errors.
+STDIN = "-"
+STDIN_NAME = "<stdin>"
+#: The prompt file formats, by file extension; another extension (or stdin) is told by content.
+FORMAT_BY_SUFFIX = {".yaml": "yaml", ".yml": "yaml", ".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+#: The extension that makes a file of each format read as that format.
+SUFFIX_BY_FORMAT = {"yaml": ".yaml", "txt": ".txt", "jsonl": ".jsonl"}
 
 
 @dataclass(frozen=True)
@@ -174,6 +203,11 @@ def _check_prompts(data: Mapping[str, Any], lines) -> tuple[list[PromptSpec], li
         problems.extend(item_problems)
         if spec is not None:
             specs.append(spec)
+    return specs, problems + _check_unique_ids(specs, lines)
+
+
+def _check_unique_ids(specs: list[PromptSpec], lines: Mapping[tuple, int]) -> list[Problem]:
+    problems: list[Problem] = []
     first_by_id: dict[str, PromptSpec] = {}
     for spec in specs:
         if spec.id is None:
@@ -189,7 +223,7 @@ def _check_prompts(data: Mapping[str, Any], lines) -> tuple[list[PromptSpec], li
             )
         else:
             first_by_id[spec.id] = spec
-    return specs, problems
+    return problems
 
 
 def load_prompt_file(path: Path) -> PromptFile:
@@ -204,7 +238,11 @@ def load_prompt_file(path: Path) -> PromptFile:
             types, ``seed`` with ``seeds``, an empty list, or duplicate ids.
     """
     path = Path(path)
-    data, lines = load_yaml_with_lines(path, what="prompt file")
+    return _yaml_prompt_file(read_text(path, "prompt file"), path)
+
+
+def _yaml_prompt_file(text: str, path: Path) -> PromptFile:
+    data, lines = load_yaml_text_with_lines(text, path, what="prompt file")
     if data is None:
         raise UsageError(f"{path}: the prompt file is empty (it needs a 'prompts:' list)")
     if not isinstance(data, dict):
@@ -224,3 +262,191 @@ def load_prompt_file(path: Path) -> PromptFile:
     if problems:
         raise UsageError(format_problems(path, "invalid prompt file", problems))
     return PromptFile(path=path, defaults=defaults, prompts=tuple(specs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Text, JSON Lines, standard input; the format by extension or content
+# ----------------------------------------------------------------------------------------------
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+#: A top-level ``prompts:``/``defaults:`` key line: YAML even when the document does not parse.
+_YAML_TOP_KEY = re.compile(r"^(prompts|defaults)[ \t]*:(\s|$)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class PromptText:
+    """A prompt file read already — standard input, read once by the command line — and its name in errors."""
+
+    text: str
+    name: str = STDIN_NAME
+
+    @property
+    def format(self) -> str:
+        """``yaml``, ``txt`` or ``jsonl``, told by content (:func:`detect_format`)."""
+        return detect_format(self.text)
+
+    @property
+    def suffix(self) -> str:
+        """The extension a file holding this text needs to be read as the same format."""
+        return SUFFIX_BY_FORMAT[self.format]
+
+
+def is_stdin(source: Any) -> bool:
+    """True for ``--prompts -`` (``"-"`` or ``Path("-")``), not yet read."""
+    return source is not None and not isinstance(source, PromptText) and str(source) == STDIN
+
+
+def read_stdin(stream: IO[Any] | None = None) -> PromptText:
+    """Read all of standard input (or ``stream``) once, as UTF-8 (a BOM dropped).
+
+    Raises:
+        UsageError: standard input closed, unreadable, or not UTF-8.
+    """
+    stream = sys.stdin if stream is None else stream
+    if stream is None:
+        raise UsageError(f"--prompts {STDIN}: standard input is closed; pipe a prompt file in")
+    try:
+        interactive = stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        interactive = False
+    if interactive:  # reading would wait for typing: say how it is meant to be used instead
+        raise UsageError(f"--prompts {STDIN} reads a prompt file piped in (… | easyref generate … --prompts -)")
+    try:
+        raw = getattr(stream, "buffer", stream).read()
+    except OSError as e:
+        raise UsageError(f"cannot read prompt file {STDIN_NAME} (--prompts {STDIN}): {e.strerror or e}") from None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"prompt file {STDIN_NAME} (--prompts {STDIN}) is not UTF-8 text ({e.reason})") from None
+    return PromptText(raw.removeprefix("\ufeff"))
+
+
+def _content_lines(text: str):
+    """(line number, line, stripped line) of each line that is neither blank nor a ``#`` comment."""
+    for number, raw in enumerate(_LINE_BREAK.split(text), 1):
+        stripped = raw.strip()
+        if stripped and not stripped.startswith("#"):
+            yield number, raw, stripped
+
+
+def detect_format(text: str) -> str:
+    """The format of a prompt file's text (no extension to go by): ``jsonl``, ``yaml`` or ``txt``.
+
+    JSON Lines if every non-blank line not starting with ``#`` starts with ``{``; YAML if the text
+    parses to a mapping with ``prompts:`` or ``defaults:``, or fails to parse but has such a
+    top-level key line; otherwise text (one prompt per line).
+    """
+    content = [stripped for _, _, stripped in _content_lines(text)]
+    if content and all(line.startswith("{") for line in content):
+        return "jsonl"
+    try:
+        data, _ = load_yaml_text_with_lines(text, Path(STDIN_NAME), what="prompt file")
+    except UsageError:
+        return "yaml" if _YAML_TOP_KEY.search(text) else "txt"
+    if isinstance(data, dict) and any(key in data for key in PROMPT_FILE_KEYS):
+        return "yaml"
+    return "txt"
+
+
+def _no_prompts(path: Path, what: str) -> UsageError:
+    return UsageError(f"{path}: the prompt file has no prompts ({what})")
+
+
+def _txt_prompt_file(text: str, path: Path) -> PromptFile:
+    specs = tuple(
+        PromptSpec(index=index, prompt=stripped, line=number)
+        for index, (number, _, stripped) in enumerate(_content_lines(text))
+    )
+    if not specs:
+        raise _no_prompts(path, "one prompt per line; blank lines and lines starting with '#' are skipped")
+    return PromptFile(path=path, defaults={}, prompts=specs)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _jsonl_prompt_file(text: str, path: Path, *, detected: bool = False) -> PromptFile:
+    lines: dict[tuple, int] = {}
+    specs: list[PromptSpec] = []
+    problems: list[Problem] = []
+    malformed = False
+    for index, (number, raw, stripped) in enumerate(_content_lines(text)):
+        at, where = ("prompts", index), f"prompts[{index}]"
+        try:
+            item = json.loads(stripped, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            problems.append((number, where, f"duplicate key {e.args[0]!r} in the JSON object"))
+            continue
+        except json.JSONDecodeError as e:
+            column = e.colno + len(raw) - len(raw.lstrip())
+            problems.append((number, where, f"not valid JSON: {e.msg} (column {column})"))
+            malformed = True
+            continue
+        except RecursionError:
+            problems.append((number, where, "JSON nested too deeply"))
+            continue
+        lines[at] = number  # every key of a line is on that line
+        if isinstance(item, dict):
+            lines.update({at + (key,): number for key in item})
+        spec, item_problems = check_prompt_item(item, index, lines)
+        problems += item_problems
+        if spec is not None:
+            specs.append(spec)
+    if not problems and not specs:
+        raise _no_prompts(path, "one JSON object or string per line; blank lines are skipped")
+    problems += _check_unique_ids(specs, lines)
+    if problems:
+        message = format_problems(path, "invalid prompt file", problems)
+        if detected and malformed:
+            message += (
+                "\n(read as JSON Lines because every line starts with '{'; a .txt file is read as one prompt per line)"
+            )
+        raise UsageError(message)
+    return PromptFile(path=path, defaults={}, prompts=tuple(specs))
+
+
+def parse_prompts(text: str, path: Path, fmt: str | None = None) -> PromptFile:
+    """A prompt file's text → :class:`PromptFile`; ``fmt`` (``yaml``/``txt``/``jsonl``) or, if
+    ``None``, told by content (:func:`detect_format`). ``path`` names the file in errors."""
+    detected = fmt is None
+    fmt = detect_format(text) if fmt is None else fmt
+    if fmt == "yaml":
+        return _yaml_prompt_file(text, path)
+    if fmt == "txt":
+        return _txt_prompt_file(text, path)
+    if fmt == "jsonl":
+        return _jsonl_prompt_file(text, path, detected=detected)
+    raise ValueError(f"unknown prompt file format {fmt!r}")
+
+
+def load_prompts(source: str | Path | PromptText, *, stdin: IO[Any] | PromptText | None = None) -> PromptFile:
+    """Read and validate ``--prompts``: a YAML, text or JSON Lines file, or ``-`` (standard input).
+
+    ``source`` may also be a :class:`PromptText` (standard input read already, by the command line);
+    for ``-``, ``stdin`` is that text or the stream to read (default ``sys.stdin``). The format is
+    chosen by extension, else by content (see the module docstring).
+
+    Raises:
+        UsageError: a missing, unreadable or non-UTF-8 file, a directory, and every problem of its
+            content, each as ``file:line: where: message`` (``<stdin>`` for standard input); a file
+            without prompts.
+    """
+    if is_stdin(source):
+        source = stdin if isinstance(stdin, PromptText) else read_stdin(stdin)
+    if isinstance(source, PromptText):
+        return parse_prompts(source.text, Path(source.name))
+    path = Path(source)
+    text = read_text(path, "prompt file")
+    return parse_prompts(text, path, FORMAT_BY_SUFFIX.get(path.suffix.lower()))

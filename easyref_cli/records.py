@@ -48,8 +48,11 @@ def reference_entries(group: Group) -> list[dict[str, str]]:
 
 
 def model_label(spec: str) -> str:
-    """How a record names a model without its location: a hub id as given, a local path by its name."""
-    return spec if is_repo_id(spec) else Path(spec).name
+    """How a record names a model without its location: a hub id (``owner/name`` or
+    ``owner/name/file``) as given, a local path by its name."""
+    parts = spec.split("/")
+    hub_file = len(parts) >= 3 and is_repo_id("/".join(parts[:2])) and not Path(spec).exists()
+    return spec if is_repo_id(spec) or hub_file else Path(spec).name
 
 
 def relative_references(record: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -62,9 +65,11 @@ def shareable(record: Mapping[str, Any]) -> dict[str, Any]:
     root), local models by name. Hashes, settings and everything else are kept."""
     out = dict(record)
     out["references"] = relative_references(record)
-    for key in ("base_model", "mllm", "adapter"):
+    for key in ("base_model", "mllm", "adapter", "vae", "base_config"):
         if isinstance(out.get(key), str):
             out[key] = model_label(out[key])
+    if isinstance(out.get("loras"), list):
+        out["loras"] = [{**lora, "path": model_label(lora["path"])} for lora in out["loras"]]
     return out
 
 
@@ -150,6 +155,28 @@ def _settings(record: Mapping[str, Any], problems: list[str]) -> GenerationSetti
     return from_record(values)
 
 
+def extras_record(models: Any, identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's part for the ecosystem models a run used (:meth:`ModelIds.extras`): ``vae`` and
+    ``base_config`` as given, each LoRA with its weight and content id (``sha256:…`` or a hub id)."""
+    out: dict[str, Any] = {k: v for k, v in models.extras().items() if k != "loras"}
+    if models.loras:
+        ids = identity.get("loras") or [[None, w] for _, w in models.loras]
+        out["loras"] = [
+            {"path": spec, "weight": weight, "content": content}
+            for (spec, weight), (content, _) in zip(models.loras, ids, strict=True)
+        ]
+    return out
+
+
+def _recorded_extras(record: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: record[k] for k in ("vae", "base_config") if isinstance(record.get(k), str)}
+    loras = record.get("loras")
+    if isinstance(loras, list) and loras:
+        out["loras"] = tuple((str(item["path"]), float(item.get("weight", 1.0))) for item in loras
+                             if isinstance(item, Mapping) and isinstance(item.get("path"), str))  # fmt: skip
+    return out
+
+
 def parse_record(record: Mapping[str, Any], *, source: str = "record") -> Replay:
     """The texts, settings, models and reference files a record describes.
 
@@ -177,7 +204,7 @@ def parse_record(record: Mapping[str, Any], *, source: str = "record") -> Replay
         group=str(record.get("group") or "from-image"),
         prompt_id=str(record.get("prompt_id") or slugify(record["prompt"])),
         index=int(record.get("index") or 0),
-        models={k: str(record.get(k) or d) for k, d in defaults.items()},
+        models={**{k: str(record.get(k) or d) for k, d in defaults.items()}, **_recorded_extras(record)},
         preset=record.get("preset") if isinstance(record.get("preset"), str) else None,
         references=tuple(Path(r["path"]) for r in refs),
         reference_sha256=tuple(r.get("sha256") for r in refs),

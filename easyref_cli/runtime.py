@@ -30,6 +30,23 @@ class Runtime:
     record_paths: str = "relative"
     c2pa_cert: Path | None = None
     c2pa_key: Path | None = None
+    shard: tuple[int, int] | None = None  # (K, N): this run makes the K-th of N shares (1-based)
+
+
+def check_shard(value: str | None) -> tuple[int, int] | None:
+    """``--shard K/N`` → ``(K, N)`` with 1 ≤ K ≤ N; ``None`` kept."""
+    if value is None:
+        return None
+    k, sep, n = str(value).strip().partition("/")
+    try:
+        shard = (int(k), int(n)) if sep else None
+    except ValueError:
+        shard = None
+    if shard is None or shard[1] < 1:
+        raise UsageError(f"--shard must be K/N (e.g. 2/8 for the second of eight shares), got {value!r}")
+    if not 1 <= shard[0] <= shard[1]:
+        raise UsageError(f"--shard {value}: K must be between 1 and N={shard[1]}")
+    return shard
 
 
 def _check_c2pa(cert: Path | None, key: Path | None) -> tuple[Path | None, Path | None]:
@@ -59,6 +76,7 @@ def check_runtime(
     record_paths: str | None = None,
     c2pa_cert: Path | None = None,
     c2pa_key: Path | None = None,
+    shard: str | None = None,
 ) -> Runtime:
     """Every runtime option checked and normalised; ``None`` means the default.
 
@@ -74,4 +92,7 @@ def check_runtime(
     metadata = check_choice("--metadata", metadata, METADATA_CHOICES) or "full"
     record_paths = check_choice("--record-paths", record_paths, RECORD_PATHS_CHOICES) or "relative"
     cert, key = _check_c2pa(c2pa_cert, c2pa_key)
-    return Runtime(device, dtype, attention, offload, template, overwrite, fail_fast, metadata, record_paths, cert, key)
+    return Runtime(
+        device, dtype, attention, offload, template, overwrite, fail_fast, metadata, record_paths, cert, key,
+        check_shard(shard),
+    )  # fmt: skip

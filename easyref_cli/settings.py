@@ -169,6 +169,50 @@ def as_size(value: Any) -> int:
     return value
 
 
+def parse_lora(value: Any) -> tuple[str, float]:
+    """A ``--lora`` / ``loras:`` item → ``(file or hub id, weight)``.
+
+    ``FILE_OR_ID[:WEIGHT]`` (weight 1.0 when absent; a ``:`` not followed by a number is part of the
+    name), or a mapping ``{path: FILE_OR_ID, weight: W}``.
+
+    Raises:
+        ValueError: with a message that reads after the key.
+    """
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"path", "weight"})
+        if unknown or not isinstance(value.get("path"), str) or not value["path"].strip():
+            raise ValueError(f"a LoRA mapping needs 'path' (and optional 'weight'), got {value!r}")
+        spec, weight = value["path"].strip(), value.get("weight", 1.0)
+    elif isinstance(value, str) and value.strip():
+        spec, weight = value.strip(), 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head:
+            try:
+                spec, weight = head, float(tail)
+            except ValueError:
+                pass
+    else:
+        raise ValueError(f"a LoRA is FILE_OR_ID[:WEIGHT] or {{path: ..., weight: ...}}, got {value!r}")
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or weight != weight
+        or abs(weight) == float("inf")
+    ):
+        raise ValueError(f"LoRA weight must be a finite number, got {weight!r}")
+    return spec, float(weight)
+
+
+def as_loras(value: Any) -> tuple[tuple[str, float], ...]:
+    items = [value] if isinstance(value, (str, dict)) else value
+    if not isinstance(items, (list, tuple)):
+        raise Invalid(f"must be a list of FILE_OR_ID[:WEIGHT] or {{path, weight}}, got {value!r}")
+    try:
+        return tuple(parse_lora(item) for item in items)
+    except ValueError as e:
+        raise Invalid(str(e)) from None
+
+
 def find_control_tokens(text: str) -> list[str]:
     """The Qwen2-VL control tokens in ``text``: user text holding one would be read as structure
     (an extra image slot, an end of turn…)."""
@@ -327,6 +371,14 @@ class GenerationSettings:
         flags=("--seed-mode",),
         since=2,
         **_SAMPLE,
+    )
+
+    loras: tuple = setting(
+        (),
+        "Community SDXL LoRAs fused into the UNet and text encoders after EasyRef's own, in order: a list of "
+        "FILE_OR_ID[:WEIGHT] or {path, weight} (the --lora flag on the command line).",
+        lambda v: as_loras(v),
+        since=2,
     )
 
     def caption(self, prompt: str) -> str:

@@ -38,7 +38,9 @@ def _yaml_problem(e) -> str:
     return " ".join(p for p in (e.context, e.problem) if p)
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_text(path: Path, what: str) -> str:
+    """A text file's contents (UTF-8, a BOM dropped); a UsageError naming ``what`` and ``path`` when it is
+    missing, a directory, unreadable or not UTF-8."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -139,7 +141,11 @@ def load_yaml_with_lines(path: Path, *, what: str = "YAML file") -> tuple[Any, d
             documents, duplicate keys, runaway or recursive aliases, nesting too deep.
     """
     path = Path(path)
-    text = _read_text(path, what)
+    return load_yaml_text_with_lines(read_text(path, what), path, what=what)
+
+
+def load_yaml_text_with_lines(text: str, path: Path, *, what: str = "YAML file") -> tuple[Any, dict[tuple, int]]:
+    """:func:`load_yaml_with_lines` for text already read (standard input); ``path`` names it in errors."""
     walker = _LineWalker(path)
     loader = yaml.SafeLoader(text)
     try:

@@ -37,7 +37,72 @@ def _demo_model() -> str:
     return f"  --model demo  {root} ({size / 2**20:.1f} MiB)"
 
 
-def report(device: str | None = None) -> str:
+def _resolved(option: str, spec: str, resolve) -> str:
+    """What ``spec`` resolves to here, from local files and the cache only (doctor downloads nothing)."""
+    import os
+
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return f"  {option:<13} {spec} → {resolve(spec, option)}"
+    except Exception as exc:  # noqa: BLE001 - the message is the answer
+        return f"  {option:<13} {spec}: {exc}"
+    finally:
+        if offline is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline
+
+
+def _ecosystem(models: dict) -> list[str]:
+    """What each ecosystem option given resolves to; where a single file takes its configs from."""
+    from easyref_cli.constants import DEFAULT_BASE_MODEL
+    from easyref_cli.model import hub
+    from easyref_cli.settings import parse_lora
+
+    lines = ["ecosystem:"]
+    if models.get("base_model"):
+        lines.append(_resolved("--base-model", models["base_model"], hub.resolve_model))
+    if models.get("base_config"):
+        lines.append(_resolved("--base-config", models["base_config"], hub.resolve_folder))
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            cached = snapshot_download(DEFAULT_BASE_MODEL, local_files_only=True, allow_patterns=["*.json", "*.txt"])
+            lines.append(f"  single files  take their configs from {cached} (the cached {DEFAULT_BASE_MODEL})")
+        except Exception:  # noqa: BLE001 - not cached
+            lines.append(f"  single files  need --base-config DIR ({DEFAULT_BASE_MODEL} configs are not cached)")
+    if models.get("vae"):
+        lines.append(_resolved("--vae", models["vae"], hub.resolve_model))
+    for item in models.get("loras") or ():
+        try:
+            spec, weight = parse_lora(item)
+        except ValueError as exc:
+            lines.append(f"  --lora        {item}: {exc}")
+            continue
+        lines.append(_resolved("--lora", spec, hub.resolve_checkpoint) + f" (weight {weight:g})")
+    return lines
+
+
+def _locks() -> str:
+    """Whether runs sharing an output folder here can lock (claims, manifest appends)."""
+    import os
+    import tempfile
+
+    try:
+        import fcntl
+    except ImportError:
+        return "  file locks    not on this system: shared output folders rely on exclusive creates alone"
+    try:
+        with tempfile.NamedTemporaryFile(dir=os.getcwd(), prefix=".easyref-doctor-") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f"  file locks    ok in {os.getcwd()} (runs can share an output folder here)"
+    except OSError as exc:
+        return f"  file locks    not in {os.getcwd()} ({exc.strerror or exc}): claims rely on exclusive creates alone"
+
+
+def report(device: str | None = None, models: dict | None = None) -> str:
     import torch
 
     from easyref_cli.env import default_device, easyref_home, package_versions
@@ -74,5 +139,8 @@ def report(device: str | None = None) -> str:
     lines.append("default models:")
     lines += _default_models_locally()
     lines.append(_demo_model())
+    lines += _ecosystem(models or {})
+    lines.append("shared output folders:")
+    lines.append(_locks())
     lines.append(f"easyref home    {easyref_home()}")
     return "\n".join(lines)

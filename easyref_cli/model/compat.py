@@ -7,6 +7,7 @@ Tested range: transformers 5.17 – 5.24 (``pyproject.toml`` pins ``<5.40``, whe
 from __future__ import annotations
 
 import inspect
+import logging
 from functools import cache
 from typing import Any
 
@@ -77,6 +78,32 @@ def diffusers_from_pretrained(cls, path: str, dtype: torch.dtype, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         return cls.from_pretrained(path, torch_dtype=dtype, **kwargs)
+
+
+def diffusers_from_single_file(cls, source: str, dtype: torch.dtype, **kwargs):
+    """``cls.from_single_file`` offline (``local_files_only=True``: configs come from ``config=``, a local folder,
+    never the hub) with a dtype under the spelling every version takes (``torch_dtype``; ``dtype`` from 0.37)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return cls.from_single_file(source, torch_dtype=dtype, local_files_only=True, **kwargs)
+
+
+class _EmptyFp32ModulesFilter(logging.Filter):
+    """diffusers 0.42's ``ModelMixin.to(dtype)`` warns that modules "should be kept in float32: []" on every
+    cast, even with none to keep: SDXL's fp16 decode with ``force_upcast`` casts the VAE up and back per batch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("should be kept in float32: []" in message and message.startswith("There are modules in"))
+
+
+def quiet_dtype_casts() -> None:
+    """Drop diffusers' empty "should be kept in float32: []" warning (nothing to act on); idempotent."""
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _EmptyFp32ModulesFilter) for f in log.filters):
+        log.addFilter(_EmptyFp32ModulesFilter())
 
 
 def pooled_output(output):

@@ -52,14 +52,31 @@ def _snapshot(repo_id: str, option: str, allow_patterns=None) -> Path:
     )
 
 
-def resolve_folder(spec: str, option: str) -> Path:
-    """A model folder: an existing local path, or a hub repo id resolved through the cache."""
+def resolve_folder(spec: str, option: str, allow_patterns=None) -> Path:
+    """A model folder: an existing local path, or a hub repo id resolved through the cache
+    (``allow_patterns``: only those files, e.g. the configs of ``--base-config``)."""
     path = Path(spec).expanduser()
     if path.exists():
         return path
     if is_repo_id(spec):
-        return _snapshot(spec, option)
+        return _snapshot(spec, option, allow_patterns=allow_patterns)
     raise ModelError(f"{option} {spec}: no such folder (and not a hub id like owner/name)")
+
+
+def resolve_model(spec: str, option: str) -> Path:
+    """A model given as a folder, a single file or a hub id (a folder, or ``owner/name/file``)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    parts = spec.split("/")
+    if len(parts) >= 3 and is_repo_id("/".join(parts[:2])):
+        repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        config = str(Path(filename).parent / "config.json") if "/" in filename else "config.json"
+        folder = _snapshot(repo, option, allow_patterns=[filename, config])  # the file and its config beside it
+        if not (folder / filename).is_file():
+            raise ModelError(f"{repo} has no file {filename}")
+        return folder / filename
+    return resolve_folder(spec, option)
 
 
 def resolve_checkpoint(spec: str, option: str = "--adapter") -> Path:

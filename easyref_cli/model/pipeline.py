@@ -142,11 +142,17 @@ class EasyRefPipeline:
         bidirectional_final: bool = False,
         compile: bool = False,
         offload: str = "none",
+        vae: str | Path | None = None,
+        base_config: str | Path | None = None,
+        loras: Sequence[tuple[str | Path, float]] = (),
     ) -> EasyRefPipeline:
+        """Load SDXL (a diffusers folder, or a single file with ``base_config``; ``vae`` replacing its
+        VAE), install EasyRef (full UNet weights, its LoRA merged, the decoupled adapter), then fuse
+        the community ``loras`` ``(file, weight)`` in order."""
         device = device or default_device()
         sdxl_dtype, encoder_dtype = resolve_dtypes(dtype, device)
         checkpoint = adapter if isinstance(adapter, EasyRefCheckpoint) else load_checkpoint(adapter)
-        sdxl = load_sdxl(base_model, sdxl_dtype)
+        sdxl = load_sdxl(base_model, sdxl_dtype, config=base_config, vae=vae)
         base_scheduler_config = sdxl.scheduler.config
         sdxl.scheduler = make_scheduler(scheduler, base_scheduler_config)
         unet = sdxl.unet
@@ -155,6 +161,10 @@ class EasyRefPipeline:
             _load_unet_weights(unet, checkpoint)
         if checkpoint.has_lora:
             adapter_mod.merge_lora(unet, checkpoint.lora)
+        if loras:
+            from easyref_cli.model.loras import fuse_loras
+
+            fuse_loras(sdxl, loras)  # after EasyRef's LoRA, before its adapter takes the attention processors
         choice = adapter_mod.resolve_attention(attention, device, sdxl_dtype)
         adapter_mod.install_adapter(
             unet,
@@ -429,19 +439,36 @@ def check_size(width: int, height: int) -> None:
         raise UsageError(f"width and height must be positive multiples of 8, got {width}x{height}")
 
 
-def load_sdxl(base_model: str | Path, dtype: torch.dtype):
+def load_sdxl(
+    base_model: str | Path, dtype: torch.dtype, *, config: str | Path | None = None, vae: str | Path | None = None
+):
+    """SDXL from a diffusers folder or a single-file checkpoint (A1111/ComfyUI layout, its component configs
+    from ``config`` — ``--base-config`` — else the cached default SDXL repo), offline; ``vae`` (a diffusers
+    VAE folder, a folder holding ``vae/``, or a single file) replaces its VAE, config included: a
+    ``force_upcast: false`` (fp16-safe) VAE is decoded in float16 by diffusers, without the fp32 upcast.
+    Paths are local (hub ids were resolved by :mod:`easyref_cli.model.hub`)."""
     from diffusers import StableDiffusionXLPipeline
 
+    from easyref_cli.model import single_file
+
     path = Path(base_model)
-    if not (path / "model_index.json").is_file():
-        raise ModelError(
-            f"{base_model} is not an SDXL pipeline folder (no model_index.json); base_model must be a local diffusers folder"
-        )
+    folder = single_file.check_sdxl_sources(path, config=config, vae=vae)  # before loading anything
     compat.quiet_loading()
-    try:
-        return compat.diffusers_from_pretrained(StableDiffusionXLPipeline, str(path), dtype)
-    except Exception as exc:  # noqa: BLE001 - diffusers raises many types
-        raise ModelError(f"cannot load the SDXL pipeline from {base_model}: {exc}") from exc
+    compat.quiet_dtype_casts()
+    replacement = single_file.load_vae(vae, dtype, folder) if vae is not None else None
+    if path.is_file():
+        pipe = single_file.load_single_file_sdxl(path, dtype, config=folder, vae=replacement)
+    else:
+        if config is not None:
+            logger.warning("--base-config %s is only used with a single-file --base-model; ignoring it", config)
+        components = {} if replacement is None else {"vae": replacement}
+        try:
+            pipe = compat.diffusers_from_pretrained(StableDiffusionXLPipeline, str(path), dtype, **components)
+        except Exception as exc:  # noqa: BLE001 - diffusers raises many types
+            raise ModelError(f"cannot load the SDXL pipeline from {base_model}: {exc}") from exc
+    if vae is not None:
+        single_file.check_vae_fits(pipe, vae)
+    return pipe
 
 
 def _load_unet_weights(unet, checkpoint: EasyRefCheckpoint) -> None:
