@@ -92,7 +92,10 @@ class FileHashes:
         if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
             return entry["sha256"]
         if st.st_size >= _LARGE:
-            logger.info("hashing %s (%.1f GB) once, to identify the model by content", real, st.st_size / 1e9)
+            logger.warning(
+                "hashing %s (%.1f GB) once, to identify the model by content (remembered in %s)",
+                real, st.st_size / 1e9, self.memo,
+            )  # fmt: skip
         digest = files.sha256_file(real)
         entries[str(real)] = {"stamp": stamp, "sha256": digest}
         self._dirty = True
