@@ -57,7 +57,7 @@ class Plan:
     dtype: str | None = None
     attention: str = "auto"
     offload: str = "none"
-    batch_size: int = 1
+    batch_size: int | str = "auto"
     overwrite: bool = False
     fail_fast: bool = False
     preset: str | None = None
@@ -325,7 +325,7 @@ def _replay_plan(
         index=r.replay.index, settings=r.replay.settings, template=r.runtime.name_template, preset=r.replay.preset,
         models=r.models, identity=identity, references=reference_digests(r.group),
     )  # fmt: skip
-    batch_size = _check_cli_settings({"batch_size": cli.get("batch_size")}).get("batch_size", 1)
+    batch_size = _check_cli_settings({"batch_size": cli.get("batch_size")}).get("batch_size", "auto")
     return _finish(
         [job], r.runtime, out_dir=Path(out_dir), models=r.models, model_family=r.family, batch_size=batch_size,
         preset=r.replay.preset, model_identity=identity,

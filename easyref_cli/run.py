@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from easyref_cli import distributed, files
+from easyref_cli.batching import AutoBatch, is_out_of_memory, memo_path
 from easyref_cli.claims import Claims
 from easyref_cli.cooperate import Cooperation
 from easyref_cli.errors import EasyRefError, JobError, StorageError
@@ -85,6 +86,10 @@ def execute(plan: Plan, manifest: Path, *, options: RunOptions, progress: bool) 
                 if job.job_id not in pending_ids:
                     log.skipped(job)
             if pending:
+                if progress:  # the first progress line, before seconds of torch/diffusers imports
+                    done = len(plan.jobs) - len(pending)
+                    print(f"{len(pending)} image(s) to make ({done} already there); loading models…", file=sys.stderr,
+                          flush=True)  # fmt: skip
                 _phases(plan, pending, options, log, progress, claims)
     except KeyboardInterrupt:
         log.summary.interrupted = True
@@ -122,13 +127,18 @@ def _phases(plan: Plan, pending: list[Job], options: RunOptions, log: RunLog, pr
 # ----------------------------------------------------------------------------------------------
 
 
-def batches(jobs: Sequence[Job], key: Callable[[Job], Any], size: int) -> Iterator[list[Job]]:
-    """Consecutive jobs with the same ``key``, at most ``size`` at a time."""
+def batches(jobs: Iterable[Job], key: Callable[[Job], Any], size: int | Callable[[Job], int]) -> Iterator[list[Job]]:
+    """Consecutive jobs with the same ``key``, at most ``size`` at a time (a number, or a function of a
+    batch's first job, asked when that job arrives: after the previous batch was made)."""
+    limit = size if callable(size) else (lambda _job: size)
     batch: list[Job] = []
+    cap = 0
     for job in jobs:
-        if batch and (len(batch) >= size or key(job) != key(batch[0])):
+        if batch and (len(batch) >= cap or key(job) != key(batch[0])):
             yield batch
             batch = []
+        if not batch:
+            cap = limit(job)
         batch.append(job)
     if batch:
         yield batch
@@ -158,6 +168,10 @@ class GeneratePhase:
         from easyref_cli.model.pipeline import GenerationRequest
 
         pipe = self._load_pipeline()
+        self.sizes = AutoBatch(
+            fixed=None if self.plan.batch_size == "auto" else int(self.plan.batch_size),
+            device=device_label(pipe.device), model=str(self.plan.model_identity.get("base_model", "")), memo=memo_path(),
+        )  # fmt: skip
         requests = {
             j.job_id: GenerationRequest(
                 prompt=j.prompt,
@@ -181,8 +195,13 @@ class GeneratePhase:
             bar.close()
 
     def _make(self, pipe, jobs: Iterable[Job], requests: dict, conditions, bar) -> None:
-        """Batches of ``jobs`` (each claimed), generated and written, their claims released."""
-        for batch in batches(jobs, lambda j: requests[j.job_id].batch_key(), self.plan.batch_size):
+        """Batches of ``jobs`` (each claimed; sizes from :class:`~easyref_cli.batching.AutoBatch`),
+        generated and written, their claims released."""
+
+        def key(job: Job):
+            return requests[job.job_id].batch_key()
+
+        for batch in batches(jobs, key, lambda job: self.sizes.size(key(job), requests[job.job_id])):
             if self.log.stop.requested:
                 break
             try:
@@ -222,6 +241,8 @@ class GeneratePhase:
     def _batch(self, pipe, batch: list[Job], requests: list, conditions) -> None:
         from easyref_cli.model.pipeline import NonFiniteImages
 
+        key = requests[0].batch_key()
+        self.sizes.before(key, requests[0])
         t0 = time.perf_counter()
         failure: EasyRefError | None = None
         try:
@@ -231,10 +252,22 @@ class GeneratePhase:
         except NonFiniteImages as exc:  # keep the batch's healthy images
             images, failure = exc.images, exc
         except Exception as exc:  # noqa: BLE001 - OOM, anything: recorded per job, the run goes on
+            if is_out_of_memory(exc) and len(batch) > 1:  # smaller batches, not failed jobs
+                logger.warning("a batch of %d ran out of memory; retrying in halves", len(batch))
+                self.sizes.out_of_memory(key, requests[0], len(batch))
+                from easyref_cli.conditions import free_memory
+
+                free_memory()
+                half = len(batch) // 2
+                self._batch(pipe, batch[:half], requests[:half], conditions)
+                self._batch(pipe, batch[half:], requests[half:], conditions)
+                return
             for job in batch:
                 self.log.fail(job, job_error(exc))
             return
-        per_image = (time.perf_counter() - t0) / len(batch)
+        elapsed = time.perf_counter() - t0
+        self.sizes.observe(key, requests[0], len(batch), elapsed)
+        per_image = elapsed / len(batch)
         for job, image in zip(batch, images, strict=True):
             if image is None:
                 self.log.fail(job, JobError(f"seed {job.seed}: {failure}"))
@@ -274,6 +307,16 @@ class GeneratePhase:
         return lambda png: credentials.sign_png(
             png, self.signer, title=record["output"], generator=generator, ingredients=ingredients
         )
+
+
+def device_label(device) -> str:
+    """What batch sizes are remembered for: the GPU model, or the CPU thread count."""
+    import torch
+
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
+    return f"{kind}:{torch.get_num_threads()}"
 
 
 def _dtype_name(dtype) -> str:

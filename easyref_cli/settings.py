@@ -203,6 +203,20 @@ def parse_lora(value: Any) -> tuple[str, float]:
     return spec, float(weight)
 
 
+def as_batch_size(value: Any) -> int | str:
+    """``auto`` or an integer ≥ 1 (``"8"`` from the command line too)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit():
+            value = int(text)
+    try:
+        return as_int(value, minimum=1)
+    except Invalid:
+        raise Invalid(f"must be 'auto' or an integer ≥ 1, got {value!r}") from None
+
+
 def as_loras(value: Any) -> tuple[tuple[str, float], ...]:
     items = [value] if isinstance(value, (str, dict)) else value
     if not isinstance(items, (list, tuple)):
@@ -322,10 +336,12 @@ class GenerationSettings:
         identity=True,
         default_text="the one the public checkpoint was trained with",
     )
-    batch_size: int = setting(
-        1,
-        "Images per UNet batch (same seeds as batch 1; batched kernels may round a few pixels one level differently).",
-        lambda v: as_int(v, minimum=1),
+    batch_size: str = setting(
+        "auto",
+        "Images per UNet batch: a number, or 'auto' — the largest that pays (CUDA: what free memory holds; "
+        "CPU: grown while images/s improves), remembered per device, model and size. Same seeds whatever the "
+        "batch; batched kernels may round a few pixels one level differently.",
+        lambda v: as_batch_size(v),
         flags=("--batch-size",),
     )
 

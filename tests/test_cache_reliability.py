@@ -419,7 +419,7 @@ def generate(tiny, group: Path, out: Path, *extra) -> object:
     args = [
         "generate", group, "--prompt", "a cat", "-o", out,
         "--base-model", tiny.base_model, "--mllm", tiny.mllm, "--adapter", tiny.adapter_lora,
-        "--device", "cpu", "--width", "64", "--height", "64", "--steps", "2", *extra,
+        "--device", "cpu", "--width", "64", "--height", "64", "--steps", "2", "--batch-size", "1", *extra,
     ]  # fmt: skip
     return cli.invoke(app, [str(a) for a in args], catch_exceptions=False)
 

@@ -178,7 +178,7 @@ def base_run(tiny, tmp_path_factory):
         defaults={"images_per_prompt": 2},
     )
     out = root / "out"
-    res = generate(tiny, groups, "--prompts", prompts, "-o", out, "--cache-dir", root / "cache")
+    res = generate(tiny, groups, "--prompts", prompts, "-o", out, "--cache-dir", root / "cache", "--batch-size", "1")
     return {"res": res, "groups": groups, "prompts": prompts, "out": out, "root": root}
 
 
@@ -599,7 +599,7 @@ def test_resume_regenerates_only_missing_outputs(tmp_path, tiny, monkeypatch):
     groups = make_groups(tmp_path / "groups", names=("alpha",))
     prompts = write_prompts(tmp_path / "p.yaml", [{"prompt": "a cat", "id": "cat"}], defaults={"images_per_prompt": 3})
     out = tmp_path / "out"
-    cmd = (groups, "--prompts", prompts, "-o", out)
+    cmd = (groups, "--prompts", prompts, "-o", out, "--batch-size", "1")  # bit-exact: the same batching both times
 
     res = generate(tiny, *cmd)
     assert res.exit_code == 0, res.output

@@ -41,6 +41,8 @@ def tiny_args(tiny, steps: int = 2) -> list[str]:
         "64",
         "--steps",
         str(steps),
+        "--batch-size",
+        "1",  # runs compared byte for byte must batch alike
     ]
 
 

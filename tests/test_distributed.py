@@ -112,6 +112,8 @@ def _args(tiny, groups: Path, out: Path) -> list[str]:
         "64",
         "--steps",
         "2",
+        "--batch-size",
+        "1",  # runs compared byte for byte must batch alike
     ]
 
 

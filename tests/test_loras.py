@@ -340,7 +340,7 @@ def test_reading_needs_no_peft(lora_files, monkeypatch):
 
 def _model_args(tiny) -> list[str]:
     return ["--base-model", str(tiny.base_model), "--mllm", str(tiny.mllm), "--adapter", str(tiny.adapter_lora),
-            "--device", "cpu", "--width", "64", "--height", "64", "--steps", "2"]  # fmt: skip
+            "--device", "cpu", "--width", "64", "--height", "64", "--steps", "2", "--batch-size", "1"]  # fmt: skip
 
 
 def _generate(tiny, *args):

@@ -140,7 +140,7 @@ def test_precedence(tmp_path, refs, preset, defaults, cli, per_prompt, key, expe
 @pytest.mark.parametrize(
     "preset, defaults, cli, expected",
     [
-        (None, {}, {}, 1),
+        (None, {}, {}, "auto"),
         (None, {"batch_size": 4}, {}, 4),
         (None, {"batch_size": 4}, {"batch_size": 2}, 2),
     ],

@@ -54,7 +54,7 @@ def _restore_logging():
 
 def model_args(base_model, mllm, adapter) -> list[str]:
     return ["--base-model", str(base_model), "--mllm", str(mllm), "--adapter", str(adapter), "--device", "cpu",
-            "--width", "64", "--height", "64", "--steps", "2"]  # fmt: skip
+            "--width", "64", "--height", "64", "--steps", "2", "--batch-size", "1"]  # fmt: skip
 
 
 def tiny_args(tiny) -> list[str]:

@@ -27,7 +27,7 @@ def _groups(root: Path, names=("alpha", "beta", "gamma", "delta")) -> Path:
 
 def _args(tiny) -> list[str]:
     return ["--base-model", str(tiny.base_model), "--mllm", str(tiny.mllm), "--adapter", str(tiny.adapter_lora),
-            "--device", "cpu", "--width", "64", "--height", "64", "--steps", "2"]  # fmt: skip
+            "--device", "cpu", "--width", "64", "--height", "64", "--steps", "2", "--batch-size", "1"]  # fmt: skip
 
 
 def _dry(groups: Path, *extra: str) -> list[dict]:

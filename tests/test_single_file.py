@@ -484,7 +484,7 @@ def group(tmp_path_factory) -> Path:
 def generate(tiny, group: Path, out: Path, *models):
     res = cli.invoke(app, [str(a) for a in (
         "generate", group, "--prompt", "a lighthouse", "-o", out, "--mllm", tiny.mllm, "--adapter", tiny.adapter_lora,
-        "--device", "cpu", "--width", 64, "--height", 64, "--steps", 2, "--seed", 3, "-q",
+        "--device", "cpu", "--width", 64, "--height", 64, "--steps", 2, "--seed", 3, "--batch-size", 1, "-q",
         "--cache-dir", out.parent / "cache", *models,
     )], catch_exceptions=False)  # fmt: skip
     return res
