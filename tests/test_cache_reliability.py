@@ -70,16 +70,6 @@ READ_ONLY_MODES = [
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI reconfigures the root logger onto CliRunner's (then closed) stderr: undo that."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def deny_writes_under(monkeypatch, root: Path) -> None:
     """Make creating, writing or renaming anything under ``root`` fail with EROFS (a read-only mount)."""
     top = os.path.abspath(root)
@@ -406,14 +396,6 @@ def test_tiny_models_in_an_unwritable_home_are_a_usage_error(tmp_path, monkeypat
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=False)
-def _one_torch_thread(tiny):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def generate(tiny, group: Path, out: Path, *extra) -> object:
     """One prompt, one 64² image in 2 steps, warnings shown (no ``-q``)."""
     args = [
@@ -428,7 +410,7 @@ def pngs(out: Path) -> list[Path]:
     return sorted(out.rglob("*.png"))
 
 
-@pytest.mark.usefixtures("_one_torch_thread")
+@pytest.mark.usefixtures("one_torch_thread")
 def test_generate_with_a_cache_dir_that_is_a_file_warns_once_and_writes_the_image(tiny, ref_group, tmp_path):
     blocker = tmp_path / "cache"
     blocker.write_bytes(b"a file")
@@ -439,7 +421,7 @@ def test_generate_with_a_cache_dir_that_is_a_file_warns_once_and_writes_the_imag
     assert "Traceback" not in res.output and blocker.read_bytes() == b"a file"
 
 
-@pytest.mark.usefixtures("_one_torch_thread")
+@pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("mode", READ_ONLY_MODES)
 def test_generate_with_a_read_only_cache_dir_runs_without_it(tiny, ref_group, tmp_path, monkeypatch, request, mode):
     cache = tmp_path / "cache"
@@ -451,7 +433,7 @@ def test_generate_with_a_read_only_cache_dir_runs_without_it(tiny, ref_group, tm
     assert list(cache.iterdir()) == []
 
 
-@pytest.mark.usefixtures("_one_torch_thread")
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_corrupted_cache_entry_is_re_encoded_and_gives_the_same_image(tiny, ref_group, tmp_path):
     from safetensors import safe_open
 

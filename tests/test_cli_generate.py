@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
 import signal
 import unicodedata
@@ -32,6 +31,8 @@ from easyref_cli.records import job_record
 from easyref_cli.runlog import RunSummary
 from easyref_cli.testing import make_reference_images
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 cli = CliRunner()
 
 #: An mtime far in the past: files that keep it were not rewritten.
@@ -41,31 +42,6 @@ OLD_NS = 1_000_000_000 * 1_000_000_000
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread(tiny):  # after ``tiny``, which sets two threads for the session
-    """Run the tiny models on one thread (restored afterwards).
-
-    They gain nothing from two, and on a busy shared CPU OpenMP's spin-waiting made two threads
-    up to 10× slower than one (measured: 1.3-19 s vs a steady 1.7 s for the same 8-image run).
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI reconfigures the root logger onto CliRunner's (then closed) stderr: undo that."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def model_args(tiny) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import json
-import logging
 import math
 import shutil
 from pathlib import Path
@@ -38,16 +37,6 @@ cli = CliRunner()
 
 def invoke(*args, cli_app=app):
     return cli.invoke(cli_app, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The commands reconfigure the root logger onto CliRunner's (then closed) stderr: undo that."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -366,18 +366,6 @@ def _record(path: Path) -> dict:
         return json.loads(im.text["easyref"])
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI reconfigures the root logger onto CliRunner's (then closed) stderr: undo that."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.fixture
 def group(tmp_path) -> Path:
     folder = tmp_path / "groups" / "cats"

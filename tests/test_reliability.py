@@ -28,28 +28,9 @@ from easyref_cli.cli import app
 from easyref_cli.plan import build_plan
 from easyref_cli.testing import make_reference_images
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 cli = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread(tiny):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def model_args(base_model, mllm, adapter) -> list[str]:

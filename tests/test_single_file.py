@@ -10,7 +10,6 @@ weights memory-mapped from two different files can round differently by ~1e-7.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -31,6 +30,8 @@ from easyref_cli.errors import ModelError
 from easyref_cli.model import single_file
 from easyref_cli.model.pipeline import load_sdxl
 from easyref_cli.testing import make_reference_images
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -167,24 +168,6 @@ def write_single_file(folder: Path, path: Path, *, vae: bool = True) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread(tiny):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI reconfigures the root logger onto CliRunner's (then closed) stderr: undo that."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
