@@ -11,8 +11,10 @@ within a key, :class:`AutoBatch` picks how many go together:
   :data:`MAX_AUTO`), and the best size so far is kept. (The first batch also pays the warm-up, which
   only ever errs towards growing.)
 
-What was found is remembered per device, model and image size in ``$EASYREF_HOME/batch-sizes.json``
-(a missing or unwritable file only costs probing again), so later runs start at it. An out-of-memory
+What was found is remembered per device, model, image size, guidance on/off and runtime (dtype,
+attention, offload, compile) in ``$EASYREF_HOME/batch-sizes.json`` (a missing or unwritable file only
+costs probing again), so later runs start at it: on CUDA the footprint per image is remembered and
+the size worked out again from the free memory of the day. An out-of-memory
 batch is split in half and retried (:meth:`AutoBatch.out_of_memory` lowers the size for the rest of
 the run and in the memo). Batching never changes seeds; batched kernels may round a few pixels one
 8-bit level differently (README, *Determinism*). Torch-free but for the CUDA memory probes.
@@ -72,13 +74,17 @@ class AutoBatch:
     device: str = "cpu"
     model: str = ""
     memo: Path | None = None
+    torch_device: Any = None  # the CUDA device measured (``--device cuda:1``), None: the current one
+    context: str = ""  # dtype, attention, offload, compile: what else changes an image's footprint or speed
     _probes: dict[Any, _Probe] = field(default_factory=dict)
     _remembered: dict[str, Any] | None = None
 
     # ---- the memo ----------------------------------------------------------------------------
 
     def _memo_key(self, request) -> str:
-        return json.dumps([self.device, self.model, request.width, request.height], separators=(",", ":"))
+        cfg = getattr(request, "guidance", 2.0) > 1.0  # guidance doubles the UNet batch
+        return json.dumps([self.device, self.model, self.context, request.width, request.height, cfg],
+                          separators=(",", ":"))  # fmt: skip
 
     def _load(self) -> dict[str, Any]:
         if self._remembered is None:
@@ -91,9 +97,10 @@ class AutoBatch:
                     pass
         return self._remembered
 
-    def _remember(self, request, size: int, how: str, settled: bool = True) -> None:
+    def _remember(self, request, size: int, how: str, settled: bool = True, **extra: Any) -> None:
+        self._remembered = None  # read again: another run may have added entries since
         entries = self._load()
-        entries[self._memo_key(request)] = {"size": size, "how": how, "settled": settled}
+        entries[self._memo_key(request)] = {"size": size, "how": how, "settled": settled, **extra}
         if self.memo is not None:
             data = json.dumps(entries, indent=1, sort_keys=True).encode("utf-8")
             with contextlib.suppress(EasyRefError):
@@ -107,6 +114,9 @@ class AutoBatch:
             if isinstance(entry, dict) and isinstance(entry.get("size"), int) and entry["size"] >= 1:
                 probe.size = probe.best = min(entry["size"], MAX_AUTO)
                 probe.settled = entry.get("settled", True) is not False  # else: grow on from there
+                per_image = entry.get("per_image_bytes")
+                if self.device.startswith("cuda") and isinstance(per_image, int) and entry.get("how") == "memory":
+                    probe.size = probe.best = self._fits(per_image, probe.cap)  # today's free memory decides
         return probe
 
     # ---- sizes -------------------------------------------------------------------------------
@@ -127,9 +137,9 @@ class AutoBatch:
         if not probe.settled and probe.base_bytes is None:
             import torch
 
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            probe.base_bytes = torch.cuda.memory_allocated()
+            torch.cuda.synchronize(self.torch_device)
+            torch.cuda.reset_peak_memory_stats(self.torch_device)
+            probe.base_bytes = torch.cuda.memory_allocated(self.torch_device)
 
     def observe(self, key, request, size: int, seconds: float) -> None:
         """A batch of ``size`` images of key ``key`` took ``seconds``: the next size to try."""
@@ -150,22 +160,28 @@ class AutoBatch:
                 return
         self._settle(probe, request, "throughput")
 
+    def _fits(self, per_image: int, cap: int) -> int:
+        """How many images of ``per_image`` bytes the free memory holds now, beside one (measured) image."""
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(self.torch_device)
+        fits = int(free * (1 - CUDA_HEADROOM) // max(per_image, 1)) + 1
+        logger.info("batch size auto: %.2f GiB per image, %.1f GiB free → %d", per_image / 2**30, free / 2**30,
+                    min(fits, cap))  # fmt: skip
+        return max(1, min(fits, cap))
+
     def _from_memory(self, probe: _Probe, request) -> None:
         import torch
 
-        torch.cuda.synchronize()
-        per_image = max(torch.cuda.max_memory_allocated() - (probe.base_bytes or 0), 1)
-        free, _total = torch.cuda.mem_get_info()
-        fits = int(free * (1 - CUDA_HEADROOM) // per_image) + 1  # + the one measured
-        probe.best = max(1, min(fits, probe.cap))
-        logger.info("batch size auto: %.2f GiB per image, %.1f GiB free → %d", per_image / 2**30, free / 2**30,
-                    probe.best)  # fmt: skip
-        self._settle(probe, request, "memory")
+        torch.cuda.synchronize(self.torch_device)
+        per_image = max(torch.cuda.max_memory_allocated(self.torch_device) - (probe.base_bytes or 0), 1)
+        probe.best = self._fits(per_image, probe.cap)
+        self._settle(probe, request, "memory", per_image_bytes=int(per_image))
 
-    def _settle(self, probe: _Probe, request, how: str) -> None:
+    def _settle(self, probe: _Probe, request, how: str, **extra: Any) -> None:
         probe.size, probe.settled = probe.best, True
         logger.info("batch size auto: %d for %dx%d (%s)", probe.best, request.width, request.height, how)
-        self._remember(request, probe.best, how)
+        self._remember(request, probe.best, how, **extra)
 
     def out_of_memory(self, key, request, size: int) -> None:
         """A batch of ``size`` ran out of memory: at most half of it from now on (and in the memo)."""

@@ -134,12 +134,15 @@ def batches(jobs: Iterable[Job], key: Callable[[Job], Any], size: int | Callable
     batch: list[Job] = []
     cap = 0
     for job in jobs:
-        if batch and (len(batch) >= cap or key(job) != key(batch[0])):
+        if batch and key(job) != key(batch[0]):
             yield batch
             batch = []
         if not batch:
             cap = limit(job)
         batch.append(job)
+        if len(batch) >= cap:  # full: made now, not when the next job (and its claim) arrives
+            yield batch
+            batch = []
     if batch:
         yield batch
 
@@ -168,9 +171,12 @@ class GeneratePhase:
         from easyref_cli.model.pipeline import GenerationRequest
 
         pipe = self._load_pipeline()
+        m = self.plan
         self.sizes = AutoBatch(
-            fixed=None if self.plan.batch_size == "auto" else int(self.plan.batch_size),
-            device=device_label(pipe.device), model=str(self.plan.model_identity.get("base_model", "")), memo=memo_path(),
+            fixed=None if m.batch_size == "auto" else int(m.batch_size), device=device_label(pipe.device),
+            model=str(m.model_identity.get("base_model", "")), memo=memo_path(), torch_device=pipe.device,
+            context=f"{_dtype_name(pipe.sdxl_dtype)} {pipe.attention.backend} offload={pipe.offload} "
+            f"compile={pipe.compiled['enabled']}",
         )  # fmt: skip
         requests = {
             j.job_id: GenerationRequest(
@@ -252,18 +258,13 @@ class GeneratePhase:
         except NonFiniteImages as exc:  # keep the batch's healthy images
             images, failure = exc.images, exc
         except Exception as exc:  # noqa: BLE001 - OOM, anything: recorded per job, the run goes on
-            if is_out_of_memory(exc) and len(batch) > 1:  # smaller batches, not failed jobs
-                logger.warning("a batch of %d ran out of memory; retrying in halves", len(batch))
-                self.sizes.out_of_memory(key, requests[0], len(batch))
-                from easyref_cli.conditions import free_memory
-
-                free_memory()
-                half = len(batch) // 2
-                self._batch(pipe, batch[:half], requests[:half], conditions)
-                self._batch(pipe, batch[half:], requests[half:], conditions)
+            if not (is_out_of_memory(exc) and len(batch) > 1):
+                for job in batch:
+                    self.log.fail(job, job_error(exc))
                 return
-            for job in batch:
-                self.log.fail(job, job_error(exc))
+            images = None  # out of memory: retried below, once the failed batch's tensors are free
+        if images is None:
+            self._retry_in_halves(pipe, batch, requests, conditions, key)
             return
         elapsed = time.perf_counter() - t0
         self.sizes.observe(key, requests[0], len(batch), elapsed)
@@ -273,6 +274,18 @@ class GeneratePhase:
                 self.log.fail(job, JobError(f"seed {job.seed}: {failure}"))
                 continue
             self._write(job, image, conditions, per_image, len(batch))
+
+    def _retry_in_halves(self, pipe, batch: list[Job], requests: list, conditions, key) -> None:
+        """A batch ran out of memory: a smaller size from now on, and this batch in two halves (called
+        outside the ``except`` block, so the failed batch's tensors are no longer referenced)."""
+        from easyref_cli.conditions import free_memory
+
+        logger.warning("a batch of %d ran out of memory; retrying in halves", len(batch))
+        self.sizes.out_of_memory(key, requests[0], len(batch))
+        free_memory()
+        half = len(batch) // 2
+        self._batch(pipe, batch[:half], requests[:half], conditions)
+        self._batch(pipe, batch[half:], requests[half:], conditions)
 
     def _write(self, job: Job, image, conditions, per_image: float, batch_size: int) -> None:
         # The PNG record holds no wall-clock times, so the same job always gives the same bytes;

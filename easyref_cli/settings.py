@@ -209,7 +209,7 @@ def as_batch_size(value: Any) -> int | str:
         text = value.strip().lower()
         if text == "auto":
             return "auto"
-        if text.isdigit():
+        if text.isascii() and text.isdecimal():
             value = int(text)
     try:
         return as_int(value, minimum=1)

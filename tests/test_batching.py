@@ -97,7 +97,10 @@ def test_cuda_size_comes_from_free_memory_and_the_measured_footprint(monkeypatch
     # 1 GiB per image, 10 GiB free, 20 % spare: 8 more fit beside the one measured
     assert auto.size(KEY, Req()) == 9
     (entry,) = json.loads((tmp_path / "m.json").read_text()).values()
-    assert entry == {"size": 9, "how": "memory", "settled": True}
+    assert entry == {"size": 9, "how": "memory", "settled": True, "per_image_bytes": gib}
+    # the next run: the remembered footprint against the memory free now (another process took some)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (5 * gib, 80 * gib))
+    assert AutoBatch(fixed=None, device="cuda:NVIDIA H100", memo=tmp_path / "m.json").size(KEY, Req()) == 5
 
 
 def test_batches_ask_the_size_when_each_batch_starts():

@@ -302,7 +302,9 @@ class EasyRefPipeline:
             with adapter_mod.reference_kv_cache(pipe.unet, enabled=not self.compiled["enabled"]):
                 out = self._denoise(*args)
         except Exception as exc:  # noqa: BLE001 - torch.compile fails lazily, on the first call
-            if not self.compiled["enabled"]:
+            from easyref_cli.batching import is_out_of_memory
+
+            if not self.compiled["enabled"] or is_out_of_memory(exc):  # OOM: the caller retries smaller
                 raise
             logger.warning("the compiled UNet failed (%s: %s); falling back to eager", type(exc).__name__, exc)
             pipe.unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
@@ -421,7 +423,8 @@ def place_pipeline(sdxl, device: str, offload: str) -> str:
 def compile_unet(sdxl, device: str) -> dict:
     """``torch.compile`` the UNet where it pays off (CUDA); elsewhere fall back to eager and say why.
 
-    Shapes are static per batch key, so jobs of the same size/batch reuse one compiled graph.
+    Shapes are static (``dynamic=False``): each new batch size compiles once more — with
+    ``--batch-size auto`` the probe size 1, the size it settles on and any shorter last batch.
     """
     if not str(device).startswith("cuda"):
         logger.warning("compile is only used on CUDA devices; running the UNet eagerly on %s", device)
