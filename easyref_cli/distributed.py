@@ -33,20 +33,21 @@ BARRIER_TIMEOUT_HOURS = 72
 STATUS_ENV = "EASYREF_STATUS_FILE"
 
 
-def shard_path(out_dir: Path, index: int) -> Path:
-    """Process ``index``'s manifest shard, unique to this run (two distributed runs may share OUT)."""
+def _manifest_shard(out_dir: Path, name: str) -> Path:
+    """``OUT/.manifest.NAME.HOST-PID.jsonl``: unique to this process, so runs sharing OUT never share one."""
     import socket
 
-    return Path(out_dir) / f".manifest.rank{index}.{socket.gethostname()}-{os.getpid()}.jsonl"
+    return Path(out_dir) / f".manifest.{name}.{socket.gethostname()}-{os.getpid()}.jsonl"
+
+
+def shard_path(out_dir: Path, index: int) -> Path:
+    """Process ``index``'s manifest shard in a distributed run."""
+    return _manifest_shard(out_dir, f"rank{index}")
 
 
 def share_path(out_dir: Path, shard: tuple[int, int]) -> Path:
-    """The manifest shard of a ``--shard K/N`` run (unique per share; the host and pid keep two runs
-    of the same share apart)."""
-    import socket
-
-    k, n = shard
-    return Path(out_dir) / f".manifest.shard-{k}-of-{n}.{socket.gethostname()}-{os.getpid()}.jsonl"
+    """The manifest shard of a ``--shard K/N`` run."""
+    return _manifest_shard(out_dir, f"shard-{shard[0]}-of-{shard[1]}")
 
 
 def is_distributed() -> bool:
@@ -125,6 +126,13 @@ def shard_jobs(jobs: Sequence[Job], count: int, index: int) -> list[Job]:
     return [job for job in jobs if owner[job.group.name] == index]
 
 
+def share_of(plan: Plan) -> Plan:
+    """The ``--shard K/N`` share of ``plan``: whole groups of the *plan* (not of what is pending), so a
+    share is the same whenever it starts."""
+    k, n = plan.shard
+    return replace(plan, jobs=tuple(shard_jobs(plan.jobs, n, k - 1)))
+
+
 #: Runs one process's plan, writing its manifest at the given path.
 Execute = Callable[..., RunSummary]
 
@@ -139,8 +147,7 @@ def run(plan: Plan, execute: Execute, *, progress: bool = True) -> RunSummary:
     procs = current(plan.device)
     try:
         if procs.count == 1 and plan.shard is not None:
-            k, n = plan.shard  # whole groups of the *plan* (not of what is pending): the same share whenever it starts
-            share = replace(plan, jobs=tuple(shard_jobs(plan.jobs, n, k - 1)))
+            share = share_of(plan)
             merge_shards(plan.out_dir)  # finished shards of earlier runs; live ones are locked and stay
             summary = execute(share, share_path(plan.out_dir, plan.shard), progress=progress)
             merge_shards(plan.out_dir, [j.job_id for j in plan.jobs])  # its own, and any other that finished

@@ -139,7 +139,7 @@ def check_extra_models(models: ModelIds) -> None:
     """
     from pathlib import Path
 
-    from easyref_cli.model.hub import is_repo_id  # torch-free
+    from easyref_cli.model.hub import is_hub_spec  # torch-free
 
     if models.base_config is not None and Path(models.base_model).expanduser().is_dir():
         raise UsageError(
@@ -148,9 +148,6 @@ def check_extra_models(models: ModelIds) -> None:
     given = [("--vae", models.vae), ("--base-config", models.base_config)]
     given += [("--lora", spec) for spec, _ in models.loras]
     for flag, spec in given:
-        if spec is None or Path(spec).expanduser().exists():
-            continue
-        parts = spec.split("/")
-        if is_repo_id(spec) or (len(parts) >= 3 and is_repo_id("/".join(parts[:2]))):
+        if spec is None or Path(spec).expanduser().exists() or is_hub_spec(spec):
             continue
         raise UsageError(f"{flag} {spec}: no such file or folder (and not a hub id like owner/name or owner/name/file)")

@@ -17,7 +17,7 @@ from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, DEFAULT_M
 from easyref_cli.errors import InputError
 from easyref_cli.files import Group, sha256_file
 from easyref_cli.jobs import Job
-from easyref_cli.model.hub import is_repo_id  # torch-free
+from easyref_cli.model.hub import is_hub_spec  # torch-free
 from easyref_cli.naming import slugify
 from easyref_cli.settings import (
     IDENTITY_KEYS,
@@ -50,9 +50,7 @@ def reference_entries(group: Group) -> list[dict[str, str]]:
 def model_label(spec: str) -> str:
     """How a record names a model without its location: a hub id (``owner/name`` or
     ``owner/name/file``) as given, a local path by its name."""
-    parts = spec.split("/")
-    hub_file = len(parts) >= 3 and is_repo_id("/".join(parts[:2])) and not Path(spec).exists()
-    return spec if is_repo_id(spec) or hub_file else Path(spec).name
+    return spec if is_hub_spec(spec) else Path(spec).name
 
 
 def relative_references(record: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 from easyref_cli import files
 from easyref_cli.errors import UsageError
 from easyref_cli.files import Group, sha256_file
-from easyref_cli.model.hub import is_repo_id  # torch-free
+from easyref_cli.model.hub import is_hub_spec  # torch-free
 from easyref_cli.models import MODEL_DEFAULTS, ModelIds, chosen_models
 from easyref_cli.records import Replay, parse_record
 from easyref_cli.runtime import Runtime
@@ -104,9 +104,7 @@ def _replay_models(record: dict, replay, chosen: dict[str, str], family: str | N
     given = [(key, getattr(models, key), flag) for key, flag in _MODEL_FLAGS if getattr(models, key) is not None]
     given += [("loras", spec, "--lora") for spec, _ in models.loras]
     for key, value, flag in given:
-        parts = value.split("/")
-        hub = is_repo_id(value) or (len(parts) >= 3 and is_repo_id("/".join(parts[:2])))
-        if key not in chosen and not Path(value).is_absolute() and not Path(value).exists() and not hub:
+        if key not in chosen and not Path(value).is_absolute() and not Path(value).exists() and not is_hub_spec(value):
             what = "LoRA" if key == "loras" else key.replace("_", " ")
             raise UsageError(
                 f"{source}: the record names its {what} {value!r} without its location "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-__all__ = ["make_reference_images"]
+__all__ = ["make_reference_images", "tiny_cli_args"]
 
 
 def make_reference_images(directory: Path, n: int = 3, size: tuple[int, int] = (64, 64), seed: int = 0) -> list[Path]:
@@ -46,3 +46,21 @@ def make_reference_images(directory: Path, n: int = 3, size: tuple[int, int] = (
         image.save(path, format="PNG")
         paths.append(path)
     return paths
+
+
+def tiny_cli_args(
+    tiny=None, *, base_model=None, mllm=None, adapter=None, steps: int = 2, batch_size: int | None = 1
+) -> list[str]:
+    """``easyref generate`` flags for a 64² CPU run of the tiny models (``tiny``, or the paths given).
+
+    ``batch_size=1`` by default: runs compared byte for byte must batch alike (``auto`` batches as it
+    goes); ``None`` leaves ``--batch-size`` out.
+    """
+    models = {
+        "--base-model": base_model or tiny.base_model,
+        "--mllm": mllm or tiny.mllm,
+        "--adapter": adapter or tiny.adapter_lora,
+    }
+    args = [str(a) for pair in models.items() for a in pair]
+    args += ["--device", "cpu", "--width", "64", "--height", "64", "--steps", str(steps)]
+    return args + (["--batch-size", str(batch_size)] if batch_size is not None else [])

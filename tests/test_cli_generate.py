@@ -29,7 +29,7 @@ from easyref_cli.model import hub
 from easyref_cli.plan import build_plan
 from easyref_cli.records import job_record
 from easyref_cli.runlog import RunSummary
-from easyref_cli.testing import make_reference_images
+from easyref_cli.testing import make_reference_images, tiny_cli_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,22 +45,7 @@ OLD_NS = 1_000_000_000 * 1_000_000_000
 
 
 def model_args(tiny) -> list[str]:
-    return [
-        "--base-model",
-        str(tiny.base_model),
-        "--mllm",
-        str(tiny.mllm),
-        "--adapter",
-        str(tiny.adapter_lora),
-        "--device",
-        "cpu",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-    ]
+    return tiny_cli_args(tiny, batch_size=None)
 
 
 def make_groups(root: Path, names=("alpha", "beta"), n: int = 2, size=(64, 48)) -> Path:

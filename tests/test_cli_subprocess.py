@@ -20,30 +20,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from easyref_cli.testing import make_reference_images
+from easyref_cli.testing import make_reference_images, tiny_cli_args
 
 SUBPROCESS_TIMEOUT = 300
 
 
 def tiny_args(tiny, steps: int = 2) -> list[str]:
-    return [
-        "--base-model",
-        str(tiny.base_model),
-        "--mllm",
-        str(tiny.mllm),
-        "--adapter",
-        str(tiny.adapter_lora),
-        "--device",
-        "cpu",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "1",  # runs compared byte for byte must batch alike
-    ]
+    return tiny_cli_args(tiny, steps=steps)
 
 
 def make_groups(root: Path, names=("alpha", "beta"), n: int = 2) -> Path:

@@ -14,6 +14,7 @@ from easyref_cli import distributed, files
 from easyref_cli.files import Group
 from easyref_cli.jobs import Job
 from easyref_cli.settings import GenerationSettings
+from easyref_cli.testing import tiny_cli_args
 
 
 def _job(group: str, i: int) -> Job:
@@ -98,22 +99,7 @@ def _args(tiny, groups: Path, out: Path) -> list[str]:
         str(out),
         "--no-cache",
         "-q",
-        "--base-model",
-        str(tiny.base_model),
-        "--mllm",
-        str(tiny.mllm),
-        "--adapter",
-        str(tiny.adapter_lora),
-        "--device",
-        "cpu",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--batch-size",
-        "1",  # runs compared byte for byte must batch alike
+        *tiny_cli_args(tiny),
     ]
 
 

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from easyref_cli.cli import app
 from easyref_cli.errors import ModelError
 from easyref_cli.model import loras as loras_mod
-from easyref_cli.testing import make_reference_images
+from easyref_cli.testing import make_reference_images, tiny_cli_args
 
 cli = CliRunner()
 
@@ -339,8 +339,7 @@ def test_reading_needs_no_peft(lora_files, monkeypatch):
 
 
 def _model_args(tiny) -> list[str]:
-    return ["--base-model", str(tiny.base_model), "--mllm", str(tiny.mllm), "--adapter", str(tiny.adapter_lora),
-            "--device", "cpu", "--width", "64", "--height", "64", "--steps", "2", "--batch-size", "1"]  # fmt: skip
+    return tiny_cli_args(tiny)
 
 
 def _generate(tiny, *args):

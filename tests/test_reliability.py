@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from easyref_cli import claims, files
 from easyref_cli.cli import app
 from easyref_cli.plan import build_plan
-from easyref_cli.testing import make_reference_images
+from easyref_cli.testing import make_reference_images, tiny_cli_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,12 +34,11 @@ cli = CliRunner()
 
 
 def model_args(base_model, mllm, adapter) -> list[str]:
-    return ["--base-model", str(base_model), "--mllm", str(mllm), "--adapter", str(adapter), "--device", "cpu",
-            "--width", "64", "--height", "64", "--steps", "2", "--batch-size", "1"]  # fmt: skip
+    return tiny_cli_args(base_model=base_model, mllm=mllm, adapter=adapter)
 
 
 def tiny_args(tiny) -> list[str]:
-    return model_args(tiny.base_model, tiny.mllm, tiny.adapter_lora)
+    return tiny_cli_args(tiny)
 
 
 def make_groups(root: Path, names=("alpha", "beta")) -> Path:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from easyref_cli import distributed, files
 from easyref_cli.cli import app
-from easyref_cli.testing import make_reference_images
+from easyref_cli.testing import make_reference_images, tiny_cli_args
 
 cli = CliRunner()
 
@@ -26,8 +26,7 @@ def _groups(root: Path, names=("alpha", "beta", "gamma", "delta")) -> Path:
 
 
 def _args(tiny) -> list[str]:
-    return ["--base-model", str(tiny.base_model), "--mllm", str(tiny.mllm), "--adapter", str(tiny.adapter_lora),
-            "--device", "cpu", "--width", "64", "--height", "64", "--steps", "2", "--batch-size", "1"]  # fmt: skip
+    return tiny_cli_args(tiny)
 
 
 def _dry(groups: Path, *extra: str) -> list[dict]:

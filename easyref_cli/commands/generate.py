@@ -114,11 +114,9 @@ def generate(
     if dry_run:
         check_existing_outputs(plan)  # what the run would refuse, the dry run refuses too
         if plan.shard is not None:
-            from dataclasses import replace
+            from easyref_cli.distributed import share_of
 
-            from easyref_cli.distributed import shard_jobs
-
-            plan = replace(plan, jobs=tuple(shard_jobs(plan.jobs, plan.shard[1], plan.shard[0] - 1)))
+            plan = share_of(plan)
         _describe(plan, json_lines, stdout)
         return 0
     if merge_manifest:

@@ -21,6 +21,19 @@ def is_repo_id(spec: str) -> bool:
     return bool(_REPO_ID.match(spec)) and not Path(spec).exists()
 
 
+def hub_file(spec: str) -> tuple[str, str] | None:
+    """``(repo, filename)`` when ``spec`` is ``owner/name/file…`` (and no local path), else None."""
+    parts = spec.split("/")
+    if len(parts) < 3 or not is_repo_id("/".join(parts[:2])) or Path(spec).exists():
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def is_hub_spec(spec: str) -> bool:
+    """A hub repo id (``owner/name``) or a file in one (``owner/name/file``), not a local path."""
+    return is_repo_id(spec) or hub_file(spec) is not None
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
@@ -68,15 +81,20 @@ def resolve_model(spec: str, option: str) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    parts = spec.split("/")
-    if len(parts) >= 3 and is_repo_id("/".join(parts[:2])):
-        repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
-        config = str(Path(filename).parent / "config.json") if "/" in filename else "config.json"
-        folder = _snapshot(repo, option, allow_patterns=[filename, config])  # the file and its config beside it
-        if not (folder / filename).is_file():
-            raise ModelError(f"{repo} has no file {filename}")
-        return folder / filename
+    if hub_file(spec) is not None:
+        return _hub_file(spec, option, with_config=True)  # the file and the config.json beside it
     return resolve_folder(spec, option)
+
+
+def _hub_file(spec: str, option: str, *, with_config: bool = False) -> Path:
+    repo, filename = hub_file(spec)
+    patterns = [filename]
+    if with_config:
+        patterns.append(str(Path(filename).parent / "config.json") if "/" in filename else "config.json")
+    folder = _snapshot(repo, option, allow_patterns=patterns)
+    if not (folder / filename).is_file():
+        raise ModelError(f"{repo} has no file {filename}")
+    return folder / filename
 
 
 def resolve_checkpoint(spec: str, option: str = "--adapter") -> Path:
@@ -86,13 +104,8 @@ def resolve_checkpoint(spec: str, option: str = "--adapter") -> Path:
         return path
     if path.is_dir():
         return _single_checkpoint(path, spec, option)
-    parts = spec.split("/")
-    if len(parts) >= 3 and is_repo_id("/".join(parts[:2])):
-        repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
-        folder = _snapshot(repo, option, allow_patterns=[filename])
-        if not (folder / filename).is_file():
-            raise ModelError(f"{repo} has no file {filename}")
-        return folder / filename
+    if hub_file(spec) is not None:
+        return _hub_file(spec, option)
     if is_repo_id(spec):
         return _single_checkpoint(_snapshot(spec, option), spec, option)
     raise ModelError(f"{option} {spec}: no such file (and not a hub id like owner/name[/file])")
