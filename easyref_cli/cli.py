@@ -389,13 +389,18 @@ def doctor(
     lora: Annotated[
         list[str] | None, typer.Option("--lora", help="As for generate (repeatable): show what each resolves to.")
     ] = None,
+    controlnet: Annotated[
+        list[str] | None,
+        typer.Option("--controlnet", help="As for generate (repeatable): what each resolves to, and if it fits."),
+    ] = None,
 ) -> None:
     """Versions, devices, dtype support, the attention-backend probe, which default models resolve locally,
-    what --base-model/--base-config/--vae/--lora resolve to, and whether output folders here can be shared
-    (file locks)."""
+    what --base-model/--base-config/--vae/--lora/--controlnet resolve to, and whether output folders here can
+    be shared (file locks)."""
     from easyref_cli.commands.doctor import report
 
-    models = {"base_model": base_model, "base_config": base_config, "vae": vae, "loras": lora or []}
+    models = {"base_model": base_model, "base_config": base_config, "vae": vae, "loras": lora or [],
+              "controlnets": controlnet or []}  # fmt: skip
     typer.echo(report(device=device, models=models))
 
 

@@ -237,7 +237,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path, *, exif_orientation: bool = True) -> Image.Image:
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` (hidden ones skipped), in natural name order."""
+    return [p for p in _list_dir(Path(folder)) if is_image_file(p)]
+
+
+def load_image(path: Path, *, exif_orientation: bool = True, what: str = "reference image") -> Image.Image:
     """Open, fully decode, apply EXIF orientation (unless ``exif_orientation=False``: the stored pixel
     order, as the official code reads it) and return an RGB image.
 
@@ -246,8 +251,8 @@ def load_image(path: Path, *, exif_orientation: bool = True) -> Image.Image:
     large ordinary photos (6000×6000) load.
 
     Raises:
-        InputError: naming the file and the reason (unreadable, not an image, truncated or
-            corrupt, decompression bomb, unsupported mode).
+        InputError: naming the file (as ``what``: a reference image, a control image…) and the reason
+            (unreadable, not an image, truncated or corrupt, decompression bomb, unsupported mode).
     """
     path = Path(path)
     try:
@@ -259,20 +264,20 @@ def load_image(path: Path, *, exif_orientation: bool = True) -> Image.Image:
             return image
     except Image.DecompressionBombError as e:
         raise InputError(
-            f"cannot use reference image {path}: too many pixels ({e}); refusing a possible decompression bomb"
+            f"cannot use {what} {path}: too many pixels ({e}); refusing a possible decompression bomb"
         ) from None
     except UnidentifiedImageError:
         hint = " (this Pillow cannot read AVIF: install a Pillow with AVIF support)" if _avif_unsupported(path) else ""
         raise InputError(
-            f"cannot use reference image {path}: not an image Pillow can read (wrong extension or corrupt file){hint}"
+            f"cannot use {what} {path}: not an image Pillow can read (wrong extension or corrupt file){hint}"
         ) from None
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        raise InputError(f"cannot read reference image {path}: {e.strerror or e}") from None
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
     except (OSError, SyntaxError, EOFError, ValueError) as e:
         reason = str(e) or type(e).__name__
         if "truncated" in reason.lower():
             reason = f"the file is truncated or incomplete ({reason})"
-        raise InputError(f"cannot use reference image {path}: {reason}") from None
+        raise InputError(f"cannot use {what} {path}: {reason}") from None
 
 
 def _avif_unsupported(path: Path) -> bool:

@@ -133,7 +133,7 @@ def content_id(spec: str, hashes: FileHashes) -> str:
 
 def model_identity(models: ModelIds, family: str | None, memo: Path | None = None) -> dict[str, Any]:
     """The job-id identity of the run's models: the three EasyRef models, then any ``vae``,
-    ``base_config`` and ``loras`` (``[[content id, weight], ...]``) given."""
+    ``base_config``, ``loras`` (``[[content id, weight], ...]``) and ``controlnets`` given."""
     hashes = FileHashes(hash_memo() if memo is None else memo)
     try:
         if family == "tiny":
@@ -147,9 +147,21 @@ def model_identity(models: ModelIds, family: str | None, memo: Path | None = Non
                 out[key] = content_id(getattr(models, key), hashes)
         if models.loras:
             out["loras"] = [[content_id(spec, hashes), weight] for spec, weight in models.loras]
+        if models.controlnets:
+            out["controlnets"] = [_controlnet_id(spec, hashes) for spec in models.controlnets]
         return out
     finally:
         hashes.save()
+
+
+def _controlnet_id(spec: str, hashes: FileHashes) -> str:
+    from easyref_cli.models import TINY_CONTROLNET
+
+    if spec == TINY_CONTROLNET:  # built at run time from the tiny base: its builder version is its content
+        from easyref_cli.tiny import _CONTROLNET_BUILD_VERSION as TINY_CONTROLNET_VERSION
+
+        return f"{TINY_CONTROLNET_VERSION}/controlnet"
+    return content_id(spec, hashes)
 
 
 def reference_digests(group: Group) -> tuple[str | None, ...]:

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from easyref_cli.files import Group
+from easyref_cli.inputs import JobInputs
 from easyref_cli.models import ModelIds
-from easyref_cli.naming import make_job_id, render_name
+from easyref_cli.naming import DEFAULT_NAME_TEMPLATE, INPUT_NAME_TEMPLATE, make_job_id, render_name
 from easyref_cli.settings import GenerationSettings, identity_values
 
 
@@ -23,6 +24,8 @@ class Job:
     the group name, prompt id, texts, every identity setting, the references' sha256s and the
     models' content ids (:mod:`easyref_cli.identity`); ``legacy_id`` is the id easyref-cli 0.2 and
     earlier gave the same job (model paths, no reference content), so their images still resume.
+    ``inputs`` holds its control, init and mask images (:mod:`easyref_cli.inputs`), ``None`` for
+    text-to-image.
     """
 
     job_id: str
@@ -36,6 +39,7 @@ class Job:
     preset: str | None = None
     reference_sha256: tuple[str | None, ...] = ()
     legacy_id: str = ""
+    inputs: JobInputs | None = None
 
     @property
     def seed(self) -> int:
@@ -53,6 +57,7 @@ class Job:
             "caption": self.caption,
             "index": self.index,
             **identity_values(self.settings),
+            **({"inputs": self.inputs.record()} if self.inputs is not None else {}),
             "output": self.output.as_posix(),
             "preset": self.preset,
         }
@@ -61,19 +66,27 @@ class Job:
 def make_job(
     *, group: Group, prompt_id: str, prompt: str, caption: str, index: int,
     settings: GenerationSettings, template: str, preset: str | None, models: ModelIds,
-    identity: Mapping[str, Any], references: tuple[str | None, ...],
+    identity: Mapping[str, Any], references: tuple[str | None, ...], inputs: JobInputs | None = None,
 ) -> Job:  # fmt: skip
     """One :class:`Job`: its id from everything that changes pixels, its output from the template.
 
     ``identity`` holds the models' content ids and ``references`` the group's image sha256s (see
     :mod:`easyref_cli.identity`). With ``seed_mode: official`` the image's place in its noise stream
-    (``index``) changes pixels too."""
+    (``index``) changes pixels too, and so does the content of ``inputs`` (never their paths). A job
+    whose input came from a folder is named by it (``{input}``) under the default template."""
     stream = {"noise_index": index} if settings.seed_mode == "official" else {}
+    if inputs is not None:
+        stream["inputs"] = inputs.identity()
     common = dict(group=group.name, prompt_id=prompt_id, prompt=prompt, caption=caption,
                   **identity_values(settings), **stream)  # fmt: skip
     job_id = make_job_id(**common, models=dict(identity), references=list(references))
-    legacy_id = "" if models.extras() else make_job_id(**common, **models.as_dict())  # 0.2 had no vae/LoRA
+    plain = not models.extras() and inputs is None  # 0.2 had no vae/LoRA/ControlNet/init image
+    legacy_id = make_job_id(**common, **models.as_dict()) if plain else ""
+    name = inputs.name if inputs is not None else None
+    if name is not None and template == DEFAULT_NAME_TEMPLATE:
+        template = INPUT_NAME_TEMPLATE
     output = render_name(
-        template, group=group.name, prompt_id=prompt_id, seed=settings.seed, index=index, preset=preset
+        template, group=group.name, prompt_id=prompt_id, seed=settings.seed, index=index, preset=preset, input=name
     )
-    return Job(job_id, group, prompt_id, prompt, caption, index, settings, output, preset, references, legacy_id)
+    return Job(job_id, group, prompt_id, prompt, caption, index, settings, output, preset, references, legacy_id,
+               inputs)  # fmt: skip

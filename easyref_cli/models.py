@@ -45,7 +45,8 @@ class ModelIds:
     """The models of a run, as given (hub ids or local paths): the three EasyRef needs, and what the
     SDXL ecosystem adds — a ``vae`` to replace the base model's, the ``base_config`` folder a
     single-file base model takes its component configs from, and community ``loras`` as
-    ``(file or hub id, weight)`` pairs fused in order after EasyRef's own LoRA."""
+    ``(file or hub id, weight)`` pairs fused in order after EasyRef's own LoRA, and the ``controlnets``
+    (folders or hub ids; ``tiny``: the tiny family's) in order."""
 
     base_model: str = DEFAULT_BASE_MODEL
     mllm: str = DEFAULT_MLLM
@@ -53,6 +54,7 @@ class ModelIds:
     vae: str | None = None
     base_config: str | None = None
     loras: tuple[tuple[str, float], ...] = ()
+    controlnets: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, str]:
         """The three EasyRef models (what records and job ids always carried)."""
@@ -63,6 +65,8 @@ class ModelIds:
         out: dict[str, Any] = {k: getattr(self, k) for k in ("vae", "base_config") if getattr(self, k) is not None}
         if self.loras:
             out["loras"] = [[spec, weight] for spec, weight in self.loras]
+        if self.controlnets:
+            out["controlnets"] = list(self.controlnets)
         return out
 
 
@@ -110,15 +114,18 @@ def chosen_models(
     return _demo_ids() if model == "demo" else _tiny_ids()
 
 
-def ensure_built(family: str | None) -> None:
-    """Build the tiny family's models on first use (once per ``EASYREF_HOME``)."""
+def ensure_built(family: str | None, controlnet: bool = False) -> None:
+    """Build the tiny family's models on first use (once per ``EASYREF_HOME``), and its ControlNet
+    when ``controlnet``."""
     if family == "tiny":
-        from easyref_cli.tiny import ensure_tiny_models
+        from easyref_cli.tiny import ensure_tiny_controlnet, ensure_tiny_models
 
         home = easyref_home()
         folder = home / "tiny-models"
         try:
             ensure_tiny_models(folder)
+            if controlnet:
+                ensure_tiny_controlnet(folder)
         except OSError as exc:  # a read-only or foreign EASYREF_HOME: say where and what to change
             detail = exc.strerror or str(exc) or type(exc).__name__
             if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
@@ -129,6 +136,21 @@ def ensure_built(family: str | None) -> None:
                 f"--model tiny cannot build its models in {folder} ({detail}); they are built there on first use: "
                 f"set EASYREF_HOME (now {home}) to a writable folder, or pass --base-model/--mllm/--adapter"
             ) from None
+
+
+#: ``--controlnet tiny``: the tiny family's random ControlNet (built next to its models on first use).
+TINY_CONTROLNET = "tiny"
+
+
+def check_controlnet_family(controlnets: tuple[str, ...], family: str | None) -> None:
+    """``--controlnet tiny`` only goes with ``--model tiny`` (its ControlNet fits only that base)."""
+    if TINY_CONTROLNET in controlnets and family != "tiny":
+        raise UsageError("--controlnet tiny is the tiny family's ControlNet: use it with --model tiny")
+
+
+def tiny_controlnet_path() -> str:
+    """Where the tiny family's ControlNet is (:func:`ensure_built` builds it)."""
+    return str(easyref_home() / "tiny-models" / "controlnet")
 
 
 def check_extra_models(models: ModelIds) -> None:
@@ -147,7 +169,14 @@ def check_extra_models(models: ModelIds) -> None:
         )
     given = [("--vae", models.vae), ("--base-config", models.base_config)]
     given += [("--lora", spec) for spec, _ in models.loras]
+    given += [("--controlnet", spec) for spec in models.controlnets if spec != TINY_CONTROLNET]
     for flag, spec in given:
         if spec is None or Path(spec).expanduser().exists() or is_hub_spec(spec):
             continue
         raise UsageError(f"{flag} {spec}: no such file or folder (and not a hub id like owner/name or owner/name/file)")
+    base = Path(models.base_model).expanduser()
+    for spec in models.controlnets:  # a local ControlNet for another base: exit 2 now, not after encoding
+        if spec != TINY_CONTROLNET and Path(spec).expanduser().is_dir():
+            from easyref_cli.model.control import check_controlnet  # torch-free
+
+            check_controlnet(Path(spec).expanduser(), base if base.is_dir() else None)

@@ -15,7 +15,9 @@ from typing import Any
 from easyref_cli.errors import UsageError
 
 DEFAULT_NAME_TEMPLATE = "{group}/{prompt_id}_{seed}.png"
-NAME_FIELDS = ("group", "prompt_id", "seed", "index", "preset")
+#: The default template of a job whose control/init image comes from a folder: one image per file.
+INPUT_NAME_TEMPLATE = "{group}/{prompt_id}_{input}_{seed}.png"
+NAME_FIELDS = ("group", "prompt_id", "seed", "index", "preset", "input")
 SLUG_MAX_LEN = 40
 
 
@@ -114,11 +116,12 @@ def render_name(
     seed: int,
     index: int,
     preset: str | None,
+    input: str | None = None,
 ) -> Path:
     """Render an output name template into a safe path relative to the output directory.
 
-    Fields: ``{group} {prompt_id} {seed} {index} {preset}`` (format specs like ``{seed:05d}``
-    allowed). Each rendered field is passed through :func:`sanitize_component`, so values cannot
+    Fields: ``{group} {prompt_id} {seed} {index} {preset} {input}`` (format specs like ``{seed:05d}``
+    allowed; ``{input}`` is the name of the control/init image a folder gave the job, else empty). Each rendered field is passed through :func:`sanitize_component`, so values cannot
     add directories or escape; the template's literal text may use ``/`` for sub-directories but
     not ``\\``, ``:``, absolute paths, empty, ``.``/``..`` or hidden components. ``.png`` is
     appended when missing.
@@ -126,7 +129,8 @@ def render_name(
     Raises:
         UsageError: unknown field, bad format spec, or a template whose literal text escapes.
     """
-    values = {"group": group, "prompt_id": prompt_id, "seed": seed, "index": index, "preset": _preset_label(preset)}
+    values = {"group": group, "prompt_id": prompt_id, "seed": seed, "index": index, "preset": _preset_label(preset),
+              "input": input or ""}  # fmt: skip
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:

@@ -74,6 +74,21 @@ VerboseOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary; errors only.")]
 
 
+_OPTION_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+
+
+def _setting_option(key: str):
+    """The ``Annotated`` Typer option of a setting; a tuple setting's flag is repeatable (a list)."""
+    from easyref_cli.settings import DEFAULTS, SPECS
+
+    spec = SPECS[key]
+    kind = list[_OPTION_TYPES[spec.item]] if spec.item is not None else _OPTION_TYPES[_settings.type_name(key)]
+    option = typer.Option(
+        *spec.flags, help=spec.cli_help(DEFAULTS[key]), rich_help_panel=spec.panel, show_default=False
+    )
+    return Annotated[kind | None, option]
+
+
 def with_setting_options(func):
     """Give a command one option per generation setting that has flags (:mod:`easyref_cli.settings`).
 
@@ -85,31 +100,18 @@ def with_setting_options(func):
     import functools
     import inspect
 
-    from easyref_cli.settings import DEFAULTS, SPECS
+    from easyref_cli.settings import SPECS
 
     keys = [key for key, spec in SPECS.items() if spec.flags]
-    types = {"int": int, "float": float, "str": str}
     taken = set(inspect.signature(func).parameters) - {"settings"}
     for key in keys:  # fail at import, naming the setting, rather than with a Typer traceback later
-        if _settings.type_name(key) not in types or key in taken:
+        if (SPECS[key].item or _settings.type_name(key)) not in _OPTION_TYPES or key in taken:
             raise TypeError(
-                f"setting {key!r}: its type must be int, float or str and its name not a parameter of {func.__name__}"
+                f"setting {key!r}: its type must be int, float or str (or a tuple of them) and its name not a "
+                f"parameter of {func.__name__}"
             )
     generated = [
-        inspect.Parameter(
-            key,
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[
-                types[_settings.type_name(key)] | None,
-                typer.Option(
-                    *SPECS[key].flags,
-                    help=SPECS[key].cli_help(DEFAULTS[key]),
-                    rich_help_panel="Settings",
-                    show_default=False,
-                ),
-            ],  # fmt: skip
-        )
+        inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_setting_option(key))
         for key in keys
     ]
     signature = inspect.signature(func, eval_str=True)
@@ -122,7 +124,8 @@ def with_setting_options(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        settings = {key: kwargs.pop(key, None) for key in keys}
+        settings = {key: kwargs.pop(key, None) or None for key in keys if SPECS[key].item}  # [] = not given
+        settings.update({key: kwargs.pop(key, None) for key in keys if not SPECS[key].item})
         settings.update(kwargs.pop("settings", None) or {})  # callers from code may pass the dict itself
         return func(*args, settings=settings, **kwargs)
 

@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from easyref_cli import inputs as inputs_mod
 from easyref_cli.errors import UsageError
 from easyref_cli.files import Group, find_groups
 from easyref_cli.identity import model_identity, reference_digests
 from easyref_cli.jobs import Job, make_job
-from easyref_cli.models import MODEL_DEFAULTS, ModelIds, check_extra_models, chosen_models
+from easyref_cli.models import MODEL_DEFAULTS, ModelIds, check_controlnet_family, check_extra_models, chosen_models
 from easyref_cli.naming import DEFAULT_NAME_TEMPLATE, assign_prompt_ids
 from easyref_cli.presets import load_preset
 from easyref_cli.prompts import PromptFile, PromptSpec, load_prompts
@@ -99,7 +100,7 @@ class Plan:
             lines.append(
                 f"{'exists' if exists else 'todo':<6}  {self.output_path(job)}  "
                 f"[job {job.job_id} group={job.group.name} prompt={job.prompt_id} seed={job.seed} "
-                f"{s.width}x{s.height} steps={s.steps}]"
+                f"{s.width}x{s.height} steps={s.steps}{inputs_mod.describe(job.inputs)}]"
             )
         fate = "overwritten" if self.overwrite else "skipped"
         lines.append(
@@ -226,26 +227,41 @@ def _expand(
     groups: Sequence[Group], prompt_file: PromptFile, base: GenerationSettings, *,
     template: str, preset: str | None, models: ModelIds, identity: Mapping[str, Any],
 ) -> list[Job]:  # fmt: skip
-    """Jobs, group-major: each prompt's own settings over ``base``, one job per seed."""
+    """Jobs, group-major: each prompt's own settings over ``base``, one job per input image (control,
+    init, mask: :mod:`easyref_cli.inputs`) and seed."""
     per_prompt = []
+    digests = inputs_mod.Digests()
     for spec, prompt_id in zip(prompt_file.prompts, assign_prompt_ids(prompt_file.prompts), strict=True):
         settings = replace(base, **spec.options)
-        per_prompt.append((spec, prompt_id, settings, _seeds(spec, settings)))
+        where = f"{prompt_file.location(spec, 'prompt')}: prompts[{spec.index}] ({prompt_id!r})"
+        if inputs_mod.uses_inputs(settings):
+            inputs_mod.check_control_settings(settings, len(models.controlnets), where)
+        per_prompt.append((spec, prompt_id, _seeds(spec, settings), inputs_mod.expand_inputs(settings, where, digests)))
     jobs = []
     for group in groups:
         references = reference_digests(group)
-        for spec, prompt_id, settings, seeds in per_prompt:
+        for spec, prompt_id, seeds, items in per_prompt:
             if spec.groups is not None and group.name not in spec.groups:
                 continue
-            for index, seed in enumerate(seeds):
-                jobs.append(
-                    make_job(
-                        group=group, prompt_id=prompt_id, prompt=spec.prompt, caption=settings.caption(spec.prompt),
-                        index=index, settings=replace(settings, seed=seed), template=template, preset=preset,
-                        models=models, identity=identity, references=references,
-                    )
-                )  # fmt: skip
+            for inputs, settings in items:
+                for index, seed in enumerate(seeds):
+                    jobs.append(
+                        make_job(
+                            group=group, prompt_id=prompt_id, prompt=spec.prompt, caption=settings.caption(spec.prompt),
+                            index=index, settings=replace(settings, seed=seed), template=template, preset=preset,
+                            models=models, identity=identity, references=references, inputs=inputs,
+                        )
+                    )  # fmt: skip
+    _check_controlnets_used(jobs, models)
     return jobs
+
+
+def _check_controlnets_used(jobs: Sequence[Job], models: ModelIds) -> None:
+    if models.controlnets and not any(job.inputs is not None and job.inputs.control for job in jobs):
+        raise UsageError(
+            "--controlnet given but no prompt has a control image: pass --control-image FILE_OR_FOLDER "
+            "(or control: in the prompt file)"
+        )
 
 
 def build_plan(
@@ -297,7 +313,8 @@ def build_plan(
     prompt_file = load_prompts(prompts_file) if prompts_file is not None else PromptFile.single(prompt)
     found = _find_groups(groups, prompt_file)
     base = resolve_settings(MODEL_DEFAULTS.get(model or ""), preset_settings, prompt_file.defaults, cli_settings)
-    models = ModelIds(**chosen, vae=vae, base_config=base_config, loras=base.loras)
+    check_controlnet_family(base.controlnets, model)
+    models = ModelIds(**chosen, vae=vae, base_config=base_config, loras=base.loras, controlnets=base.controlnets)
     check_extra_models(models)
     identity = model_identity(models, model)
     jobs = _expand(
@@ -314,19 +331,29 @@ def _replay_plan(
     groups_root: Path | None = None,
 ) -> Plan:  # fmt: skip
     """A one-job plan that regenerates the image ``image``'s record describes (:mod:`easyref_cli.replay`)."""
-    given = sorted(k for k, v in cli.items() if v is not None and k not in ("batch_size", "loras"))
-    if cli.get("loras"):  # where the recorded LoRAs are (their content is checked against the record)
-        chosen = {**chosen, "loras": _check_cli_settings({"loras": cli["loras"]})["loras"]}
+    locations = ("loras", "controlnets")  # where the recorded models are (their content is checked)
+    given = sorted(k for k, v in cli.items() if v is not None and k not in ("batch_size", *locations))
+    for key in locations:
+        if cli.get(key):
+            chosen = {**chosen, key: _check_cli_settings({key: cli[key]})[key]}
     r = read_replay(Path(image), chosen, family, runtime, groups_root, refuse=[flag_of(k) for k in given])
     identity = model_identity(r.models, r.family)
     r.check_identity(identity, str(image))
+    settings = r.replay.settings
+    if r.inputs is not None:
+        settings = replace(settings, control_image=tuple(str(p) for p in r.inputs.control),
+                           init_image=_str_or_none(r.inputs.init), mask=_str_or_none(r.inputs.mask))  # fmt: skip
     job = make_job(
         group=r.group, prompt_id=r.replay.prompt_id, prompt=r.replay.prompt, caption=r.replay.caption,
-        index=r.replay.index, settings=r.replay.settings, template=r.runtime.name_template, preset=r.replay.preset,
-        models=r.models, identity=identity, references=reference_digests(r.group),
+        index=r.replay.index, settings=settings, template=r.runtime.name_template, preset=r.replay.preset,
+        models=r.models, identity=identity, references=reference_digests(r.group), inputs=r.inputs,
     )  # fmt: skip
     batch_size = _check_cli_settings({"batch_size": cli.get("batch_size")}).get("batch_size", "auto")
     return _finish(
         [job], r.runtime, out_dir=Path(out_dir), models=r.models, model_family=r.family, batch_size=batch_size,
         preset=r.replay.preset, model_identity=identity,
     )  # fmt: skip
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)

@@ -35,8 +35,13 @@ from easyref_cli.errors import UsageError
 from easyref_cli.settings import MAX_SEED, PER_PROMPT_KEYS, Invalid, as_int, validate_settings
 from easyref_cli.yamlio import Problem, format_problems, line_of, load_yaml_text_with_lines, read_text
 
+#: ``control:`` — the ControlNet settings of a prompt (or of ``defaults:``) in one key: a control image, a
+#: mapping of these fields, or a list of such mappings (one per ControlNet, in ``--controlnet`` order).
+CONTROL_FIELDS = {"image": "control_image", "scale": "control_scale", "start": "control_start",
+                  "end": "control_end", "preprocess": "control_preprocess"}  # fmt: skip
+_CONTROL_DEFAULTS = {"scale": 1.0, "start": 0.0, "end": 1.0, "preprocess": "none"}
 #: Every key a prompt mapping may hold: the text, its id, the per-prompt settings, seeds and groups.
-PROMPT_KEYS: tuple[str, ...] = ("prompt", "id", *PER_PROMPT_KEYS, "seeds", "groups")
+PROMPT_KEYS: tuple[str, ...] = ("prompt", "id", *PER_PROMPT_KEYS, "control", "seeds", "groups")
 PROMPT_FILE_KEYS = ("defaults", "prompts")
 
 #: ``--prompts -``: read the prompt file from standard input, named ``<stdin>`` in errors.
@@ -132,6 +137,34 @@ def _check_groups(item: Mapping[str, Any], problem) -> tuple[str, ...] | None:
     return tuple(raw)
 
 
+def expand_control(item: Mapping[str, Any], problem) -> dict[str, Any]:
+    """``item`` with its ``control:`` key spelled out as the flat ``control_*`` settings
+    (:data:`CONTROL_FIELDS`); ``problem(key, message)`` for a malformed one."""
+    if "control" not in item:
+        return dict(item)
+    out = {k: v for k, v in item.items() if k != "control"}
+    flat = sorted(k for k in CONTROL_FIELDS.values() if k in item)
+    if flat:
+        problem("control", f"give either 'control' or {', '.join(flat)}, not both")
+        return out
+    raw = item["control"]
+    nets = raw if isinstance(raw, list) else [raw]
+    if not nets or not all(isinstance(n, (str, dict)) for n in nets):
+        problem("control", f"must be a control image, a mapping of {', '.join(CONTROL_FIELDS)}, or a list of them")
+        return out
+    nets = [{"image": n} if isinstance(n, str) else n for n in nets]
+    unknown = sorted({str(k) for n in nets for k in n} - set(CONTROL_FIELDS))
+    if unknown or not all("image" in n for n in nets):
+        what = f"unknown key(s) {', '.join(unknown)}" if unknown else "each ControlNet needs an 'image'"
+        problem("control", f"{what} (allowed: {', '.join(CONTROL_FIELDS)})")
+        return out
+    for field_name, key in CONTROL_FIELDS.items():
+        values = [n.get(field_name, _CONTROL_DEFAULTS.get(field_name)) for n in nets]
+        if field_name == "image" or any(field_name in n for n in nets):
+            out[key] = values
+    return out
+
+
 def _check_text(item: Mapping[str, Any], line: int | None, where: str, problem) -> list[Problem]:
     prompt = item.get("prompt")
     if prompt is None:
@@ -162,6 +195,7 @@ def check_prompt_item(item: Any, index: int, lines: Mapping[tuple, int]) -> tupl
     for key in item:
         if key not in PROMPT_KEYS:
             problem(str(key), f"unknown key (allowed: {', '.join(PROMPT_KEYS)})")
+    item = expand_control(item, problem)
     problems += _check_text(item, line, where, problem)
     prompt_id = _check_id(item.get("id"), problem)
     options, option_problems = validate_settings(
@@ -174,6 +208,8 @@ def check_prompt_item(item: Any, index: int, lines: Mapping[tuple, int]) -> tupl
     if problems:
         return None, problems
     key_lines = {k: lines[at + (k,)] for k in item if at + (k,) in lines}
+    if at + ("control",) in lines:
+        key_lines.update({k: lines[at + ("control",)] for k in CONTROL_FIELDS.values() if k in item})
     spec = PromptSpec(index, item["prompt"], prompt_id, options, seeds, groups, line, key_lines)
     return spec, []
 
@@ -184,8 +220,15 @@ def _check_defaults(data: Mapping[str, Any], lines) -> tuple[dict[str, Any], lis
         return {}, []
     if not isinstance(raw, dict):
         return {}, [(line_of(lines, ("defaults",)), "defaults", "must be a mapping of options")]
+    problems: list[Problem] = []
+    raw = expand_control(
+        raw, lambda key, msg: problems.append((line_of(lines, ("defaults", key)), f"defaults.{key}", msg))
+    )
     defaults, option_problems = validate_settings(raw)
-    return defaults, [(line_of(lines, ("defaults", k)), f"defaults.{k}", msg) for k, msg in option_problems]
+    where = {k: "control" if k in CONTROL_FIELDS.values() and "control" in data["defaults"] else k for k in raw}
+    return defaults, problems + [
+        (line_of(lines, ("defaults", where.get(k, k))), f"defaults.{k}", msg) for k, msg in option_problems
+    ]
 
 
 def _check_prompts(data: Mapping[str, Any], lines) -> tuple[list[PromptSpec], list[Problem]]:

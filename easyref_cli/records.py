@@ -20,6 +20,7 @@ from easyref_cli.jobs import Job
 from easyref_cli.model.hub import is_hub_spec  # torch-free
 from easyref_cli.naming import slugify
 from easyref_cli.settings import (
+    CONTROL_SCHEMA,
     IDENTITY_KEYS,
     SPECS,
     GenerationSettings,
@@ -31,8 +32,11 @@ from easyref_cli.settings import (
     validate_settings,
 )
 
-#: The record layout this version writes and reads: 1, or 2 once it carries a setting added since.
-RECORD_SCHEMA = 2
+#: The record layout this version writes and reads: 1, or 2 (3) once it carries a setting added since
+#: (3: control, init or mask images — a reader that does not know them must not regenerate it without).
+RECORD_SCHEMA = CONTROL_SCHEMA
+#: The record's ``inputs`` keys: the paired name, control images (a list), init image, mask.
+INPUT_ENTRIES = ("control", "init", "mask")
 _TEXTS = {"prompt": (str,), "caption": (str,)}
 
 
@@ -68,7 +72,23 @@ def shareable(record: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = model_label(out[key])
     if isinstance(out.get("loras"), list):
         out["loras"] = [{**lora, "path": model_label(lora["path"])} for lora in out["loras"]]
+    if isinstance(out.get("controlnets"), list):
+        out["controlnets"] = [{**c, "path": model_label(c["path"])} for c in out["controlnets"]]
+    if isinstance(out.get("inputs"), dict):
+        out["inputs"] = {k: _relative_inputs(v) if k in INPUT_ENTRIES else v for k, v in out["inputs"].items()}
     return out
+
+
+def _relative_inputs(entry: Any) -> Any:
+    """An input image's path relative to the current folder (where a replay looks), or its name if outside."""
+    if isinstance(entry, list):
+        return [_relative_inputs(e) for e in entry]
+    path = Path(entry["path"])
+    try:
+        shown = path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        shown = path.name
+    return {**entry, "path": shown}
 
 
 def job_record(
@@ -83,8 +103,10 @@ def job_record(
     if references is None:
         references = reference_entries(job.group)
     settings = identity_values(job.settings)
+    inputs = {"inputs": job.inputs.record()} if job.inputs is not None else {}
     return {
-        "schema": max([1, *(SPECS[k].since for k in settings)]),  # 1 while it means what 0.1 records meant
+        # 1 while it means what 0.1 records meant; 3 with input images
+        "schema": max([1, *(SPECS[k].since for k in settings), *([CONTROL_SCHEMA] if inputs else [])]),
         "job_id": job.job_id,
         "group": job.group.name,
         "prompt_id": job.prompt_id,
@@ -96,6 +118,7 @@ def job_record(
         **{k: models[k] for k in ("base_model", "mllm", "adapter")},
         "preset": job.preset,
         "references": [dict(r) for r in references],
+        **inputs,
         "version": __version__,
     }
 
@@ -114,6 +137,8 @@ class Replay:
     preset: str | None
     references: tuple[Path, ...]
     reference_sha256: tuple[str | None, ...]
+    #: the record's ``inputs``: ``{"name": str?, "control": [(path, sha256)], "init": (path, sha256), "mask": ...}``
+    inputs: Mapping[str, Any] | None = None
 
 
 def _problems(record: Mapping[str, Any]) -> list[str]:
@@ -141,7 +166,38 @@ def _problems(record: Mapping[str, Any]) -> list[str]:
     for i, ref in enumerate(refs):
         if not isinstance(ref, Mapping) or not isinstance(ref.get("path"), str):
             problems.append(f"references[{i}]: needs a 'path'")
+    return problems + _input_problems(record.get("inputs"))
+
+
+def _input_problems(inputs: Any) -> list[str]:
+    if inputs is None:
+        return []
+    if not isinstance(inputs, Mapping):
+        return [f"inputs: unexpected value {inputs!r}"]
+    problems = []
+    for key in INPUT_ENTRIES:
+        entries = inputs.get(key)
+        if entries is None:
+            continue
+        for i, entry in enumerate(entries if key == "control" and isinstance(entries, list) else [entries]):
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("path"), str):
+                problems.append(f"inputs.{key}{f'[{i}]' if key == 'control' else ''}: needs a 'path' and a 'sha256'")
+    if inputs.get("name") is not None and not isinstance(inputs["name"], str):
+        problems.append(f"inputs.name: must be a string, got {inputs['name']!r}")
     return problems
+
+
+def _recorded_inputs(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    inputs = record.get("inputs")
+    if not isinstance(inputs, Mapping) or not any(inputs.get(k) for k in INPUT_ENTRIES):
+        return None
+
+    def pair(entry: Mapping[str, Any]) -> tuple[Path, str | None]:
+        return Path(entry["path"]), entry.get("sha256") if isinstance(entry.get("sha256"), str) else None
+
+    out: dict[str, Any] = {"name": inputs.get("name"), "control": [pair(e) for e in inputs.get("control") or []]}
+    out.update({k: pair(inputs[k]) for k in ("init", "mask") if inputs.get(k)})
+    return out
 
 
 def _settings(record: Mapping[str, Any], problems: list[str]) -> GenerationSettings:
@@ -155,8 +211,12 @@ def _settings(record: Mapping[str, Any], problems: list[str]) -> GenerationSetti
 
 def extras_record(models: Any, identity: Mapping[str, Any]) -> dict[str, Any]:
     """The record's part for the ecosystem models a run used (:meth:`ModelIds.extras`): ``vae`` and
-    ``base_config`` as given, each LoRA with its weight and content id (``sha256:…`` or a hub id)."""
-    out: dict[str, Any] = {k: v for k, v in models.extras().items() if k != "loras"}
+    ``base_config`` as given, each LoRA with its weight and content id (``sha256:…`` or a hub id), each
+    ControlNet with its content id."""
+    out: dict[str, Any] = {k: v for k, v in models.extras().items() if k not in ("loras", "controlnets")}
+    if models.controlnets:
+        ids = identity.get("controlnets") or [None] * len(models.controlnets)
+        out["controlnets"] = [{"path": spec, "content": c} for spec, c in zip(models.controlnets, ids, strict=True)]
     if models.loras:
         ids = identity.get("loras") or [[None, w] for _, w in models.loras]
         out["loras"] = [
@@ -168,6 +228,9 @@ def extras_record(models: Any, identity: Mapping[str, Any]) -> dict[str, Any]:
 
 def _recorded_extras(record: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: record[k] for k in ("vae", "base_config") if isinstance(record.get(k), str)}
+    controlnets = record.get("controlnets")
+    if isinstance(controlnets, list) and controlnets:
+        out["controlnets"] = tuple(str(c["path"]) for c in controlnets if isinstance(c, Mapping) and "path" in c)
     loras = record.get("loras")
     if isinstance(loras, list) and loras:
         out["loras"] = tuple((str(item["path"]), float(item.get("weight", 1.0))) for item in loras
@@ -206,4 +269,5 @@ def parse_record(record: Mapping[str, Any], *, source: str = "record") -> Replay
         preset=record.get("preset") if isinstance(record.get("preset"), str) else None,
         references=tuple(Path(r["path"]) for r in refs),
         reference_sha256=tuple(r.get("sha256") for r in refs),
+        inputs=_recorded_inputs(record),
     )

@@ -14,6 +14,7 @@ from typing import Any
 from easyref_cli import files
 from easyref_cli.errors import UsageError
 from easyref_cli.files import Group, sha256_file
+from easyref_cli.inputs import JobInputs
 from easyref_cli.model.hub import is_hub_spec  # torch-free
 from easyref_cli.models import MODEL_DEFAULTS, ModelIds, chosen_models
 from easyref_cli.records import Replay, parse_record
@@ -30,10 +31,11 @@ class ReplayInputs:
     family: str | None
     runtime: Runtime
     recorded_identity: dict[str, Any]  # the record's ``model_identity`` ({} before 0.3)
+    inputs: JobInputs | None = None  # its control/init/mask images, found with their recorded content
 
     def check_identity(self, identity: dict[str, Any], source: str) -> None:
-        """The ``--vae``, ``--base-config`` and LoRAs found have the recorded content."""
-        for key in ("vae", "base_config", "loras"):
+        """The ``--vae``, ``--base-config``, LoRAs and ControlNets found have the recorded content."""
+        for key in ("vae", "base_config", "loras", "controlnets"):
             if key in self.recorded_identity and identity.get(key) != self.recorded_identity[key]:
                 raise UsageError(
                     f"{source}: its {key.replace('_', ' ')} had other content ({self.recorded_identity[key]}); "
@@ -60,7 +62,9 @@ def read_replay(
         )
     source = str(image)
     replay = parse_record(record, source=source)
-    refs = _replay_references(replay, Path(groups_root) if groups_root is not None else Path.cwd(), source)
+    root = Path(groups_root) if groups_root is not None else Path.cwd()
+    refs = _replay_references(replay, root, source)
+    inputs = _replay_inputs(replay.inputs, root, source)
     recorded_device = record.get("device")
     if replay.settings.seed_mode == "official" and isinstance(recorded_device, str):
         # its noise stream was drawn on that kind of device: another kind gives another picture
@@ -74,7 +78,7 @@ def read_replay(
     models, family = _replay_models(record, replay, chosen, family, source)
     group = Group(name=replay.group, path=refs[0].parent, images=refs, ignored=())
     recorded = record.get("model_identity") if isinstance(record.get("model_identity"), dict) else {}
-    return ReplayInputs(replay, group, models, family, runtime, recorded)
+    return ReplayInputs(replay, group, models, family, runtime, recorded, inputs)
 
 
 def _replay_references(replay, root: Path, source: str) -> tuple[Path, ...]:
@@ -94,6 +98,36 @@ def _replay_references(replay, root: Path, source: str) -> tuple[Path, ...]:
     return tuple(paths)
 
 
+def _found(recorded: Path, digest: str | None, root: Path, what: str, source: str) -> Path:
+    """A recorded input file (a relative one under the current folder, where the run that made the image
+    was started, else under ``root``), present with its recorded sha256."""
+    path = recorded
+    if not recorded.is_absolute():
+        path = recorded if recorded.is_file() else root / recorded
+    if not path.is_file():
+        where = "" if recorded.is_absolute() else f" (looked in the current folder and under {root})"
+        raise UsageError(f"{source}: its {what} {recorded}{where} no longer exists")
+    if digest and sha256_file(path) != digest:
+        raise UsageError(
+            f"{source}: its {what} {path} has changed since the image was made (sha256 {digest[:12]}… recorded)"
+        )
+    return path
+
+
+def _replay_inputs(recorded: dict[str, Any] | None, root: Path, source: str) -> JobInputs | None:
+    """The recorded control/init/mask images, found and unchanged."""
+    if recorded is None:
+        return None
+    control = [(_found(p, d, root, "control image", source), d) for p, d in recorded["control"]]
+    found = {k: (_found(recorded[k][0], recorded[k][1], root, what, source), recorded[k][1])
+             for k, what in (("init", "init image"), ("mask", "mask")) if k in recorded}  # fmt: skip
+    return JobInputs(
+        name=recorded.get("name"), control=tuple(p for p, _ in control), control_sha256=tuple(d for _, d in control),
+        init=found["init"][0] if "init" in found else None, init_sha256=found["init"][1] if "init" in found else None,
+        mask=found["mask"][0] if "mask" in found else None, mask_sha256=found["mask"][1] if "mask" in found else None,
+    )  # fmt: skip
+
+
 def _replay_models(record: dict, replay, chosen: dict[str, str], family: str | None, source: str):
     """Models: those chosen on the command line, else the record's family, else the record's ids; a
     model the record names without its path (records leave paths out) must be given."""
@@ -103,9 +137,10 @@ def _replay_models(record: dict, replay, chosen: dict[str, str], family: str | N
     models = ModelIds(**{**replay.models, **chosen})
     given = [(key, getattr(models, key), flag) for key, flag in _MODEL_FLAGS if getattr(models, key) is not None]
     given += [("loras", spec, "--lora") for spec, _ in models.loras]
+    given += [("controlnets", spec, "--controlnet") for spec in models.controlnets if spec != "tiny"]
     for key, value, flag in given:
         if key not in chosen and not Path(value).is_absolute() and not Path(value).exists() and not is_hub_spec(value):
-            what = "LoRA" if key == "loras" else key.replace("_", " ")
+            what = {"loras": "LoRA", "controlnets": "ControlNet"}.get(key, key.replace("_", " "))
             raise UsageError(
                 f"{source}: the record names its {what} {value!r} without its location "
                 f"(records leave local paths out); pass {flag} PATH"

@@ -1,6 +1,6 @@
 """Phase 1 of a run: the models resolved — the tiny family built if asked, hub ids → local paths, the
 device checked, the adapter loaded and checked against the base UNet's config, the ecosystem models
-(``--vae``, ``--base-config``, ``--lora``) located and the LoRAs checked — all before minutes of encoding.
+(``--vae``, ``--base-config``, ``--lora``, ``--controlnet``) located and the LoRAs and ControlNets checked — all before minutes of encoding.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from easyref_cli.errors import UsageError
-from easyref_cli.models import ensure_built
+from easyref_cli.models import TINY_CONTROLNET, ensure_built, tiny_controlnet_path
 from easyref_cli.plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class ResolvedModels:
     vae: Path | None = None
     base_config: Path | None = None
     loras: tuple[tuple[Path, float], ...] = ()
+    controlnets: tuple[Path, ...] = ()
 
 
 def check_device(device: str | None) -> None:
@@ -79,7 +80,7 @@ def resolve_models(plan: Plan) -> ResolvedModels:
     from easyref_cli.model.pipeline import resolve_dtypes
     from easyref_cli.model.single_file import check_sdxl_sources
 
-    ensure_built(plan.model_family)
+    ensure_built(plan.model_family, controlnet=TINY_CONTROLNET in plan.models.controlnets)
     check_device(plan.device)
     m = plan.models
     base_model = hub.resolve_model(m.base_model, "--base-model")  # a folder, or a single file
@@ -90,6 +91,10 @@ def resolve_models(plan: Plan) -> ResolvedModels:
         hub.resolve_folder(m.base_config, "--base-config", CONFIG_FILES) if m.base_config is not None else None
     )
     loras = tuple((hub.resolve_checkpoint(spec, "--lora"), weight) for spec, weight in m.loras)
+    controlnets = tuple(
+        Path(tiny_controlnet_path()) if spec == TINY_CONTROLNET else hub.resolve_folder(spec, "--controlnet")
+        for spec in m.controlnets
+    )
     # before minutes of encoding, not after: the SDXL sources (single file, VAE), the adapter against
     # the base UNet's config, each LoRA against the base's layers
     configs = check_sdxl_sources(base_model, config=base_config, vae=vae)
@@ -99,6 +104,10 @@ def resolve_models(plan: Plan) -> ResolvedModels:
         from easyref_cli.model.loras import check_loras
 
         check_loras(configs, None, loras)  # an SD1.5 or broken LoRA: exit 2 (configs: the folder SDXL takes them from)
+    for controlnet in controlnets:
+        from easyref_cli.model.control import check_controlnet
+
+        check_controlnet(controlnet, configs)  # a ControlNet for another base: exit 2
     device = plan.device or default_device()
     return ResolvedModels(base_model, mllm, adapter, checkpoint, device, resolve_dtypes(plan.dtype, device), vae,
-                          base_config, loras)  # fmt: skip
+                          base_config, loras, controlnets)  # fmt: skip

@@ -201,21 +201,43 @@ class GeneratePhase:
             bar.close()
 
     def _make(self, pipe, jobs: Iterable[Job], requests: dict, conditions, bar) -> None:
-        """Batches of ``jobs`` (each claimed; sizes from :class:`~easyref_cli.batching.AutoBatch`),
-        generated and written, their claims released."""
+        """Batches of ``jobs`` (each claimed; sizes from :class:`~easyref_cli.batching.AutoBatch`), their
+        input images loaded, generated and written, their claims released. The key adds the mode (how many
+        control images, an init image, a mask), whose images are loaded only when their batch is made."""
 
         def key(job: Job):
-            return requests[job.job_id].batch_key()
+            mode = (0, False, False) if job.inputs is None else job.inputs.mode()
+            return (*requests[job.job_id].batch_key(), mode)
 
         for batch in batches(jobs, key, lambda job: self.sizes.size(key(job), requests[job.job_id])):
             if self.log.stop.requested:
                 break
             try:
-                self._batch(pipe, batch, [requests[j.job_id] for j in batch], conditions)
+                ready, loaded = self._with_inputs(batch, [requests[j.job_id] for j in batch])
+                if ready:
+                    self._batch(pipe, ready, loaded, conditions, key(ready[0]))
             finally:
                 for job in batch:
                     self.claims.release(job.output)
             bar.update(len(batch))
+
+    def _with_inputs(self, batch: list[Job], requests: list) -> tuple[list[Job], list]:
+        """The batch's requests with their control/init/mask images; a job whose file is broken fails alone."""
+        from dataclasses import replace
+
+        from easyref_cli.inputs import load_inputs
+
+        ready, loaded = [], []
+        for job, request in zip(batch, requests, strict=True):
+            if job.inputs is not None:
+                try:
+                    request = replace(request, **load_inputs(job.inputs, job.settings))
+                except EasyRefError as exc:
+                    self.log.fail(job, exc)
+                    continue
+            ready.append(job)
+            loaded.append(request)
+        return ready, loaded
 
     def _load_pipeline(self):
         from easyref_cli.env import package_versions
@@ -225,6 +247,7 @@ class GeneratePhase:
         pipe = EasyRefPipeline.from_pretrained(
             m.base_model, m.mllm, m.checkpoint, device=plan.device, dtype=plan.dtype, attention=plan.attention,
             compile=self.options.compile, offload=plan.offload, vae=m.vae, base_config=m.base_config, loras=m.loras,
+            controlnets=m.controlnets,
         )  # fmt: skip
         attention = pipe.attention
         self.run_record = {
@@ -244,10 +267,9 @@ class GeneratePhase:
         self._steps.refresh()
         self.claims.heartbeat()
 
-    def _batch(self, pipe, batch: list[Job], requests: list, conditions) -> None:
+    def _batch(self, pipe, batch: list[Job], requests: list, conditions, key) -> None:
         from easyref_cli.model.pipeline import NonFiniteImages
 
-        key = requests[0].batch_key()
         self.sizes.before(key, requests[0])
         t0 = time.perf_counter()
         failure: EasyRefError | None = None
@@ -284,8 +306,8 @@ class GeneratePhase:
         self.sizes.out_of_memory(key, requests[0], len(batch))
         free_memory()
         half = len(batch) // 2
-        self._batch(pipe, batch[:half], requests[:half], conditions)
-        self._batch(pipe, batch[half:], requests[half:], conditions)
+        self._batch(pipe, batch[:half], requests[:half], conditions, key)
+        self._batch(pipe, batch[half:], requests[half:], conditions, key)
 
     def _write(self, job: Job, image, conditions, per_image: float, batch_size: int) -> None:
         # The PNG record holds no wall-clock times, so the same job always gives the same bytes;

@@ -67,6 +67,12 @@ EXIF_CHOICES = ("apply", "ignore")
 #: ``seed_mode``: ``cpu`` gives every image its own CPU generator (device-, batch- and order-independent);
 #: ``official`` draws a prompt's images as the official ``generate(num_samples=n, seed=s)`` on the run's device.
 SEED_MODES = ("cpu", "official")
+#: ``control_preprocess``: what a control image goes through before the ControlNet reads it
+#: (:mod:`easyref_cli.preprocess`; kept here so the schema stays import-light).
+CONTROL_PREPROCESS_CHOICES = ("none", "canny")
+#: the record schema that introduced ControlNet, img2img and inpainting (older readers refuse such records)
+CONTROL_SCHEMA = 3
+CONTROL_PANEL = "Control, image-to-image, inpainting"
 #: ``--offload``: accelerate CPU offload of SDXL for small GPUs.
 OFFLOAD_CHOICES = ("none", "model", "sequential")
 #: ``--dtype`` spellings → canonical name (a ``torch`` attribute, or ``auto``).
@@ -227,6 +233,46 @@ def as_loras(value: Any) -> tuple[tuple[str, float], ...]:
         raise Invalid(str(e)) from None
 
 
+def as_tuple(check: Callable[[Any], Any], *, what: str, empty: bool = True) -> Callable[[Any], tuple]:
+    """A tuple setting: one value or a list of them, each checked by ``check`` (``Invalid`` names the item)."""
+
+    def convert(value: Any) -> tuple:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not items and not empty:
+            raise Invalid(f"must be one {what} or a list of them, got an empty list")
+        out = []
+        for i, item in enumerate(items):
+            try:
+                out.append(check(item))
+            except Invalid as e:
+                raise Invalid(f"item {i + 1}: {e}" if len(items) > 1 else str(e)) from None
+        return tuple(out)
+
+    return convert
+
+
+def as_path(value: Any) -> str:
+    """A file or folder path (checked for existence at planning, where its source is known)."""
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid(f"must be a file or folder path, got {value!r}")
+    return value.strip()
+
+
+def as_optional_path(value: Any) -> str | None:
+    return None if value is None else as_path(value)
+
+
+def as_fraction(value: Any) -> float:
+    return as_float(value, minimum=0.0, maximum=1.0)
+
+
+def as_strength(value: Any) -> float:
+    value = as_float(value, maximum=1.0)
+    if value <= 0.0:
+        raise Invalid(f"must be > 0 and ≤ 1, got {value}")
+    return value
+
+
 def find_control_tokens(text: str) -> list[str]:
     """The Qwen2-VL control tokens in ``text``: user text holding one would be read as structure
     (an extra image slot, an end of turn…)."""
@@ -268,6 +314,12 @@ class Spec:
     legacy: Any = None
     keep: Callable[[Any], bool] | None = None
     default_text: str | None = None
+    #: for a tuple setting: the type of one item ("str", "float"); its flag is repeatable
+    item: str | None = None
+    #: the ``--help`` panel of its flag
+    panel: str = "Settings"
+    #: one value for every ControlNet, or one each (checked against the run's ControlNets)
+    per_net: bool = False
 
     def cli_help(self, default: Any) -> str:
         shown = self.default_text if self.default_text is not None else str(default)
@@ -397,6 +449,114 @@ class GenerationSettings:
         since=2,
     )
 
+    # ControlNet, img2img, inpainting (record schema 3; left out of the id and record when unused)
+    controlnets: tuple = setting(
+        (),
+        "SDXL ControlNet models (diffusers folders or hub ids) in order; several make a multi-ControlNet, each "
+        "with its own control image. They attend to the text tokens only, as the official code. 'tiny' with "
+        "--model tiny.",
+        as_tuple(as_path, what="ControlNet"),
+        flags=("--controlnet",),
+        item="str",
+        panel="Models",
+        default_text="none",
+    )
+    control_image: tuple = setting(
+        (),
+        "Control image per ControlNet: a file, or a folder (one job per image; folders given together are "
+        "paired by file name). Stretched to the image size (Lanczos, as diffusers).",
+        as_tuple(as_path, what="file or folder"),
+        per_prompt=True,
+        flags=("--control-image",),
+        panel=CONTROL_PANEL,
+        item="str",
+        default_text="none",
+    )
+    control_scale: tuple = setting(
+        (1.0,),
+        "ControlNet strength: one value, or one per ControlNet.",
+        as_tuple(as_float, what="number", empty=False),
+        flags=("--control-scale",),
+        panel=CONTROL_PANEL,
+        per_net=True,
+        item="float",
+        default_text="1.0",
+        since=CONTROL_SCHEMA,
+        keep=lambda s: bool(s.control_image),
+        **_SAMPLE,
+    )
+    control_start: tuple = setting(
+        (0.0,),
+        "Fraction of the steps at which each ControlNet starts (one value, or one per ControlNet).",
+        as_tuple(as_fraction, what="fraction", empty=False),
+        flags=("--control-start",),
+        panel=CONTROL_PANEL,
+        per_net=True,
+        item="float",
+        default_text="0.0",
+        since=CONTROL_SCHEMA,
+        keep=lambda s: bool(s.control_image),
+        **_SAMPLE,
+    )
+    control_end: tuple = setting(
+        (1.0,),
+        "Fraction of the steps at which each ControlNet stops (one value, or one per ControlNet).",
+        as_tuple(as_fraction, what="fraction", empty=False),
+        flags=("--control-end",),
+        panel=CONTROL_PANEL,
+        per_net=True,
+        item="float",
+        default_text="1.0",
+        since=CONTROL_SCHEMA,
+        keep=lambda s: bool(s.control_image),
+        **_SAMPLE,
+    )
+    control_preprocess: tuple = setting(
+        ("none",),
+        f"What each control image goes through first: {', '.join(CONTROL_PREPROCESS_CHOICES)} (one value, or one "
+        "per ControlNet); canny is OpenCV's Canny(100, 200) in numpy.",
+        as_tuple(as_choice(CONTROL_PREPROCESS_CHOICES), what="preprocessor", empty=False),
+        per_prompt=True,
+        identity=True,
+        flags=("--control-preprocess",),
+        panel=CONTROL_PANEL,
+        per_net=True,
+        item="str",
+        default_text="none",
+        since=CONTROL_SCHEMA,
+        keep=lambda s: bool(s.control_image),
+    )
+    init_image: str | None = setting(
+        None,
+        "Image-to-image: the picture to start from, a file or a folder (one job per image). Stretched to the "
+        "image size (Lanczos).",
+        as_optional_path,
+        per_prompt=True,
+        flags=("--init-image",),
+        panel=CONTROL_PANEL,
+        default_text="none",
+    )
+    mask: str | None = setting(
+        None,
+        "Inpainting: a single-channel mask for --init-image (white = repaint, black = keep), a file or a folder "
+        "paired with the init images by file name; the init image's size.",
+        as_optional_path,
+        per_prompt=True,
+        flags=("--mask",),
+        panel=CONTROL_PANEL,
+        default_text="none",
+    )
+    strength: float = setting(
+        0.8,
+        "Image-to-image and inpainting: how much of the init image is re-noised (1 = all of it).",
+        as_strength,
+        flags=("--strength",),
+        panel=CONTROL_PANEL,
+        since=CONTROL_SCHEMA,
+        keep=lambda s: s.init_image is not None,
+        **_SAMPLE,
+    )
+
     def caption(self, prompt: str) -> str:
         """What the MLLM reads after the instruction for ``prompt``."""
         return prompt if self.ref_text == "prompt" else ""
@@ -410,6 +570,8 @@ SETTING_KEYS: tuple[str, ...] = tuple(SPECS)
 PER_PROMPT_KEYS: tuple[str, ...] = tuple(k for k, s in SPECS.items() if s.per_prompt)
 #: The settings that change pixels: job id, record, replay.
 IDENTITY_KEYS: tuple[str, ...] = tuple(k for k, s in SPECS.items() if s.identity)
+#: The ControlNet settings given once for all ControlNets or once per ControlNet.
+PER_NET_KEYS: tuple[str, ...] = tuple(k for k, s in SPECS.items() if s.per_net)
 _TYPES = {f.name: f.type for f in fields(GenerationSettings)}
 
 
@@ -492,14 +654,14 @@ def pipeline_values(settings: GenerationSettings) -> dict[str, Any]:
 
 
 def type_name(key: str) -> str:
-    """``"int"``, ``"float"`` or ``"str"``: the declared type of a setting."""
+    """``"int"``, ``"float"``, ``"str"``, ``"tuple"`` or ``"str | None"``: the declared type of a setting."""
     annotation = _TYPES[key]
     return annotation if isinstance(annotation, str) else annotation.__name__
 
 
 def record_types() -> dict[str, tuple[type, ...]]:
     """Types of the identity settings in a record: required (schema 1) and optional (later)."""
-    kinds = {"int": (int,), "float": (int, float), "str": (str,)}
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "tuple": (list,)}
     return {k: kinds[type_name(k)] for k in IDENTITY_KEYS}
 
 

@@ -50,9 +50,11 @@ __all__ = [
     "QWEN2VL_SPECIAL_TOKENS",
     "TINY_LORA_RANK",
     "TinyModels",
+    "build_tiny_controlnet",
     "build_tiny_models",
     "build_tiny_qwen2vl",
     "build_tiny_sdxl",
+    "ensure_tiny_controlnet",
     "ensure_tiny_models",
     "main",
     "official_state_dict",
@@ -83,6 +85,10 @@ QWEN2VL_SPECIAL_TOKENS = (
 #: builder version, so a cache built by an older version of this module is rebuilt.
 _MARKER_NAME = ".easyref-tiny-complete"
 _BUILD_VERSION = "easyref-tiny-models v2"  # v2: preprocessor_config.json with min/max_pixels
+#: The tiny ControlNet (``ensure_tiny_controlnet``) has its own marker and version inside its folder,
+#: so adding it leaves the tiny models above (and the ids of jobs made with them) unchanged.
+_CONTROLNET_MARKER_NAME = ".easyref-tiny-controlnet-complete"
+_CONTROLNET_BUILD_VERSION = "easyref-tiny-controlnet v1"
 
 #: A few dozen merges of common English pairs for the tiny Qwen2 BPE (byte-level, "Ġ" = space).
 #: Each merge only uses symbols that exist by then; the merged symbols join the vocabulary in
@@ -543,6 +549,40 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_controlnet(base_model: Path, path: Path, seed: int = 0) -> Path:
+    """Build a tiny SDXL ControlNet for the tiny SDXL at ``base_model`` into ``path`` (safetensors).
+
+    diffusers' ``ControlNetModel.from_unet`` of its UNet (the encoder copied; RGB control images), with
+    a conditioning embedding that downsamples as much as the base model's VAE (``(16, 32)`` for the tiny
+    one's factor 2, diffusers' default ``(16, 32, 96, 256)`` for SDXL's 8). Its zero-initialised
+    output convolutions (``controlnet_down_blocks``, ``controlnet_mid_block``, the conditioning
+    embedding's ``conv_out``) get small seeded random values, so that a control image changes the
+    image. The global torch RNG is left as it was. Returns ``path``.
+    """
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    base_model, path = Path(base_model), Path(path)
+    vae_blocks = json.loads((base_model / "vae" / "config.json").read_text(encoding="utf-8"))["block_out_channels"]
+    unet = UNet2DConditionModel.from_pretrained(base_model / "unet")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[: len(vae_blocks)]
+        )
+    g = _generator(seed, 7)  # parts 1-5 are the checkpoints' (official_state_dict)
+    # the residual convolutions small; the control image's embedding about as strong as the latent's
+    convs = [(conv, 0.1) for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block)]
+    convs.append((controlnet.controlnet_cond_embedding.conv_out, 1.0))
+    with torch.no_grad():
+        for conv, std in convs:
+            conv.weight.copy_(_randn(conv.weight.shape, g, std))
+            conv.bias.copy_(_randn(conv.bias.shape, g, 0.02))
+    with quiet_progress_bars():
+        controlnet.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # Official EasyRef checkpoints
 # --------------------------------------------------------------------------------------------
@@ -849,6 +889,44 @@ def ensure_tiny_models(cache_dir: Path) -> TinyModels:
             if not _is_complete(cache_dir):  # not a lost race: a real failure
                 raise
         return tiny_layout(cache_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_tiny_controlnet(root: Path) -> Path:
+    """The tiny ControlNet for the tiny models in ``root`` (``root / "controlnet"``), built there first
+    if it is missing or stale: into a temporary folder, moved into place with one ``os.replace``
+    (a lost race uses the winner's), with its own marker file, like :func:`ensure_tiny_models`."""
+    folder = Path(root) / "controlnet"
+    marker = folder / _CONTROLNET_MARKER_NAME
+
+    def complete() -> bool:
+        try:
+            return marker.read_text().strip() == _CONTROLNET_BUILD_VERSION
+        except OSError:
+            return False
+
+    if complete():
+        return folder
+    tmp = Path(tempfile.mkdtemp(prefix=".controlnet.tmp-", dir=folder.parent))
+    try:
+        build_tiny_controlnet(tiny_layout(root).base_model, tmp)
+        (tmp / _CONTROLNET_MARKER_NAME).write_text(_CONTROLNET_BUILD_VERSION + "\n")
+        tmp.chmod(0o755)
+        if complete():  # somebody finished while we were building
+            return folder
+        if folder.exists():  # stale or partial: move it out of the way
+            trash = folder.with_name(f".controlnet.old-{uuid.uuid4().hex[:8]}")
+            with contextlib.suppress(OSError):
+                os.replace(folder, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not complete():  # not a lost race: a real failure
+                raise
+        return folder
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

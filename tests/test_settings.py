@@ -56,7 +56,7 @@ def test_keys_of_prompt_files_presets_and_records_come_from_the_schema():
 
     assert set(PRESET_KEYS) == set(SPECS) | {"description"}
     assert set(prompts.PROMPT_KEYS) == {s for s, spec in SPECS.items() if spec.per_prompt} | {
-        "prompt", "id", "seeds", "groups",
+        "prompt", "id", "seeds", "groups", "control",
     }  # fmt: skip
     assert set(settings.record_types()) == set(settings.IDENTITY_KEYS)
     assert all(SPECS[k].identity for k in pipeline_values(GenerationSettings()))  # pixels → job id
@@ -332,8 +332,8 @@ def test_record_schema_says_when_a_record_needs_a_newer_reader(tmp_path, refs):
     plain = records.job_record(_plan(tmp_path, refs).jobs[0], models)
     rescaled = records.job_record(_plan(tmp_path, refs, cli={"guidance_rescale": 0.5}).jobs[0], models)
     assert plain["schema"] == 1 and rescaled["schema"] == 2  # schema 1 while 0.1 reads it right
-    with pytest.raises(InputError, match="schema 3, newer than this easyref-cli reads"):
-        records.parse_record({**plain, "schema": 3})
+    with pytest.raises(InputError, match="schema 4, newer than this easyref-cli reads"):
+        records.parse_record({**plain, "schema": 4})
 
 
 def test_a1111_text_leaves_out_a_negative_prompt_that_was_zeroed():

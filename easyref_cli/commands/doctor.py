@@ -82,7 +82,25 @@ def _ecosystem(models: dict) -> list[str]:
             lines.append(f"  --lora        {item}: {exc}")
             continue
         lines.append(_resolved("--lora", spec, hub.resolve_checkpoint) + f" (weight {weight:g})")
+    for spec in models.get("controlnets") or ():
+        lines.append(_resolved("--controlnet", spec, _checked_controlnet(models.get("base_model"))))
     return lines
+
+
+def _checked_controlnet(base_model: str | None):
+    """Resolve a ControlNet and check it fits ``--base-model`` (when that is a local folder)."""
+    from pathlib import Path
+
+    from easyref_cli.model import hub
+    from easyref_cli.model.control import check_controlnet
+
+    def resolve(spec: str, option: str) -> Path:
+        folder = hub.resolve_folder(spec, option)
+        base = Path(base_model).expanduser() if base_model else None
+        check_controlnet(folder, base if base is not None and base.is_dir() else None)
+        return folder
+
+    return resolve
 
 
 def _locks() -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from easyref_cli import files
 from easyref_cli.errors import InputError
+from easyref_cli.eval import recorded_inputs
 
 
 def _credentials_line(path: Path) -> str:
@@ -24,13 +25,40 @@ def _credentials_line(path: Path) -> str:
     return f"C2PA content credentials: {state}{trust}; generator {found.get('generator')}, {len(found.get('references') or [])} reference(s)"
 
 
+def _input_state(raw: str, digest: str | None) -> str:
+    """Whether an input image is still what the record says: relative paths from the current folder."""
+    path = Path(raw)
+    if not path.is_file():
+        return "not found"
+    if digest is None:
+        return "found, no sha256 recorded"
+    try:
+        same = files.sha256_file(path) == digest
+    except InputError:
+        return "unreadable"
+    return "sha256 ok" if same else "changed since"
+
+
+def input_lines(record: dict) -> list[str]:
+    """``control image: pose01.png (sha256 ok)`` / ``(changed since)`` / ``(not found)``, then the init
+    image and the mask: one line per input image of a ControlNet / img2img / inpainting record."""
+    names = {"control": "control image", "init": "init image", "mask": "mask"}
+    lines = []
+    for label, raw, digest in recorded_inputs(record):
+        kind, _, number = label.partition(" ")
+        what = f"{names[kind]} {number}".rstrip()
+        lines.append(f"{what}: {raw} ({_input_state(raw, digest)})")
+    return lines
+
+
 def summary(path: Path, meta: files.PngMetadata) -> list[str]:
-    """One line per kind of metadata the image carries."""
+    """One line per kind of metadata the image carries (and per input image the record names)."""
     lines = []
     if meta.record is not None:
         paths = [str(r.get("path", "")) for r in meta.record.get("references", []) if isinstance(r, dict)]
         where = "absolute paths" if any(Path(p).is_absolute() for p in paths) else "relative paths"
         lines.append(f"easyref record: yes ({where})")
+        lines += input_lines(meta.record)
     else:
         lines.append("easyref record: no")
     lines.append(f"A1111 parameters: {'yes' if meta.parameters is not None else 'no'}")

@@ -64,6 +64,10 @@ class GeneratedImage:
     #: Reference image paths from the record, in encoding order.
     references: tuple[Path, ...]
     record: dict = field(compare=False, repr=False)
+    #: The input images of a ControlNet / img2img / inpainting job, in order, from the record's
+    #: ``inputs``: ``("control", path)`` (``"control 1"``, ``"control 2"``… when several), ``("init", path)``,
+    #: ``("mask", path)``; empty for text-to-image. A path is kept even when the file is gone.
+    inputs: tuple[tuple[str, Path], ...] = ()
 
 
 @dataclass
@@ -151,6 +155,45 @@ def _references(record: dict, path: Path) -> tuple[Path, ...]:
     return tuple(out)
 
 
+def recorded_inputs(record: dict) -> list[tuple[str, str, str | None]]:
+    """``(label, path as recorded, sha256)`` of each input image in a record's ``inputs``, in order
+    (labels as :attr:`GeneratedImage.inputs`); ``[]`` for text-to-image. Malformed values are skipped
+    (logged at debug), never raised: the image itself is still fine."""
+    inputs = record.get("inputs")
+    if inputs is None:
+        return []
+    if not isinstance(inputs, dict):
+        logger.debug("record %s: 'inputs' is not an object (%r), ignored", record.get("job_id"), inputs)
+        return []
+    control = inputs.get("control") or []
+    if not isinstance(control, list):
+        logger.debug("record %s: inputs.control is not a list (%r), ignored", record.get("job_id"), control)
+        control = []
+    entries = [(f"control {i + 1}" if len(control) > 1 else "control", e) for i, e in enumerate(control)]
+    entries += [(key, inputs[key]) for key in ("init", "mask") if inputs.get(key) is not None]
+    out = []
+    for label, entry in entries:
+        raw = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(raw, str) or not raw:
+            logger.debug("record %s: input %s has no path (%r), ignored", record.get("job_id"), label, entry)
+            continue
+        digest = entry.get("sha256")
+        out.append((label, raw, digest if isinstance(digest, str) and digest else None))
+    return out
+
+
+def _input_paths(record: dict, out_dir: Path) -> tuple[tuple[str, Path], ...]:
+    """:attr:`GeneratedImage.inputs`: relative paths (a shareable PNG record) as given, from the current
+    folder, else from the output folder's parent; a path that is nowhere is kept as recorded."""
+    out = []
+    for label, raw, _ in recorded_inputs(record):
+        path = Path(raw)
+        if not path.is_absolute() and not path.exists() and (out_dir.parent / path).exists():
+            path = out_dir.parent / path
+        out.append((label, path))
+    return tuple(out)
+
+
 def _as_seed(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -201,6 +244,7 @@ def collect_images(out_dir: Path) -> OutputFolder:
                 prompt=str(record.get("prompt") or ""),
                 references=_references(record, path),
                 record=record,
+                inputs=_input_paths(record, out_dir),
             )
         )
     if folder.missing:

@@ -5,9 +5,17 @@ a row of the group's reference images (file names below), then the generated ima
 each captioned with its prompt (wrapped, at most two lines, truncated with ``...``), its seed and,
 when ``OUT/eval/per_image.jsonl`` exists, its CLIP-I / CLIP-T / DINO-I.
 
+In a group where an image was made from input images (ControlNet, img2img, inpainting: the record's
+``inputs``), each generated image becomes a composite cell, one row ``control | init | mask | result``
+of same-size thumbnails, each labelled below (``control: pose01.png``… ``result``; an input file no
+longer on disk is a grey placeholder labelled ``(missing)``), then the caption, wrapped to the whole
+row. Inputs sit right next to their result (an image with fewer inputs than others leaves the left
+slots empty, so the results line up) and ``--columns`` counts thumbnails: ``columns // slots``
+composites per row, at least one. A group without inputs (text-to-image) keeps the plain grid.
+
 ``OUT/report/index.html``: static (inline CSS, no scripts, nothing fetched), relative links,
 every text HTML-escaped; the metrics table from ``OUT/eval/metrics.json`` when it exists, then
-each group's sheet.
+each group's sheet, with how many of the group's images were made from input images.
 
 The report overwrites only its own files: each sheet carries a ``easyref-report`` PNG text chunk
 and the index a ``generator`` meta tag. A generated image (``--name-template "report/..."``) or any
@@ -56,6 +64,8 @@ DEFAULT_MAX_IMAGES = 120
 
 _MARGIN = 16
 _GAP = 10
+#: The gap between the thumbnails of one composite cell (an image and its inputs).
+_INNER_GAP = 4
 _BACKGROUND = (255, 255, 255)
 _CELL_BACKGROUND = (236, 236, 236)
 _TEXT = (20, 20, 20)
@@ -152,9 +162,9 @@ def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font: Any, 
 # ----------------------------------------------------------------------------------------------
 
 
-def _thumbnail(path: Path, size: int) -> Image.Image | None:
+def _thumbnail(path: Path, size: int, what: str = "reference image") -> Image.Image | None:
     try:
-        image = files.load_image(path)
+        image = files.load_image(path, what=what)
     except InputError as e:
         logger.warning("report: %s", e)
         return None
@@ -165,9 +175,9 @@ def _thumbnail(path: Path, size: int) -> Image.Image | None:
     return image.resize(target, resample)
 
 
-def _cell(path: Path, size: int, font: Any) -> Image.Image:
+def _cell(path: Path, size: int, font: Any, what: str = "reference image") -> Image.Image:
     cell = Image.new("RGB", (size, size), _CELL_BACKGROUND)
-    thumb = _thumbnail(path, size)
+    thumb = _thumbnail(path, size, what)
     if thumb is None:
         draw = ImageDraw.Draw(cell)
         _text(draw, (8, size // 2 - 6), "missing / unreadable", font, _MUTED)
@@ -219,6 +229,9 @@ class _Grid:
     line: int
     font: Any
 
+    def width(self) -> int:
+        return self.columns * self.thumb + (self.columns - 1) * _GAP
+
     def height(self, n: int, caption_lines: int) -> int:
         """The height of a grid of ``n`` cells with ``caption_lines`` caption lines each."""
         rows = -(-n // self.columns) if n else 0
@@ -245,10 +258,84 @@ class _Grid:
         return top + self.height(len(paths), lines_per_cell)
 
 
+#: ``load_image``'s name for each input kind, in its warnings.
+_INPUT_WHAT = {"control": "control image", "init": "init image", "mask": "mask"}
+
+
+@dataclass(frozen=True)
+class _InputGrid:
+    """The generated images of a group with input images: each cell is ``slots`` thumbnails in a row
+    (the inputs right-aligned, the result last), a label under each, then the caption lines."""
+
+    thumb: int
+    slots: int
+    columns: int
+    line: int
+    font: Any
+
+    def cell_width(self) -> int:
+        return self.slots * self.thumb + (self.slots - 1) * _INNER_GAP
+
+    def width(self) -> int:
+        return self.columns * self.cell_width() + (self.columns - 1) * 2 * _GAP
+
+    def height(self, n: int, caption_lines: int) -> int:
+        rows = -(-n // self.columns) if n else 0
+        return rows * (self.thumb + (1 + caption_lines) * self.line + _GAP)
+
+    def draw(
+        self,
+        sheet: Image.Image,
+        draw: ImageDraw.ImageDraw,
+        cells: Sequence[Sequence[tuple[str, Path]]],
+        captions: Sequence[Sequence[tuple[str, Any]]],
+        lines_per_cell: int,
+        top: int,
+    ) -> int:
+        """Paste each cell's ``(label, path)`` thumbnails, labelled, with its caption; returns the y below."""
+        thumb, line, font = self.thumb, self.line, self.font
+        row_h = thumb + (1 + lines_per_cell) * line + _GAP
+        for i, (slots, caption) in enumerate(zip(cells, captions, strict=False)):
+            r, c = divmod(i, self.columns)
+            x, cy = _MARGIN + c * (self.cell_width() + 2 * _GAP), top + r * row_h
+            for k, (label, path) in enumerate(slots, start=self.slots - len(slots)):
+                sx = x + k * (thumb + _INNER_GAP)
+                sheet.paste(_cell(path, thumb, font, _INPUT_WHAT.get(label.split()[0], "image")), (sx, cy))
+                _text(draw, (sx, cy + thumb + 2), _slot_label(draw, label, path, font, thumb), font, _MUTED)
+            for k, (text, fill) in enumerate(caption):
+                _text(draw, (x, cy + thumb + 2 + (k + 1) * line), text, font, fill)
+        return top + self.height(len(cells), lines_per_cell)
+
+
+def _slot_label(draw: ImageDraw.ImageDraw, label: str, path: Path, font: Any, width: int) -> str:
+    """``control: pose01.png``, ``mask (missing)``, ``result``: one line of ``width`` pixels (a narrow
+    placeholder's label is ``(missing)``)."""
+    if label == "result":
+        return label
+    text = f"{label}: {path.name}" if path.is_file() else f"{label} (missing)"
+    if not path.is_file() and _width(draw, text, font) > width:
+        text = "(missing)"
+    return fit_lines(draw, text, font, width, 1)[0]
+
+
+def _generated_layout(
+    shown: Sequence[GeneratedImage], grid: _Grid, columns: int
+) -> tuple[_Grid | _InputGrid, list[Any], int]:
+    """How the generated images are drawn: ``(grid, its cells, caption width)``; the plain ``grid`` of
+    result paths unless an image has inputs, then an :class:`_InputGrid` of ``columns // slots`` cells a row."""
+    if not any(im.inputs for im in shown):
+        return grid, [im.path for im in shown], grid.thumb
+    slots = 1 + max(len(im.inputs) for im in shown)
+    per_row = max(1, min(columns // slots, len(shown)))
+    inputs = _InputGrid(thumb=grid.thumb, slots=slots, columns=per_row, line=grid.line, font=grid.font)
+    return inputs, [[*im.inputs, ("result", im.path)] for im in shown], inputs.cell_width()
+
+
 def _generated_caption(
     draw: ImageDraw.ImageDraw, im: GeneratedImage, font: Any, thumb: int, scores: Mapping[str, Mapping[str, Any]]
 ) -> _Caption:
-    """A generated image's caption: its prompt (at most ``_PROMPT_LINES``), seed, and scores if any."""
+    """A generated image's caption, ``thumb`` pixels wide: its prompt (at most ``_PROMPT_LINES``), seed,
+    and scores if any."""
     lines = [(t, _TEXT) for t in fit_lines(draw, im.prompt or "(empty prompt)", font, thumb, _PROMPT_LINES)]
     seed = f"seed {im.seed}" if im.seed is not None else im.name
     lines.append((fit_lines(draw, seed, font, thumb, 1)[0], _TEXT))
@@ -259,12 +346,20 @@ def _generated_caption(
 
 
 def _header_lines(
-    group: str, references: int, images: int, shown: int, summary: Mapping[str, Any] | None, font: Any, title_font: Any
+    group: str,
+    references: int,
+    images: Sequence[GeneratedImage],
+    shown: int,
+    summary: Mapping[str, Any] | None,
+    font: Any,
+    title_font: Any,
 ) -> list[_HeaderLine]:
     """The sheet's header: the group as title, the counts, the group's mean metrics when known."""
-    hidden = images - shown
+    hidden = len(images) - shown
     header = [(f"{group}", title_font, _TEXT)]
-    counts = f"{references} reference image(s), {images} generated image(s)"
+    counts = f"{references} reference image(s), {len(images)} generated image(s)"
+    if note := inputs_note(images):
+        counts += f", {note}"
     if hidden:
         counts += f" (first {shown} shown)"
     header.append((counts, font, _MUTED))
@@ -281,6 +376,15 @@ def _draw_header(draw: ImageDraw.ImageDraw, header: Sequence[_HeaderLine], width
             _text(draw, (_MARGIN, y), piece, f, colour)
         y += _line_height(f)
     return y + _GAP
+
+
+def inputs_note(images: Sequence[GeneratedImage]) -> str:
+    """``"3 from input images (control, init, mask)"``, or ``""`` when no image has inputs."""
+    made = [im for im in images if im.inputs]
+    if not made:
+        return ""
+    kinds = {label.split()[0] for im in made for label, _ in im.inputs}
+    return f"{len(made)} from input images ({', '.join(k for k in _INPUT_WHAT if k in kinds)})"
 
 
 def contact_sheet(
@@ -300,15 +404,15 @@ def contact_sheet(
     references = distinct(r for im in images for r in im.references)
     shown = list(images[:max_images])
     hidden = len(images) - len(shown)
-    columns = max(1, min(columns, max(len(references), len(shown), 1)))
-    grid = _Grid(thumb=thumb, columns=columns, line=line, font=font)
-    width = 2 * _MARGIN + columns * thumb + (columns - 1) * _GAP
+    grid = _Grid(thumb=thumb, columns=max(1, min(columns, max(len(references), len(shown), 1))), line=line, font=font)
+    generated, cells, caption_width = _generated_layout(shown, grid, columns)
+    width = 2 * _MARGIN + max(grid.width(), generated.width())
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     # 1. Captions first: their line counts set the row heights.
     ref_captions = [[(t, _TEXT) for t in fit_lines(scratch, p.name, font, thumb, 1)] for p in references]
-    gen_captions = [_generated_caption(scratch, im, font, thumb, scores) for im in shown]
-    header = _header_lines(group, len(references), len(images), len(shown), summary, font, title_font)
+    gen_captions = [_generated_caption(scratch, im, font, caption_width, scores) for im in shown]
+    header = _header_lines(group, len(references), images, len(shown), summary, font, title_font)
     header_h = sum(_line_height(f) for _, f, _ in header) + _GAP
 
     # 2. The sheet's size
@@ -321,7 +425,7 @@ def contact_sheet(
         + label_h
         + max(grid.height(len(references), ref_lines), thumb // 4)
         + label_h
-        + grid.height(len(shown), gen_lines)
+        + generated.height(len(shown), gen_lines)
         + (line if hidden else 0)
         + _MARGIN
     )
@@ -339,7 +443,7 @@ def contact_sheet(
         y += thumb // 4
     _text(draw, (_MARGIN, y), "Generated", font, _MUTED)
     y += label_h
-    y = grid.draw(sheet, draw, [im.path for im in shown], gen_captions, gen_lines, y)
+    y = generated.draw(sheet, draw, cells, gen_captions, gen_lines, y)
     if hidden:
         _text(draw, (_MARGIN, y), f"... and {hidden} more (raise --max-images to see them)", font, _MUTED)
     return sheet
@@ -426,9 +530,11 @@ def index_html(
     parts.append("</ul>")
     for k, (group, filename) in enumerate(sheets.items()):
         href = esc(quote(filename))
+        note = inputs_note(groups[group])
         parts.append(
             f'<section id="g{k}"><h2>{esc(group)}</h2>'
-            f'<a href="{href}"><img src="{href}" alt="contact sheet of {esc(group)}" loading="lazy"></a></section>'
+            + (f'<p class="muted">{len(groups[group])} image(s), {esc(note)}.</p>' if note else "")
+            + f'<a href="{href}"><img src="{href}" alt="contact sheet of {esc(group)}" loading="lazy"></a></section>'
         )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

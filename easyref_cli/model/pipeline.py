@@ -1,7 +1,8 @@
 """SDXL + EasyRef: load from model folders, encode references, generate.
 
 Shaped like a diffusers pipeline: one ``__call__`` of numbered steps, and reference embeddings can
-be passed precomputed (``ref_embeds``) so a batch tool encodes each group once.
+be passed precomputed (``ref_embeds``) so a batch tool encodes each group once. ControlNet, img2img
+and inpainting run diffusers' own SDXL pipelines over the same components (:mod:`.control`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ from easyref_cli.constants import INSTRUCTION, OFFICIAL_NEGATIVE_PROMPT
 from easyref_cli.env import default_device
 from easyref_cli.errors import JobError, ModelError, UsageError
 from easyref_cli.model import adapter as adapter_mod
-from easyref_cli.model import compat
+from easyref_cli.model import compat, control
 from easyref_cli.model.checkpoint import EasyRefCheckpoint, load_checkpoint
 from easyref_cli.model.encoder import ReferenceEncoder
 from easyref_cli.settings import DTYPE_ALIASES, OFFLOAD_CHOICES, SCHEDULERS, choice_error
@@ -39,7 +41,7 @@ class RefEmbeds:
 @dataclass(frozen=True)
 class GenerationRequest:
     """One image to generate. A batch of requests shares everything but the per-image fields
-    (prompt, negative prompt, references, seed): see :meth:`batch_key`."""
+    (prompt, negative prompt, references, seed, control/init/mask images): see :meth:`batch_key`."""
 
     prompt: str
     ref_embeds: RefEmbeds
@@ -59,16 +61,34 @@ class GenerationRequest:
     #: official call, whose noise stream is seeded ``seed - noise_index``
     noise_index: int = 0
     noise_samples: int = 1
+    #: one PIL image per loaded ControlNet, in load order, already preprocessed; ``()``: no ControlNet
+    control_images: tuple = ()
+    #: PIL RGB, already width×height: the img2img / inpainting source
+    init_image: Any = None
+    #: PIL "L", already width×height: the inpainting mask (white = repaint); needs ``init_image``
+    mask_image: Any = None
+    #: ControlNet settings: one value per ControlNet, or a single value for all
+    control_scale: tuple[float, ...] = (1.0,)
+    control_start: tuple[float, ...] = (0.0,)
+    control_end: tuple[float, ...] = (1.0,)
+    #: img2img / inpainting: the fraction of the steps that denoise the init image
+    strength: float = 0.8
 
     def batch_key(self) -> tuple:
-        """What requests of one batch must share: every field but the per-image ones. With
+        """What requests of one batch must share: every field but the per-image ones, and the mode
+        (how many control images, whether an init image, whether a mask). With
         ``zero_negative="empty"`` an empty negative prompt may mean zeroed embeddings, so a batch must
         not mix empty and given negatives there (CLIP("") differs from zeros: the image would change)."""
         shared = tuple(getattr(self, f.name) for f in fields(self) if f.name not in _PER_IMAGE)
-        return (*shared, self.zero_negative == "empty" and bool(self.negative_prompt))
+        mode = (len(self.control_images), self.init_image is not None, self.mask_image is not None)
+        return (*shared, mode, self.zero_negative == "empty" and bool(self.negative_prompt))
 
 
-_PER_IMAGE = frozenset({"prompt", "ref_embeds", "seed", "negative_prompt", "noise_index", "noise_samples"})
+#: a request's input pictures (each image its own)
+_INPUT_IMAGES = frozenset({"control_images", "init_image", "mask_image"})
+_PER_IMAGE = (
+    frozenset({"prompt", "ref_embeds", "seed", "negative_prompt", "noise_index", "noise_samples"}) | _INPUT_IMAGES
+)
 
 
 def resolve_dtypes(dtype: str | None, device: str) -> tuple[torch.dtype, torch.dtype]:
@@ -110,6 +130,7 @@ class EasyRefPipeline:
         base_scheduler_config=None,
         compiled: dict | None = None,
         offload: str = "none",
+        controlnets: Sequence = (),
     ):
         self.sdxl = sdxl
         self.checkpoint = checkpoint
@@ -125,6 +146,9 @@ class EasyRefPipeline:
         self._base_scheduler_config = base_scheduler_config or sdxl.scheduler.config
         self.compiled: dict = compiled or {"enabled": False, "reason": "not requested"}
         self.offload = offload
+        self.controlnets: list = list(controlnets)
+        # diffusers' pipeline per mode (ControlNet, img2img, inpainting), over the same components
+        self._modes = control.ModePipelines(sdxl, self.controlnets, dtype=sdxl_dtype, device=device, offload=offload)
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -145,12 +169,17 @@ class EasyRefPipeline:
         vae: str | Path | None = None,
         base_config: str | Path | None = None,
         loras: Sequence[tuple[str | Path, float]] = (),
+        controlnets: Sequence[str | Path] = (),
     ) -> EasyRefPipeline:
         """Load SDXL (a diffusers folder, or a single file with ``base_config``; ``vae`` replacing its
-        VAE), install EasyRef (full UNet weights, its LoRA merged, the decoupled adapter), then fuse
-        the community ``loras`` ``(file, weight)`` in order."""
+        VAE), install EasyRef (full UNet weights, its LoRA merged, the decoupled adapter), fuse
+        the community ``loras`` ``(file, weight)`` in order, then load the local ``controlnets``
+        folders (diffusers ``ControlNetModel``; each attends to the text tokens only)."""
         device = device or default_device()
         sdxl_dtype, encoder_dtype = resolve_dtypes(dtype, device)
+        base_folder = Path(base_model) if Path(base_model).is_dir() else None
+        for path in controlnets:  # config files only: fail before loading anything
+            control.check_controlnet(Path(path), base_folder)
         checkpoint = adapter if isinstance(adapter, EasyRefCheckpoint) else load_checkpoint(adapter)
         sdxl = load_sdxl(base_model, sdxl_dtype, config=base_config, vae=vae)
         base_scheduler_config = sdxl.scheduler.config
@@ -173,7 +202,13 @@ class EasyRefPipeline:
             cross_attention_dim=checkpoint.cross_attention_dim,
             backend=choice.backend,
         )
+        nets = control.load_controlnets(
+            controlnets, base_model=base_folder, unet=unet, dtype=sdxl_dtype,
+            num_tokens=checkpoint.num_tokens, backend=choice.backend,
+        )  # fmt: skip
         placement = place_pipeline(sdxl, device, offload)
+        for net in nets if placement == "none" else ():  # offloaded: the mode's pipeline hooks them
+            net.to(device)
         compiled = compile_unet(sdxl, device) if compile else {"enabled": False, "reason": "not requested"}
         sdxl.set_progress_bar_config(disable=True)
         return cls(
@@ -189,6 +224,7 @@ class EasyRefPipeline:
             base_scheduler_config=base_scheduler_config,
             compiled=compiled,
             offload=placement,
+            controlnets=nets,
         )
 
     def set_scheduler(self, name: str) -> None:
@@ -235,8 +271,17 @@ class EasyRefPipeline:
         zero_negative: str = "never",
         caption: str | None = None,
         instruction: str = INSTRUCTION,
+        control_images: Sequence = (),
+        init_image=None,
+        mask_image=None,
+        strength: float = 0.8,
+        control_scale: float | Sequence[float] = (1.0,),
+        control_start: float | Sequence[float] = (0.0,),
+        control_end: float | Sequence[float] = (1.0,),
     ):
-        """Generate one image. Pass ``refs`` (PIL images) or precomputed ``ref_embeds``."""
+        """Generate one image. Pass ``refs`` (PIL images) or precomputed ``ref_embeds``; ``control_images``
+        (one per loaded ControlNet), ``init_image`` (img2img) and ``mask_image`` (inpainting, with
+        ``init_image``) pick the mode (see :class:`GenerationRequest`)."""
         # 1. check inputs before any work
         if (refs is None) == (ref_embeds is None):
             raise UsageError("pass exactly one of refs= or ref_embeds=")
@@ -256,6 +301,13 @@ class EasyRefPipeline:
             scheduler=self._scheduler_name,
             guidance_rescale=guidance_rescale,
             zero_negative=zero_negative,
+            control_images=tuple(control_images),
+            init_image=init_image,
+            mask_image=mask_image,
+            strength=strength,
+            control_scale=_floats(control_scale),
+            control_start=_floats(control_start),
+            control_end=_floats(control_end),
         )
         return self.generate([request])[0]
 
@@ -263,20 +315,22 @@ class EasyRefPipeline:
     def generate(
         self, requests: Sequence[GenerationRequest], step_callback: Callable[[int, int], None] | None = None
     ) -> list:
-        """Generate a batch of images sharing steps/size/guidance/scale. One CPU generator per image, so the
-        pixels of an image depend only on its own seed and settings, never on the batch it ran in."""
+        """Generate a batch of images sharing steps/size/guidance/scale and mode. One CPU generator per image,
+        so the pixels of an image depend only on its own seed and settings, never on the batch it ran in."""
         # 1. check inputs
         if not requests:
             return []
         first = requests[0]
         if any(r.batch_key() != first.batch_key() for r in requests):
             raise UsageError(
-                "a batch must share steps, guidance, scale, size, scheduler, and whether a negative prompt is given"
+                "a batch must share steps, guidance, scale, size, scheduler, mode (ControlNet, img2img, inpainting) "
+                "and its settings, and whether a negative prompt is given"
             )
         check_size(first.width, first.height)
+        mode = control.check_requests(requests, len(self.controlnets))
         if first.scheduler is not None:
             self.set_scheduler(first.scheduler)
-        pipe = self.sdxl
+        pipe = self._modes.get(mode)  # diffusers' pipeline for the mode, over the same components
         device = pipe._execution_device  # honours CPU offload hooks
         # 2. text embeddings (CLIP, 77 tokens each)
         prompt_embeds, negative_embeds, pooled, negative_pooled = self.encode_text(requests, device)
@@ -290,28 +344,30 @@ class EasyRefPipeline:
         # 5. initial noise: one CPU generator per image, or the official call's stream
         generators, latents = self.prepare_noise(requests, device, prompt_embeds.dtype)
 
-        def on_step_end(_pipe, step, _t, kwargs):
-            step_callback(step + 1, first.steps)
+        def on_step_end(_pipe, step, _t, kwargs):  # img2img/inpainting run the last strength × steps only
+            step_callback(step + 1, _pipe.num_timesteps if mode.init else first.steps)
             return kwargs
 
         callback = on_step_end if step_callback is not None else None
 
         # 6. denoise + decode (reference K/V computed once per image, not once per step)
-        args = (prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback, latents)
+        args = (prompt_embeds, negative_embeds, pooled, negative_pooled, first)
+        kw = {"mode": mode, "requests": requests}
         try:
             with adapter_mod.reference_kv_cache(pipe.unet, enabled=not self.compiled["enabled"]):
-                out = self._denoise(*args)
+                out = self._denoise(*args, generators, callback, latents, pipe=pipe, **kw)
         except Exception as exc:  # noqa: BLE001 - torch.compile fails lazily, on the first call
             from easyref_cli.batching import is_out_of_memory
 
             if not self.compiled["enabled"] or is_out_of_memory(exc):  # OOM: the caller retries smaller
                 raise
             logger.warning("the compiled UNet failed (%s: %s); falling back to eager", type(exc).__name__, exc)
-            pipe.unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+            self.sdxl.unet = getattr(self.sdxl.unet, "_orig_mod", self.sdxl.unet)
+            pipe = self._modes.get(mode)  # the mode's pipeline takes the eager UNet too
             self.compiled = {"enabled": False, "reason": f"torch.compile failed at run time: {type(exc).__name__}"}
             generators, latents = self.prepare_noise(requests, device, prompt_embeds.dtype)
             with adapter_mod.reference_kv_cache(pipe.unet):
-                out = self._denoise(*args[:5], generators, callback, latents)
+                out = self._denoise(*args, generators, callback, latents, pipe=pipe, **kw)
         images = [pipe.image_processor.numpy_to_pil(a[None])[0] if np.isfinite(a).all() else None for a in out.images]
         if any(im is None for im in images):
             raise NonFiniteImages(images, [r.seed for r, im in zip(requests, images, strict=True) if im is None])
@@ -365,32 +421,36 @@ class EasyRefPipeline:
             latents.append(stream[r.noise_index])
         return None, torch.stack(latents)
 
-    def _denoise(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback, latents):
+    def _denoise(
+        self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback, latents,
+        *, pipe=None, mode: control.Mode | None = None, requests: Sequence[GenerationRequest] = (),
+    ):  # fmt: skip
+        """One call of diffusers' pipeline for ``mode`` (text-to-image on the base pipeline by default)
+        over a batch of ``requests``, their mode's own inputs from :func:`control.mode_kwargs`."""
         import warnings
 
+        pipe, mode = self.sdxl if pipe is None else pipe, mode or control.Mode()
+        kwargs = control.mode_kwargs(pipe, mode, requests or [first])
+        if mode.takes_size:  # diffusers' img2img takes the init image's size
+            kwargs.update(width=first.width, height=first.height)
+        if mode.takes_guidance_rescale:
+            kwargs["guidance_rescale"] = first.guidance_rescale
         with warnings.catch_warnings():
             # diffusers' fp16 VAE upcast warns on every image; nothing for a user to act on
             warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
-            return self._call_sdxl(
-                prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback, latents
+            return pipe(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance,
+                generator=generators,
+                latents=latents,
+                output_type="np",
+                callback_on_step_end=callback,
+                **kwargs,
             )
-
-    def _call_sdxl(self, prompt_embeds, negative_embeds, pooled, negative_pooled, first, generators, callback, latents):
-        return self.sdxl(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds,
-            pooled_prompt_embeds=pooled,
-            negative_pooled_prompt_embeds=negative_pooled,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance,
-            guidance_rescale=first.guidance_rescale,
-            width=first.width,
-            height=first.height,
-            generator=generators,
-            latents=latents,
-            output_type="np",
-            callback_on_step_end=callback,
-        )
 
 
 class NonFiniteImages(JobError):
@@ -435,6 +495,10 @@ def compile_unet(sdxl, device: str) -> dict:
         logger.warning("torch.compile failed (%s); running eagerly", exc)
         return {"enabled": False, "reason": f"torch.compile failed: {type(exc).__name__}"}
     return {"enabled": True, "reason": "torch.compile (max-autotune-no-cudagraphs)"}
+
+
+def _floats(values: float | Sequence[float]) -> tuple[float, ...]:
+    return (float(values),) if isinstance(values, (int, float)) else tuple(float(v) for v in values)
 
 
 def check_size(width: int, height: int) -> None:
