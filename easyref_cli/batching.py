@@ -83,8 +83,9 @@ class AutoBatch:
 
     def _memo_key(self, request) -> str:
         cfg = getattr(request, "guidance", 2.0) > 1.0  # guidance doubles the UNet batch
-        return json.dumps([self.device, self.model, self.context, request.width, request.height, cfg],
-                          separators=(",", ":"))  # fmt: skip
+        key = [self.device, self.model, self.context, request.width, request.height, cfg]
+        mode = _mode(request)  # ControlNets and img2img/inpainting weigh otherwise (text-to-image: as before)
+        return json.dumps(key + ([list(mode)] if any(mode) else []), separators=(",", ":"))
 
     def _load(self) -> dict[str, Any]:
         if self._remembered is None:
@@ -192,6 +193,12 @@ class AutoBatch:
         if self.fixed is None:
             probe.settled = True
             self._remember(request, probe.cap, "out of memory")
+
+
+def _mode(request) -> tuple[int, bool, bool]:
+    """(control images, init image, mask) of a request: what else changes a batch's memory and speed."""
+    controls = len(getattr(request, "control_images", ()) or ())
+    return controls, getattr(request, "init_image", None) is not None, getattr(request, "mask_image", None) is not None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -241,7 +241,9 @@ def generate(
         str | None,
         typer.Option(
             "--name-template",
-            help="Output names from {group} {prompt_id} {seed} {index} {preset}. Default: {group}/{prompt_id}_{seed}.png.",
+            help="Output names from {group} {prompt_id} {seed} {index} {preset} {input} (the control/init image's "
+            "name when a folder gave it). Default: {group}/{prompt_id}_{seed}.png, with _{input} before _{seed} "
+            "for jobs from a folder of control/init images.",
             rich_help_panel="Output",
         ),
     ] = None,

@@ -402,6 +402,11 @@ def format_parameters(record: Mapping[str, Any], *, names: bool = True) -> str:
         fields.append(("EasyRef adapter hash", str(record["adapter_sha256"])[:10]))
     if record.get("references") is not None:
         fields.append(("EasyRef references", len(record["references"])))
+    inputs = record.get("inputs") if isinstance(record.get("inputs"), dict) else {}
+    if inputs.get("init") and record.get("strength") is not None:
+        fields.append(("Denoising strength", record["strength"]))  # A1111's img2img/inpainting key
+    if inputs.get("control"):
+        fields.append(("ControlNets", len(inputs["control"])))
     fields.append(("Version", f"easyref-cli {record.get('version') or __version__}"))
     lines.append(", ".join(f"{k}: {_a1111_quote(v)}" for k, v in fields if v is not None))
     return "\n".join(lines)

@@ -11,13 +11,14 @@ single-channel (or a grey RGB) and the size of its init image, the settings fit 
 (:func:`check_control_settings`); each file's sha256 goes into the job id and the record, never its
 path, so moving the files changes nothing. A file whose header cannot be read fails its jobs at
 generation, naming it (as a broken reference does). At generation (:func:`load_inputs`) each file is
-checked against its planned sha256, decoded as references are (EXIF, 16-bit, alpha), control images
-go through their preprocessor, init images and masks are stretched to the job's size (Lanczos, as
-diffusers' image processor; control images are stretched by diffusers itself).
+checked against its planned sha256, decoded as references are (EXIF, 16-bit, alpha), stretched to the
+job's size (Lanczos, as diffusers' image processor does), and a control image then goes through its
+preprocessor (so Canny's edges are as thin as the ControlNet reads them).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -234,7 +235,7 @@ def _job_inputs(
     control = tuple(chosen[("control_image", i)] for i in range(len(settings.control_image)))
     init, mask = chosen.get(("init_image", None)), chosen.get(("mask", None))
     if mask is not None:
-        check_mask(mask, init, where)
+        check_mask(mask, init, where, upright=settings.exif_orientation == "apply")
     inputs = JobInputs(
         name=name, control=control, init=init, mask=mask, control_sha256=tuple(digests(p) for p in control),
         init_sha256=digests(init) if init is not None else None, mask_sha256=digests(mask) if mask is not None else None,
@@ -246,34 +247,47 @@ def _job_inputs(
     return inputs, named
 
 
-def _header(path: Path) -> tuple[str, tuple[int, int]] | None:
-    """``(mode, size)`` from the file's header, ``None`` when it cannot be read (it fails at generation)."""
+def _header(path: Path, upright: bool) -> tuple[str, tuple[int, int], bool] | None:
+    """``(mode, size, has alpha)`` from the file's header, the size as loaded (EXIF orientation applied
+    when ``upright``); ``None`` when it cannot be read (its jobs fail at generation, naming it)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.mode, im.size
+            width, height = im.size
+            if upright and im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn
+                width, height = height, width
+            return im.mode, (width, height), im.mode in ("LA", "La", "RGBA", "RGBa", "PA") or "transparency" in im.info
     except Exception:  # noqa: BLE001 - any unreadable file: its job fails later, naming it
         return None
 
 
-def check_mask(mask: Path, init: Path | None, where: str) -> None:
-    """A mask is single-channel — a greyscale mode, or RGB/RGBA/P whose colour channels are equal — and
-    the size of its init image (both before EXIF orientation).
+#: the EXIF tag of the orientation
+_ORIENTATION = 0x0112
+
+
+def check_mask(mask: Path, init: Path | None, where: str, *, upright: bool = True) -> None:
+    """A mask is single-channel — a greyscale mode, or RGB/RGBA/P whose colour channels are equal — opaque,
+    and the size of its init image, both as loaded (EXIF orientation applied when ``upright``).
 
     Raises:
         UsageError: naming the mask (and the init image).
     """
-    header = _header(mask)
+    header = _header(mask, upright)
     if header is None:
         return
-    mode, size = header
+    mode, size, alpha = header
+    if alpha and not _opaque(mask):
+        raise UsageError(
+            f"{where}: mask {mask} has transparency, which a mask cannot use (its alpha is dropped): save white "
+            "where to repaint and black where to keep, without an alpha channel"
+        )
     if mode not in _SINGLE_CHANNEL and not _grey(mask):
         raise UsageError(
             f"{where}: mask {mask} is not single-channel ({mode} with colour): save it as a greyscale "
             "image, white where to repaint and black where to keep"
         )
-    init_header = _header(init) if init is not None else None
+    init_header = _header(init, upright) if init is not None else None
     if init_header is not None and init_header[1] != size:
         raise UsageError(
             f"{where}: mask {mask} is {size[0]}×{size[1]} but its init image {init} is "
@@ -292,44 +306,82 @@ def _grey(path: Path) -> bool:
     return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
+def _opaque(path: Path) -> bool:
+    """True when every pixel's alpha is 255 (or the file cannot be read: its jobs fail later)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            alpha = im.convert("RGBA").getchannel("A")
+            return alpha.getextrema() == (255, 255)
+    except Exception:  # noqa: BLE001
+        return True
+
+
 # ----------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------
 
 
 def load_inputs(inputs: JobInputs, settings: GenerationSettings) -> dict[str, Any]:
-    """The pipeline request's images for a job: ``control_images`` (each through its preprocessor),
-    ``init_image`` (RGB) and ``mask_image`` (L), the latter two stretched to ``width×height``.
+    """The pipeline request's images for a job, each stretched to ``width×height`` (Lanczos):
+    ``control_images`` (then each through its preprocessor, so Canny sees the size the ControlNet
+    reads), ``init_image`` (RGB) and ``mask_image`` (L; as loaded, it must have the init image's size).
+    A prepared image is kept for the next jobs that use it (a control image serves every prompt and seed).
 
     Raises:
-        InputError: naming the file: unreadable, not an image, or changed since planning.
+        InputError: naming the file: unreadable, not an image, changed since planning, a mask whose
+            size (EXIF orientation applied) is not its init image's.
     """
+    upright = settings.exif_orientation == "apply"
+    size = (settings.width, settings.height)
+    steps = per_net(settings.control_preprocess, len(inputs.control)) if inputs.control else ()
+    out: dict[str, Any] = {"control_images": tuple(
+        _prepared(what, path, digest, size, upright, step)[1]
+        for (what, path, digest), step in zip(inputs.files(), steps, strict=False)
+    )}  # fmt: skip
+    if inputs.init is not None:
+        init_size, out["init_image"] = _prepared("init image", inputs.init, inputs.init_sha256, size, upright, "RGB")
+    if inputs.mask is not None:
+        mask_size, out["mask_image"] = _prepared("mask", inputs.mask, inputs.mask_sha256, size, upright, "L")
+        if mask_size != init_size:
+            raise InputError(
+                f"mask {inputs.mask} is {mask_size[0]}×{mask_size[1]} but its init image {inputs.init} is "
+                f"{init_size[0]}×{init_size[1]} (EXIF orientation applied): a mask must have its init image's size"
+            )
+    return out
+
+
+#: prepared input images, most recent last: ``(path, sha256, size, upright, step) → (size as loaded, image)``
+_PREPARED: OrderedDict[tuple, tuple[tuple[int, int], Any]] = OrderedDict()
+_PREPARED_MAX = 16
+
+
+def _prepared(what: str, path: Path, digest: str | None, size: tuple[int, int], upright: bool, step: str):
+    """``(size as loaded, image)``: the file checked against its planned sha256, decoded as references
+    are, stretched to ``size``, then ``step`` (``RGB``, ``L``, or a control preprocessor)."""
     from PIL import Image
 
     from easyref_cli.preprocess import preprocess_control
 
-    upright = settings.exif_orientation == "apply"
-    size = (settings.width, settings.height)
-    loaded = {}
-    for what, path, digest in inputs.files():
-        if digest is None or files.sha256_file(path) != digest:
-            raise InputError(f"{what} {path} cannot be read or has changed since the run was planned")
-        loaded[(what, path)] = files.load_image(path, exif_orientation=upright, what=what)
-    images = [loaded[(what, path)] for what, path, _ in inputs.files()]
-    steps = per_net(settings.control_preprocess, len(inputs.control)) if inputs.control else ()
-    out: dict[str, Any] = {
-        "control_images": tuple(preprocess_control(im, step) for im, step in zip(images, steps, strict=False))
-    }
-    rest = images[len(inputs.control) :]
-    if inputs.init is not None:
-        out["init_image"] = _stretch(rest[0], size, Image.Resampling.LANCZOS)
-    if inputs.mask is not None:
-        out["mask_image"] = _stretch(rest[1].convert("L"), size, Image.Resampling.LANCZOS)
-    return out
-
-
-def _stretch(image, size: tuple[int, int], resample):
-    return image if image.size == size else image.resize(size, resample=resample)
+    key = (str(path), digest, size, upright, step)
+    if key in _PREPARED:
+        _PREPARED.move_to_end(key)
+        return _PREPARED[key]
+    if digest is None or files.sha256_file(path) != digest:
+        raise InputError(f"{what} {path} cannot be read or has changed since the run was planned")
+    image = files.load_image(path, exif_orientation=upright, what=what)
+    loaded = image.size
+    if image.size != size:
+        image = image.resize(size, resample=Image.Resampling.LANCZOS)  # diffusers' resize
+    if step == "L":
+        image = image.convert("L")
+    elif step != "RGB":
+        image = preprocess_control(image, step)
+    _PREPARED[key] = (loaded, image)
+    while len(_PREPARED) > _PREPARED_MAX:
+        _PREPARED.popitem(last=False)
+    return _PREPARED[key]
 
 
 def describe(inputs: JobInputs | None) -> str:

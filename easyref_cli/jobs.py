@@ -63,6 +63,18 @@ class Job:
         }
 
 
+def uses_controlnets(inputs: JobInputs | None) -> bool:
+    return inputs is not None and bool(inputs.control)
+
+
+def job_models(identity: Mapping[str, Any], inputs: JobInputs | None) -> dict[str, Any]:
+    """The run's model identity as one job uses it: the ControlNets only for a job with control images
+    (so a plain prompt's id and record stay those of a run without ``--controlnet``)."""
+    if uses_controlnets(inputs):
+        return dict(identity)
+    return {k: v for k, v in identity.items() if k != "controlnets"}
+
+
 def make_job(
     *, group: Group, prompt_id: str, prompt: str, caption: str, index: int,
     settings: GenerationSettings, template: str, preset: str | None, models: ModelIds,
@@ -77,10 +89,12 @@ def make_job(
     stream = {"noise_index": index} if settings.seed_mode == "official" else {}
     if inputs is not None:
         stream["inputs"] = inputs.identity()
+    identity = job_models(identity, inputs)  # a job without a control image uses no ControlNet
     common = dict(group=group.name, prompt_id=prompt_id, prompt=prompt, caption=caption,
                   **identity_values(settings), **stream)  # fmt: skip
     job_id = make_job_id(**common, models=dict(identity), references=list(references))
-    plain = not models.extras() and inputs is None  # 0.2 had no vae/LoRA/ControlNet/init image
+    extras = {k: v for k, v in models.extras().items() if k != "controlnets"}
+    plain = not extras and inputs is None  # 0.2 had no vae/LoRA/ControlNet/init image
     legacy_id = make_job_id(**common, **models.as_dict()) if plain else ""
     name = inputs.name if inputs is not None else None
     if name is not None and template == DEFAULT_NAME_TEMPLATE:

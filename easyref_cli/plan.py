@@ -150,7 +150,7 @@ def _check_unique_outputs(jobs: Sequence[Job], template: str) -> None:
                 f"name template {template!r} is not unique: group {other.group.name!r} prompt "
                 f"{other.prompt_id!r} seed {other.seed} and group {job.group.name!r} prompt "
                 f"{job.prompt_id!r} seed {job.seed} both go to {job.output.as_posix()} "
-                "(add {group}, {prompt_id}, {seed} or {index} to --name-template)"
+                "(add {group}, {prompt_id}, {seed}, {index} or {input} to --name-template)"
             )
         first[job.output] = job
 
@@ -259,8 +259,8 @@ def _expand(
 def _check_controlnets_used(jobs: Sequence[Job], models: ModelIds) -> None:
     if models.controlnets and not any(job.inputs is not None and job.inputs.control for job in jobs):
         raise UsageError(
-            "--controlnet given but no prompt has a control image: pass --control-image FILE_OR_FOLDER "
-            "(or control: in the prompt file)"
+            "ControlNets given (--controlnet, or controlnets: in a preset or the prompt file's defaults) but no "
+            "prompt has a control image: pass --control-image FILE_OR_FOLDER (or control: in the prompt file)"
         )
 
 

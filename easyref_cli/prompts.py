@@ -39,7 +39,6 @@ from easyref_cli.yamlio import Problem, format_problems, line_of, load_yaml_text
 #: mapping of these fields, or a list of such mappings (one per ControlNet, in ``--controlnet`` order).
 CONTROL_FIELDS = {"image": "control_image", "scale": "control_scale", "start": "control_start",
                   "end": "control_end", "preprocess": "control_preprocess"}  # fmt: skip
-_CONTROL_DEFAULTS = {"scale": 1.0, "start": 0.0, "end": 1.0, "preprocess": "none"}
 #: Every key a prompt mapping may hold: the text, its id, the per-prompt settings, seeds and groups.
 PROMPT_KEYS: tuple[str, ...] = ("prompt", "id", *PER_PROMPT_KEYS, "control", "seeds", "groups")
 PROMPT_FILE_KEYS = ("defaults", "prompts")
@@ -159,9 +158,11 @@ def expand_control(item: Mapping[str, Any], problem) -> dict[str, Any]:
         problem("control", f"{what} (allowed: {', '.join(CONTROL_FIELDS)})")
         return out
     for field_name, key in CONTROL_FIELDS.items():
-        values = [n.get(field_name, _CONTROL_DEFAULTS.get(field_name)) for n in nets]
-        if field_name == "image" or any(field_name in n for n in nets):
-            out[key] = values
+        given = [field_name in n for n in nets]
+        if any(given) and not all(given):  # a default for the others would silently win over flags and defaults
+            problem("control", f"give '{field_name}' for every ControlNet of the list, or for none")
+        elif all(given):
+            out[key] = [n[field_name] for n in nets]
     return out
 
 

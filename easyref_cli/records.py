@@ -80,14 +80,15 @@ def shareable(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _relative_inputs(entry: Any) -> Any:
-    """An input image's path relative to the current folder (where a replay looks), or its name if outside."""
+    """An input image's path relative to the current folder (where a replay looks first)."""
     if isinstance(entry, list):
         return [_relative_inputs(e) for e in entry]
-    path = Path(entry["path"])
+    import os
+
     try:
-        shown = path.relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        shown = path.name
+        shown = Path(os.path.relpath(entry["path"], Path.cwd().resolve())).as_posix()
+    except ValueError:  # another drive (Windows)
+        shown = Path(entry["path"]).name
     return {**entry, "path": shown}
 
 
@@ -179,7 +180,10 @@ def _input_problems(inputs: Any) -> list[str]:
         entries = inputs.get(key)
         if entries is None:
             continue
-        for i, entry in enumerate(entries if key == "control" and isinstance(entries, list) else [entries]):
+        if key == "control" and not isinstance(entries, list):
+            problems.append("inputs.control: must be a list of {path, sha256}")
+            continue
+        for i, entry in enumerate(entries if key == "control" else [entries]):
             if not isinstance(entry, Mapping) or not isinstance(entry.get("path"), str):
                 problems.append(f"inputs.{key}{f'[{i}]' if key == 'control' else ''}: needs a 'path' and a 'sha256'")
     if inputs.get("name") is not None and not isinstance(inputs["name"], str):
@@ -212,10 +216,10 @@ def _settings(record: Mapping[str, Any], problems: list[str]) -> GenerationSetti
 def extras_record(models: Any, identity: Mapping[str, Any]) -> dict[str, Any]:
     """The record's part for the ecosystem models a run used (:meth:`ModelIds.extras`): ``vae`` and
     ``base_config`` as given, each LoRA with its weight and content id (``sha256:…`` or a hub id), each
-    ControlNet with its content id."""
+    ControlNet with its content id when ``identity`` (the job's models) has them."""
     out: dict[str, Any] = {k: v for k, v in models.extras().items() if k not in ("loras", "controlnets")}
-    if models.controlnets:
-        ids = identity.get("controlnets") or [None] * len(models.controlnets)
+    if models.controlnets and "controlnets" in identity:  # a job with control images (jobs.job_models)
+        ids = identity["controlnets"]
         out["controlnets"] = [{"path": spec, "content": c} for spec, c in zip(models.controlnets, ids, strict=True)]
     if models.loras:
         ids = identity.get("loras") or [[None, w] for _, w in models.loras]

@@ -75,6 +75,8 @@ def read_replay(
                 f"{source}: its seed_mode official noise was drawn on {recorded_device}; replay it with "
                 f"--device {recorded_device} (another device type draws another stream)"
             )
+    if chosen.get("controlnets") and not replay.models.get("controlnets"):
+        raise UsageError(f"{source}: the image was made without a ControlNet; give no --controlnet to replay it")
     models, family = _replay_models(record, replay, chosen, family, source)
     group = Group(name=replay.group, path=refs[0].parent, images=refs, ignored=())
     recorded = record.get("model_identity") if isinstance(record.get("model_identity"), dict) else {}

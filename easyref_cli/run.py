@@ -35,7 +35,7 @@ from easyref_cli.batching import AutoBatch, is_out_of_memory, memo_path
 from easyref_cli.claims import Claims
 from easyref_cli.cooperate import Cooperation
 from easyref_cli.errors import EasyRefError, JobError, StorageError
-from easyref_cli.jobs import Job
+from easyref_cli.jobs import Job, job_models
 from easyref_cli.plan import Plan
 from easyref_cli.records import extras_record, job_record, relative_references, shareable
 from easyref_cli.resolve import ResolvedModels, resolve_models
@@ -185,6 +185,7 @@ class GeneratePhase:
                 **pipeline_values(j.settings),
                 noise_index=j.index,
                 noise_samples=j.settings.images_per_prompt,
+                **_pending_inputs(j),  # the images are loaded when their batch is made
             )  # fmt: skip
             for j in conditions.ready
         }
@@ -202,12 +203,11 @@ class GeneratePhase:
 
     def _make(self, pipe, jobs: Iterable[Job], requests: dict, conditions, bar) -> None:
         """Batches of ``jobs`` (each claimed; sizes from :class:`~easyref_cli.batching.AutoBatch`), their
-        input images loaded, generated and written, their claims released. The key adds the mode (how many
-        control images, an init image, a mask), whose images are loaded only when their batch is made."""
+        input images loaded (the requests hold placeholders until then: the batch key has the mode),
+        generated and written, their claims released."""
 
         def key(job: Job):
-            mode = (0, False, False) if job.inputs is None else job.inputs.mode()
-            return (*requests[job.job_id].batch_key(), mode)
+            return requests[job.job_id].batch_key()
 
         for batch in batches(jobs, key, lambda job: self.sizes.size(key(job), requests[job.job_id])):
             if self.log.stop.requested:
@@ -232,8 +232,10 @@ class GeneratePhase:
             if job.inputs is not None:
                 try:
                     request = replace(request, **load_inputs(job.inputs, job.settings))
-                except EasyRefError as exc:
-                    self.log.fail(job, exc)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a broken or huge input fails its job, the run goes on
+                    self.log.fail(job, job_error(exc))
                     continue
             ready.append(job)
             loaded.append(request)
@@ -315,8 +317,9 @@ class GeneratePhase:
         # the PNG carries (--metadata, --record-paths).
         record = job_record(job, self.plan.models.as_dict(), references=conditions.references[job.group.name])
         record.update(self.run_record)
-        record.update(extras_record(self.plan.models, self.plan.model_identity))  # --vae, --base-config, --lora
-        record["model_identity"] = dict(self.plan.model_identity)  # the models by content, as the job id has them
+        identity = job_models(self.plan.model_identity, job.inputs)  # the models by content, as the job id has them
+        record.update(extras_record(self.plan.models, identity))  # --vae, --base-config, --lora, --controlnet
+        record["model_identity"] = identity
         if self.plan.model_family is not None:
             record["model"] = self.plan.model_family  # so a replay finds the models without their paths
         shared = shareable(record) if self.plan.record_paths == "relative" else record
@@ -342,6 +345,19 @@ class GeneratePhase:
         return lambda png: credentials.sign_png(
             png, self.signer, title=record["output"], generator=generator, ingredients=ingredients
         )
+
+
+#: stands for an input image in a request until its batch loads it (``GeneratePhase._with_inputs``)
+PENDING = object()
+
+
+def _pending_inputs(job: Job) -> dict[str, Any]:
+    """A request's input images as placeholders: the mode (and so the batch key) without the pixels."""
+    if job.inputs is None:
+        return {}
+    controls, init, mask = job.inputs.mode()
+    return {"control_images": (PENDING,) * controls, "init_image": PENDING if init else None,
+            "mask_image": PENDING if mask else None}  # fmt: skip
 
 
 def device_label(device) -> str:

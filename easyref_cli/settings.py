@@ -464,7 +464,7 @@ class GenerationSettings:
     control_image: tuple = setting(
         (),
         "Control image per ControlNet: a file, or a folder (one job per image; folders given together are "
-        "paired by file name). Stretched to the image size (Lanczos, as diffusers).",
+        "paired by file name). Stretched to the image size (Lanczos, as diffusers), then preprocessed.",
         as_tuple(as_path, what="file or folder"),
         per_prompt=True,
         flags=("--control-image",),
@@ -514,7 +514,7 @@ class GenerationSettings:
     control_preprocess: tuple = setting(
         ("none",),
         f"What each control image goes through first: {', '.join(CONTROL_PREPROCESS_CHOICES)} (one value, or one "
-        "per ControlNet); canny is OpenCV's Canny(100, 200) in numpy.",
+        "per ControlNet), after the stretch to the image size; canny is OpenCV's Canny(100, 200) in numpy.",
         as_tuple(as_choice(CONTROL_PREPROCESS_CHOICES), what="preprocessor", empty=False),
         per_prompt=True,
         identity=True,

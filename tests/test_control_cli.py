@@ -90,6 +90,7 @@ def test_img2img_and_inpainting_follow_their_init_images(tiny, world):
     record = files.read_png_record(world / "inpaint" / "cats" / "a-cat_b_0.png")
     assert record["strength"] == 0.9 and record["inputs"]["mask"]["path"] == "masks/b.png"
     assert record["inputs"]["name"] == "b"
+    assert "Denoising strength: 0.9" in files.read_png_metadata(world / "inpaint" / "cats" / "a-cat_b_0.png").parameters
 
 
 def test_from_image_replays_the_inputs_and_refuses_a_moved_one(tiny, controlnet, world):
@@ -101,6 +102,11 @@ def test_from_image_replays_the_inputs_and_refuses_a_moved_one(tiny, controlnet,
                               str(controlnet), *models, "--batch-size", "1", "--groups-root", "refs"])  # fmt: skip
     assert replay.exit_code == 0, replay.output
     assert (world / "again" / "cats" / "a-cat_0.png").read_bytes() == image.read_bytes()
+    plain = world / "plain" / "cats" / "a-cat_0.png"
+    assert _generate(tiny, "plain").exit_code == 0
+    extra = cli.invoke(app, ["generate", "--from-image", str(plain), "-o", "x", "--controlnet", str(controlnet),
+                             *models, "--groups-root", "refs"])  # fmt: skip
+    assert extra.exit_code == 2 and "made without a ControlNet" in extra.output
     shutil.move(world / "poses" / "b.png", world / "b-moved.png")
     moved = cli.invoke(app, ["generate", "--from-image", str(image), "-o", "again2", "--controlnet", str(controlnet),
                              *models, "--groups-root", "refs"])  # fmt: skip

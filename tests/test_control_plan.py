@@ -104,7 +104,7 @@ def test_a_single_file_serves_every_item_of_a_folder(world):
         ({"init_image": "photos", "seed_mode": "official"}, "seed_mode official replays text-to-image"),
         ({"controlnets": ("cn",), "control_image": ("nowhere.png",)}, "control_image nowhere.png: no such file"),
         ({"init_image": "empty"}, "init_image empty: the folder holds no images"),
-        ({"controlnets": ("cn",)}, "--controlnet given but no prompt has a control image"),
+        ({"controlnets": ("cn",)}, "ControlNets given .* but no prompt has a control image"),
         ({"controlnets": ("missing-cn",), "control_image": ("poses",)}, "--controlnet missing-cn: no such file"),
     ],
 )  # fmt: skip
@@ -178,3 +178,39 @@ def test_records_round_trip_and_share_relative_paths(world):
     assert replay.settings.control_preprocess == ("canny",)
     assert replay.inputs["control"][0] == (Path("poses/b.png"), plan.jobs[1].inputs.control_sha256[0])
     assert replay.inputs["name"] == "b"
+
+
+def test_a_controlnet_leaves_the_plain_prompts_ids_and_records_alone(world):
+    path = world / "prompts.yaml"
+    path.write_text("prompts:\n  - a cat sitting\n  - prompt: a cat jumping\n    control: poses/a.png\n")
+    plain = _plan(world, prompt="a cat sitting").jobs[0]
+    mixed = _plan(world, {"controlnets": ("cn",)}, prompts_file=path)
+    assert (mixed.jobs[0].job_id, mixed.jobs[0].legacy_id) == (plain.job_id, plain.legacy_id)
+    from easyref_cli.jobs import job_models
+
+    extras = [records.extras_record(mixed.models, job_models(mixed.model_identity, j.inputs)) for j in mixed.jobs]
+    assert "controlnets" not in extras[0] and extras[1]["controlnets"][0]["path"] == "cn"
+
+
+def test_mask_sizes_are_compared_upright(world):
+    init = Image.new("RGB", (24, 16), (9, 9, 9))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait (16×24)
+    init.save(world / "turned.jpg", exif=exif)
+    _image(world / "portrait.png", 255, size=(16, 24), mode="L")
+    assert _plan(world, {"init_image": "turned.jpg", "mask": "portrait.png"}).jobs
+    with pytest.raises(UsageError, match="is 24×16 but its init image turned.jpg is 16×24"):
+        _plan(world, {"init_image": "turned.jpg", "mask": "masks/a.png"})
+    assert _plan(world, {"init_image": "turned.jpg", "mask": "masks/a.png", "exif_orientation": "ignore"}).jobs
+
+
+def test_a_transparent_mask_and_half_given_control_fields_are_refused(world):
+    mask = Image.new("LA", (24, 16), (255, 255))
+    mask.putpixel((0, 0), (255, 0))
+    mask.save(world / "alpha.png")
+    with pytest.raises(UsageError, match="has transparency"):
+        _plan(world, {"init_image": "photos/a.jpg", "mask": "alpha.png"})
+    path = world / "prompts.yaml"
+    path.write_text("prompts:\n  - prompt: x\n    control: [{image: poses/a.png, scale: 0.9}, {image: poses/b.png}]\n")
+    with pytest.raises(UsageError, match="give 'scale' for every ControlNet of the list, or for none"):
+        _plan(world, {"controlnets": ("cn", "cn")}, prompts_file=path)
