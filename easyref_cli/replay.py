@@ -85,33 +85,25 @@ def read_replay(
 
 def _replay_references(replay, root: Path, source: str) -> tuple[Path, ...]:
     """The recorded references, relative ones under ``root``, each present with its recorded sha256."""
-    paths = []
-    for recorded, digest in zip(replay.references, replay.reference_sha256, strict=True):
-        path = recorded if recorded.is_absolute() else root / recorded
-        if not path.is_file():
-            where = "" if recorded.is_absolute() else f" under {root} (--groups-root sets where references are)"
-            raise UsageError(f"{source}: reference image {recorded}{where} no longer exists")
-        if digest and sha256_file(path) != digest:
-            raise UsageError(
-                f"{source}: reference image {path} has changed since the image was made "
-                f"(sha256 {digest[:12]}… recorded)"
-            )
-        paths.append(path)
-    return tuple(paths)
+    hint = f" under {root} (--groups-root sets where references are)"
+    return tuple(
+        _found(recorded, digest, [root], "reference image", source, hint=hint, its="")
+        for recorded, digest in zip(replay.references, replay.reference_sha256, strict=True)
+    )
 
 
-def _found(recorded: Path, digest: str | None, root: Path, what: str, source: str) -> Path:
-    """A recorded input file (a relative one under the current folder, where the run that made the image
-    was started, else under ``root``), present with its recorded sha256."""
-    path = recorded
-    if not recorded.is_absolute():
-        path = recorded if recorded.is_file() else root / recorded
-    if not path.is_file():
-        where = "" if recorded.is_absolute() else f" (looked in the current folder and under {root})"
-        raise UsageError(f"{source}: its {what} {recorded}{where} no longer exists")
+def _found(
+    recorded: Path, digest: str | None, roots: list[Path], what: str, source: str, *, hint: str, its: str = "its "
+) -> Path:  # fmt: skip
+    """A recorded file — a relative one under the first of ``roots`` that has it — present with its
+    recorded sha256 (``hint`` says where relative ones were looked for)."""
+    candidates = [recorded] if recorded.is_absolute() else [r / recorded for r in roots]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise UsageError(f"{source}: {its}{what} {recorded}{'' if recorded.is_absolute() else hint} no longer exists")
     if digest and sha256_file(path) != digest:
         raise UsageError(
-            f"{source}: its {what} {path} has changed since the image was made (sha256 {digest[:12]}… recorded)"
+            f"{source}: {its}{what} {path} has changed since the image was made (sha256 {digest[:12]}… recorded)"
         )
     return path
 
@@ -120,8 +112,9 @@ def _replay_inputs(recorded: dict[str, Any] | None, root: Path, source: str) -> 
     """The recorded control/init/mask images, found and unchanged."""
     if recorded is None:
         return None
-    control = [(_found(p, d, root, "control image", source), d) for p, d in recorded["control"]]
-    found = {k: (_found(recorded[k][0], recorded[k][1], root, what, source), recorded[k][1])
+    roots, hint = [Path.cwd(), root], f" (looked in the current folder and under {root})"
+    control = [(_found(p, d, roots, "control image", source, hint=hint), d) for p, d in recorded["control"]]
+    found = {k: (_found(recorded[k][0], recorded[k][1], roots, what, source, hint=hint), recorded[k][1])
              for k, what in (("init", "init image"), ("mask", "mask")) if k in recorded}  # fmt: skip
     return JobInputs(
         name=recorded.get("name"), control=tuple(p for p, _ in control), control_sha256=tuple(d for _, d in control),

@@ -841,10 +841,9 @@ def build_tiny_models(root: Path, seed: int = 0) -> TinyModels:
     return layout
 
 
-def _is_complete(root: Path) -> bool:
-    marker = Path(root) / _MARKER_NAME
+def _is_complete(root: Path, marker: str = _MARKER_NAME, version: str = _BUILD_VERSION) -> bool:
     try:
-        return marker.read_text().strip() == _BUILD_VERSION
+        return (Path(root) / marker).read_text().strip() == version
     except OSError:
         return False
 
@@ -854,6 +853,33 @@ def _is_foreign(folder: Path) -> bool:
     if not folder.is_dir():
         return folder.exists()
     return not (folder / _MARKER_NAME).exists() and any(folder.iterdir())
+
+
+def _build_in_place(folder: Path, build: Callable[[Path], object], marker: str, version: str) -> None:
+    """``build(tmp)`` into a temporary folder next to ``folder``, its marker written last, then moved into
+    place with one ``os.replace``; a stale or partial ``folder`` is moved aside first, and when two
+    processes race the loser drops its copy and uses the winner's."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        build(tmp)
+        (tmp / marker).write_text(version + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        if _is_complete(folder, marker, version):  # somebody finished while we were building
+            return
+        if folder.exists():  # stale version: move it out of the way
+            trash = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+            with contextlib.suppress(OSError):
+                os.replace(folder, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not _is_complete(folder, marker, version):  # not a lost race: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_tiny_models(cache_dir: Path) -> TinyModels:
@@ -870,66 +896,19 @@ def ensure_tiny_models(cache_dir: Path) -> TinyModels:
         return tiny_layout(cache_dir)
     if _is_foreign(cache_dir):
         raise FileExistsError(f"{cache_dir} exists and is not a tiny-model cache; choose an empty or new folder")
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
-    try:
-        build_tiny_models(tmp)
-        (tmp / _MARKER_NAME).write_text(_BUILD_VERSION + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        if _is_complete(cache_dir):  # somebody finished while we were building
-            return tiny_layout(cache_dir)
-        if (cache_dir / _MARKER_NAME).exists():  # stale version: move it out of the way
-            trash = cache_dir.with_name(f".{cache_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            with contextlib.suppress(OSError):
-                os.replace(cache_dir, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, cache_dir)
-        except OSError:
-            if not _is_complete(cache_dir):  # not a lost race: a real failure
-                raise
-        return tiny_layout(cache_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _build_in_place(cache_dir, build_tiny_models, _MARKER_NAME, _BUILD_VERSION)
+    return tiny_layout(cache_dir)
 
 
 def ensure_tiny_controlnet(root: Path) -> Path:
     """The tiny ControlNet for the tiny models in ``root`` (``root / "controlnet"``), built there first
-    if it is missing or stale: into a temporary folder, moved into place with one ``os.replace``
-    (a lost race uses the winner's), with its own marker file, like :func:`ensure_tiny_models`."""
+    if it is missing or stale, with its own marker file, as :func:`ensure_tiny_models` builds them."""
     folder = Path(root) / "controlnet"
-    marker = folder / _CONTROLNET_MARKER_NAME
-
-    def complete() -> bool:
-        try:
-            return marker.read_text().strip() == _CONTROLNET_BUILD_VERSION
-        except OSError:
-            return False
-
-    if complete():
-        return folder
-    tmp = Path(tempfile.mkdtemp(prefix=".controlnet.tmp-", dir=folder.parent))
-    try:
-        build_tiny_controlnet(tiny_layout(root).base_model, tmp)
-        (tmp / _CONTROLNET_MARKER_NAME).write_text(_CONTROLNET_BUILD_VERSION + "\n")
-        tmp.chmod(0o755)
-        if complete():  # somebody finished while we were building
-            return folder
-        if folder.exists():  # stale or partial: move it out of the way
-            trash = folder.with_name(f".controlnet.old-{uuid.uuid4().hex[:8]}")
-            with contextlib.suppress(OSError):
-                os.replace(folder, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not complete():  # not a lost race: a real failure
-                raise
-        return folder
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not _is_complete(folder, _CONTROLNET_MARKER_NAME, _CONTROLNET_BUILD_VERSION):
+        base = tiny_layout(root).base_model
+        _build_in_place(folder, lambda tmp: build_tiny_controlnet(base, tmp), _CONTROLNET_MARKER_NAME,
+                        _CONTROLNET_BUILD_VERSION)  # fmt: skip
+    return folder
 
 
 # --------------------------------------------------------------------------------------------

@@ -137,20 +137,37 @@ def _pngs(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))}
 
 
+def _control_args(tiny, tmp_path: Path) -> list[str]:
+    """ControlNet + img2img from folders (two inputs, paired by name)."""
+    from PIL import Image
+
+    from easyref_cli.tiny import build_tiny_controlnet
+
+    controlnet = build_tiny_controlnet(tiny.base_model, tmp_path / "controlnet")
+    for folder, colours in (("poses", [(255, 255, 255), (90, 0, 0)]), ("photos", [(20, 80, 200), (200, 180, 20)])):
+        (tmp_path / folder).mkdir()
+        for name, colour in zip("ab", colours, strict=True):
+            Image.new("RGB", (64, 64), colour).save(tmp_path / folder / f"{name}.png")
+    return ["--controlnet", str(controlnet), "--control-image", str(tmp_path / "poses"),
+            "--init-image", str(tmp_path / "photos"), "--strength", "1"]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_two_processes_give_the_same_bytes_as_one(tiny, tmp_path):
+@pytest.mark.parametrize("inputs", [False, True], ids=["text-to-image", "controlnet-img2img"])
+def test_two_processes_give_the_same_bytes_as_one(tiny, tmp_path, inputs):
     groups = _groups(tmp_path)
-    one = _single(_args(tiny, groups, tmp_path / "one"))
+    extra = _control_args(tiny, tmp_path) if inputs else []
+    one = _single(_args(tiny, groups, tmp_path / "one") + extra)
     assert one.exit_code == 0, one.output
-    two = _launch(_args(tiny, groups, tmp_path / "two"))
+    two = _launch(_args(tiny, groups, tmp_path / "two") + extra)
     assert two.returncode == 0, two.stderr[-3000:]
     assert _pngs(tmp_path / "one") == _pngs(tmp_path / "two")
-    assert len(_pngs(tmp_path / "two")) == 6
+    assert len(_pngs(tmp_path / "two")) == (12 if inputs else 6)
     manifest = files.read_manifest(tmp_path / "two" / files.MANIFEST_NAME)
     assert [e["job_id"] for e in manifest] == [
         e["job_id"] for e in files.read_manifest(tmp_path / "one" / files.MANIFEST_NAME)
     ]
-    assert all(e["status"] == "ok" for e in manifest) and len({e["job_id"] for e in manifest}) == 6
+    assert all(e["status"] == "ok" for e in manifest) and len({e["job_id"] for e in manifest}) == len(manifest)
     assert not list((tmp_path / "two").glob(distributed.SHARD_GLOB))
 
 
