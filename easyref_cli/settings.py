@@ -336,6 +336,17 @@ def setting(default: Any, help: str, check: Callable[[Any], Any], **spec: Any) -
 _SAMPLE = dict(per_prompt=True, identity=True, pipeline=True)
 
 
+def per_net_setting(default: Any, help: str, check: Callable[[Any], Any], what: str, flag: str, **spec: Any) -> Any:
+    """A ControlNet setting given once for all ControlNets or once each (a repeatable flag), at ``(default,)``
+    left out of the job id and record of jobs without control images (record schema 3)."""
+    item = "float" if isinstance(default, float) else "str"
+    return setting(
+        (default,), help, as_tuple(check, what=what, empty=False), flags=(flag,), panel=CONTROL_PANEL, per_net=True,
+        item=item, default_text=str(default), since=CONTROL_SCHEMA, keep=lambda s: bool(s.control_image),
+        **{**_SAMPLE, **spec},
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Every generation setting, with its built-in default (the lowest precedence layer)."""
@@ -472,59 +483,31 @@ class GenerationSettings:
         item="str",
         default_text="none",
     )
-    control_scale: tuple = setting(
-        (1.0,),
-        "ControlNet strength: one value, or one per ControlNet.",
-        as_tuple(as_float, what="number", empty=False),
-        flags=("--control-scale",),
-        panel=CONTROL_PANEL,
-        per_net=True,
-        item="float",
-        default_text="1.0",
-        since=CONTROL_SCHEMA,
-        keep=lambda s: bool(s.control_image),
-        **_SAMPLE,
+    control_scale: tuple = per_net_setting(
+        1.0, "ControlNet strength: one value, or one per ControlNet.", as_float, "number", "--control-scale"
     )
-    control_start: tuple = setting(
-        (0.0,),
+    control_start: tuple = per_net_setting(
+        0.0,
         "Fraction of the steps at which each ControlNet starts (one value, or one per ControlNet).",
-        as_tuple(as_fraction, what="fraction", empty=False),
-        flags=("--control-start",),
-        panel=CONTROL_PANEL,
-        per_net=True,
-        item="float",
-        default_text="0.0",
-        since=CONTROL_SCHEMA,
-        keep=lambda s: bool(s.control_image),
-        **_SAMPLE,
+        as_fraction,
+        "fraction",
+        "--control-start",
     )
-    control_end: tuple = setting(
-        (1.0,),
+    control_end: tuple = per_net_setting(
+        1.0,
         "Fraction of the steps at which each ControlNet stops (one value, or one per ControlNet).",
-        as_tuple(as_fraction, what="fraction", empty=False),
-        flags=("--control-end",),
-        panel=CONTROL_PANEL,
-        per_net=True,
-        item="float",
-        default_text="1.0",
-        since=CONTROL_SCHEMA,
-        keep=lambda s: bool(s.control_image),
-        **_SAMPLE,
+        as_fraction,
+        "fraction",
+        "--control-end",
     )
-    control_preprocess: tuple = setting(
-        ("none",),
+    control_preprocess: tuple = per_net_setting(
+        "none",
         f"What each control image goes through first: {', '.join(CONTROL_PREPROCESS_CHOICES)} (one value, or one "
         "per ControlNet), after the stretch to the image size; canny is OpenCV's Canny(100, 200) in numpy.",
-        as_tuple(as_choice(CONTROL_PREPROCESS_CHOICES), what="preprocessor", empty=False),
-        per_prompt=True,
-        identity=True,
-        flags=("--control-preprocess",),
-        panel=CONTROL_PANEL,
-        per_net=True,
-        item="str",
-        default_text="none",
-        since=CONTROL_SCHEMA,
-        keep=lambda s: bool(s.control_image),
+        as_choice(CONTROL_PREPROCESS_CHOICES),
+        "preprocessor",
+        "--control-preprocess",
+        pipeline=False,  # applied when the image is loaded (easyref_cli.inputs), not by the pipeline
     )
     init_image: str | None = setting(
         None,
