@@ -155,12 +155,14 @@ def model_identity(models: ModelIds, family: str | None, memo: Path | None = Non
 
 
 def _controlnet_id(spec: str, hashes: FileHashes) -> str:
-    from easyref_cli.models import TINY_CONTROLNET
+    from easyref_cli.models import family_controlnet_path
 
-    if spec == TINY_CONTROLNET:  # built at run time from the tiny base: its builder version is its content
-        from easyref_cli.tiny import _CONTROLNET_BUILD_VERSION as TINY_CONTROLNET_VERSION
+    if spec == "tiny":  # built at run time from the tiny base: its builder version is its content
+        from easyref_cli.tiny import _CONTROLNET_BUILD_VERSION
 
-        return f"{TINY_CONTROLNET_VERSION}/controlnet"
+        return f"{_CONTROLNET_BUILD_VERSION}/controlnet"
+    if spec == "demo":
+        return content_id(str(family_controlnet_path("demo")), hashes)
     return content_id(spec, hashes)
 
 

@@ -7,6 +7,7 @@ Torch-free: a plan only needs the ids (paths or hub ids). The tiny family's weig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from easyref_cli.constants import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, DEFAULT_MLLM
@@ -138,19 +139,30 @@ def ensure_built(family: str | None, controlnet: bool = False) -> None:
             ) from None
 
 
-#: ``--controlnet tiny``: the tiny family's random ControlNet (built next to its models on first use).
-TINY_CONTROLNET = "tiny"
+#: ``--controlnet tiny`` / ``--controlnet demo``: a ``--model`` family's own ControlNet (tiny: random,
+#: built next to its models on first use; demo: the canny ControlNet shipped with the demo weights).
+FAMILY_CONTROLNETS = ("tiny", "demo")
 
 
 def check_controlnet_family(controlnets: tuple[str, ...], family: str | None) -> None:
-    """``--controlnet tiny`` only goes with ``--model tiny`` (its ControlNet fits only that base)."""
-    if TINY_CONTROLNET in controlnets and family != "tiny":
-        raise UsageError("--controlnet tiny is the tiny family's ControlNet: use it with --model tiny")
+    """A family's ControlNet only goes with that ``--model`` family (it fits only that base)."""
+    for spec in controlnets:
+        if spec in FAMILY_CONTROLNETS and spec != family:
+            raise UsageError(f"--controlnet {spec} is the {spec} family's ControlNet: use it with --model {spec}")
+    if "demo" in controlnets and not family_controlnet_path("demo").is_dir():
+        raise UsageError(
+            f"--controlnet demo: the demo ControlNet is missing ({family_controlnet_path('demo')}); reinstall "
+            "easyref-cli, or rebuild it with `python -m easyref_cli.demo.controlnet WORK_DIR --install`"
+        )
 
 
-def tiny_controlnet_path() -> str:
-    """Where the tiny family's ControlNet is (:func:`ensure_built` builds it)."""
-    return str(easyref_home() / "tiny-models" / "controlnet")
+def family_controlnet_path(spec: str) -> Path:
+    """Where a family's ControlNet is (:func:`ensure_built` builds the tiny one)."""
+    if spec == "demo":
+        from easyref_cli.demo import weights_dir
+
+        return weights_dir() / "controlnet"
+    return easyref_home() / "tiny-models" / "controlnet"
 
 
 def check_extra_models(models: ModelIds) -> None:
@@ -169,14 +181,14 @@ def check_extra_models(models: ModelIds) -> None:
         )
     given = [("--vae", models.vae), ("--base-config", models.base_config)]
     given += [("--lora", spec) for spec, _ in models.loras]
-    given += [("--controlnet", spec) for spec in models.controlnets if spec != TINY_CONTROLNET]
+    given += [("--controlnet", spec) for spec in models.controlnets if spec not in FAMILY_CONTROLNETS]
     for flag, spec in given:
         if spec is None or Path(spec).expanduser().exists() or is_hub_spec(spec):
             continue
         raise UsageError(f"{flag} {spec}: no such file or folder (and not a hub id like owner/name or owner/name/file)")
     base = Path(models.base_model).expanduser()
     for spec in models.controlnets:  # a local ControlNet for another base: exit 2 now, not after encoding
-        if spec != TINY_CONTROLNET and Path(spec).expanduser().is_dir():
+        if spec not in FAMILY_CONTROLNETS and Path(spec).expanduser().is_dir():
             from easyref_cli.model.control import check_controlnet  # torch-free
 
             check_controlnet(Path(spec).expanduser(), base if base.is_dir() else None)

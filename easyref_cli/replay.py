@@ -16,7 +16,7 @@ from easyref_cli.errors import UsageError
 from easyref_cli.files import Group, sha256_file
 from easyref_cli.inputs import JobInputs
 from easyref_cli.model.hub import is_hub_spec  # torch-free
-from easyref_cli.models import MODEL_DEFAULTS, ModelIds, chosen_models
+from easyref_cli.models import FAMILY_CONTROLNETS, MODEL_DEFAULTS, ModelIds, chosen_models
 from easyref_cli.records import Replay, parse_record
 from easyref_cli.runtime import Runtime
 
@@ -132,7 +132,7 @@ def _replay_models(record: dict, replay, chosen: dict[str, str], family: str | N
     models = ModelIds(**{**replay.models, **chosen})
     given = [(key, getattr(models, key), flag) for key, flag in _MODEL_FLAGS if getattr(models, key) is not None]
     given += [("loras", spec, "--lora") for spec, _ in models.loras]
-    given += [("controlnets", spec, "--controlnet") for spec in models.controlnets if spec != "tiny"]
+    given += [("controlnets", spec, "--controlnet") for spec in models.controlnets if spec not in FAMILY_CONTROLNETS]
     for key, value, flag in given:
         if key not in chosen and not Path(value).is_absolute() and not Path(value).exists() and not is_hub_spec(value):
             what = {"loras": "LoRA", "controlnets": "ControlNet"}.get(key, key.replace("_", " "))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from easyref_cli.errors import UsageError
-from easyref_cli.models import TINY_CONTROLNET, ensure_built, tiny_controlnet_path
+from easyref_cli.models import FAMILY_CONTROLNETS, ensure_built, family_controlnet_path
 from easyref_cli.plan import Plan
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def resolve_models(plan: Plan) -> ResolvedModels:
     from easyref_cli.model.pipeline import resolve_dtypes
     from easyref_cli.model.single_file import check_sdxl_sources
 
-    ensure_built(plan.model_family, controlnet=TINY_CONTROLNET in plan.models.controlnets)
+    ensure_built(plan.model_family, controlnet="tiny" in plan.models.controlnets)
     check_device(plan.device)
     m = plan.models
     base_model = hub.resolve_model(m.base_model, "--base-model")  # a folder, or a single file
@@ -92,7 +92,7 @@ def resolve_models(plan: Plan) -> ResolvedModels:
     )
     loras = tuple((hub.resolve_checkpoint(spec, "--lora"), weight) for spec, weight in m.loras)
     controlnets = tuple(
-        Path(tiny_controlnet_path()) if spec == TINY_CONTROLNET else hub.resolve_folder(spec, "--controlnet")
+        family_controlnet_path(spec) if spec in FAMILY_CONTROLNETS else hub.resolve_folder(spec, "--controlnet")
         for spec in m.controlnets
     )
     # before minutes of encoding, not after: the SDXL sources (single file, VAE), the adapter against

@@ -464,8 +464,8 @@ class GenerationSettings:
     controlnets: tuple = setting(
         (),
         "SDXL ControlNet models (diffusers folders or hub ids) in order; several make a multi-ControlNet, each "
-        "with its own control image. They attend to the text tokens only, as the official code. 'tiny' with "
-        "--model tiny.",
+        "with its own control image. They attend to the text tokens only, as the official code. 'tiny' / "
+        "'demo': the --model family's own (demo: a canny ControlNet for its 64² shapes).",
         as_tuple(as_path, what="ControlNet"),
         flags=("--controlnet",),
         item="str",

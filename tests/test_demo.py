@@ -185,3 +185,24 @@ def test_evidence_writes_table_and_contact_sheet(evidence_run):
     assert "references swapped between groups" in table and "%" in table
     with Image.open(root / "contact-sheet.png") as sheet:  # 2 sections × 2 groups; 4 references + 3 pictures
         assert sheet.width > 7 * 128 and sheet.height > 4 * 128
+
+
+@pytest.mark.slow
+def test_the_demo_controlnet_draws_the_control_shape_in_the_references_colour(tmp_path):
+    from easyref_cli.demo.controlnet import evaluate
+
+    out = evaluate(tmp_path, count=4)
+    assert out["with ControlNet"]["images"] == out["without ControlNet"]["images"] == 16
+    assert out["with ControlNet"]["mean_iou"] >= 0.5 > out["without ControlNet"]["mean_iou"]
+    assert out["with ControlNet"]["colour"] >= 0.9
+
+
+def test_the_demo_controlnet_goes_with_the_demo_model_only(tmp_path):
+    (tmp_path / "g").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "g" / "a.png")
+    args = ["generate", str(tmp_path / "g"), "-p", "a shape", "-o", str(tmp_path / "o"), "--dry-run",
+            "--controlnet", "demo", "--control-image", str(tmp_path / "g" / "a.png")]  # fmt: skip
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "use it with --model demo" in refused.output
+    planned = CliRunner().invoke(app, [*args, "--model", "demo"])
+    assert planned.exit_code == 0, planned.output
