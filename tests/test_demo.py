@@ -42,6 +42,16 @@ def test_dominant_colour_reads_every_drawing_and_nothing_from_grey():
         synthetic.hue_agreement([], [])
 
 
+def test_the_shape_classifier_reads_every_drawing_and_nothing_from_grey():
+    stream = synthetic.iter_drawings(31)
+    drawings = [next(stream) for _ in range(200)]
+    assert all(synthetic.classify_shape(d.render()) == d.shape for d in drawings)
+    assert {d.shape for d in drawings} == set(synthetic.SHAPES)
+    assert synthetic.classify_shape(Image.new("RGB", (64, 64), (120, 120, 120))) is None
+    red = next(d for d in drawings if d.colour == "red")
+    assert synthetic.classify_shape(red.render(), "blue") is None  # no pixel of that colour
+
+
 def test_captions_for_the_adapter_name_neither_colour_nor_shape():
     drawing = synthetic.make_group(1, 1, "red", "circle")[0]
     assert drawing.caption().split()[2:4] == ["red", "circle"]
@@ -195,6 +205,7 @@ def test_the_demo_controlnet_draws_the_control_shape_in_the_references_colour(tm
     assert out["with ControlNet"]["images"] == out["without ControlNet"]["images"] == 16
     assert out["with ControlNet"]["mean_iou"] >= 0.5 > out["without ControlNet"]["mean_iou"]
     assert out["with ControlNet"]["colour"] >= 0.9
+    assert out["with ControlNet"]["shape"] > out["without ControlNet"]["shape"]
 
 
 def test_the_demo_controlnet_goes_with_the_demo_model_only(tmp_path):

@@ -171,12 +171,13 @@ def evaluate(work: Path, *, count: int = 24, seed: int = 424242) -> dict:
     """The installed demo ControlNet on ``count`` held-out drawings × the 4 example groups, through the real
     ``easyref generate --model demo``, with and without ``--controlnet demo --control-preprocess canny``:
     how much of each picture's coloured shape lies where the control's shape is (IoU of the saturated
-    pixels), and whether its colour is the references' (:func:`~easyref_cli.demo.synthetic.dominant_colour`)."""
+    pixels), whether its shape is the control's (:func:`~easyref_cli.demo.synthetic.classify_shape`) and its
+    colour the references' (:func:`~easyref_cli.demo.synthetic.dominant_colour`)."""
     from PIL import Image
     from typer.testing import CliRunner
 
     from easyref_cli.cli import app
-    from easyref_cli.demo.synthetic import EXAMPLE_GROUPS, dominant_colour
+    from easyref_cli.demo.synthetic import EXAMPLE_GROUPS, classify_shape, dominant_colour
 
     work = Path(work)
     drawings, groups, plain, control = _write_eval_inputs(work, count, seed)
@@ -189,14 +190,16 @@ def evaluate(work: Path, *, count: int = 24, seed: int = 424242) -> dict:
                                           "-o", str(folder), "-q", "--batch-size", "8", *extra])  # fmt: skip
         if result.exit_code != 0:
             raise RuntimeError(f"easyref generate failed ({result.exit_code}): {result.output}")
-        ious, colours = [], []
+        ious, colours, shapes = [], [], []
         for colour, shape, _ in EXAMPLE_GROUPS:
             for i, d in enumerate(drawings):
                 image = Image.open(folder / f"{colour}-{shape}" / f"c{i:02d}_0.png")
                 ious.append(_iou(_masks(image), _masks(d.render())))
                 colours.append(dominant_colour(image) == colour)
-        out[name] = {"mean_iou": round(sum(ious) / len(ious), 3), "colour": round(sum(colours) / len(colours), 3),
-                     "images": len(ious)}  # fmt: skip
+                shapes.append(classify_shape(image, colour) == d.shape)
+        n = len(ious)
+        out[name] = {"mean_iou": round(sum(ious) / n, 3), "colour": round(sum(colours) / n, 3),
+                     "shape": round(sum(shapes) / n, 3), "images": n}  # fmt: skip
     (work / "controlnet-eval.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
 

@@ -25,11 +25,13 @@ __all__ = [
     "Drawing",
     "IMAGE_SIZE",
     "EXAMPLE_GROUPS",
+    "classify_shape",
     "dominant_colour",
     "hue_agreement",
     "iter_drawings",
     "make_group",
     "random_drawing",
+    "shape_mask",
     "write_examples",
 ]
 
@@ -171,6 +173,58 @@ def hue_agreement(images: Sequence[Image.Image], colours: Sequence[str]) -> floa
     if len(images) != len(colours) or not images:
         raise ValueError("hue_agreement needs one expected colour per image, and at least one image")
     return sum(dominant_colour(im) == c for im, c in zip(images, colours, strict=True)) / len(images)
+
+
+def shape_mask(image: Image.Image, colour: str | None = None, *, min_saturation: float = 0.35,
+               min_value: float = 0.3):  # fmt: skip
+    """The pixels of ``image`` in ``colour`` (default: its :func:`dominant_colour`): saturated, bright
+    enough, and nearest that hue — the drawn shape, since backgrounds are grey. A boolean array."""
+    import numpy as np
+
+    hsv = np.asarray(image.convert("RGB").convert("HSV"), dtype=np.int32)
+    colour = colour or dominant_colour(image, min_saturation=min_saturation, min_value=min_value)
+    saturated = (hsv[..., 1] >= round(min_saturation * 255)) & (hsv[..., 2] >= round(min_value * 255))
+    if colour is None:
+        return np.zeros(saturated.shape, dtype=bool)
+    nearest = np.rint(hsv[..., 0] * 360 / 255 / 60).astype(int) % 6
+    return saturated & (nearest == list(COLOURS).index(colour))
+
+
+def _template(shape: str, box: tuple[int, int, int, int]):
+    """``shape`` drawn as :meth:`Drawing.render` draws it, stretched to fill ``box`` (x0, y0, x1, y1)."""
+    import numpy as np
+
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(canvas)
+    x0, y0, x1, y1 = box
+    cx, cy, t = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 6
+    if shape == "circle":
+        draw.ellipse(box, fill=255)
+    elif shape == "square":
+        draw.rectangle(box, fill=255)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=255)
+    else:
+        draw.rectangle((x0, cy - t, x1, cy + t), fill=255)
+        draw.rectangle((cx - t, y0, cx + t, y1), fill=255)
+    return np.asarray(canvas) > 0
+
+
+def classify_shape(image: Image.Image, colour: str | None = None) -> str | None:
+    """Which of :data:`SHAPES` the coloured shape of ``image`` is (its :func:`shape_mask`): the shape whose
+    template, stretched to the mask's bounding box, overlaps the mask best (IoU); ``None`` when under 1%
+    of the picture is in the colour. A blob gets the nearest shape, usually ``circle``."""
+    mask = shape_mask(image, colour)
+    if mask.sum() < 0.01 * mask.size:
+        return None
+    ys, xs = mask.nonzero()
+    box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+
+    def iou(shape: str) -> float:
+        template = _template(shape, box)
+        return float((template & mask).sum() / (template | mask).sum())
+
+    return max(SHAPES, key=iou)
 
 
 #: The example groups shipped in ``examples/groups`` (colour, shape, seed).
