@@ -19,14 +19,15 @@ preprocessor (so Canny's edges are as thin as the ControlNet reads them).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from easyref_cli import files
 from easyref_cli.errors import InputError, UsageError
-from easyref_cli.settings import PER_NET_KEYS, GenerationSettings
+from easyref_cli.identity import FileHashes
+from easyref_cli.settings import PER_NET_KEYS, GenerationSettings, per_net
 
 #: PIL modes a mask may have without looking at its pixels (single-channel).
 _SINGLE_CHANNEL = frozenset({"1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
@@ -120,7 +121,7 @@ def check_control_settings(settings: GenerationSettings, controlnets: int, where
                 raise UsageError(
                     f"{where}: {key} has {count} values for {controlnets} ControlNets: give one for all, or one each"
                 )
-        starts, ends = _per_net(settings.control_start, given), _per_net(settings.control_end, given)
+        starts, ends = per_net(settings.control_start, given), per_net(settings.control_end, given)
         for i, (start, end) in enumerate(zip(starts, ends, strict=True)):
             if start >= end:
                 raise UsageError(
@@ -145,28 +146,13 @@ def check_control_settings(settings: GenerationSettings, controlnets: int, where
         )
 
 
-def _per_net(values: Sequence[Any], count: int) -> list[Any]:
-    return list(values) * count if len(values) == 1 else list(values)
-
-
-def per_net(values: Sequence[Any], count: int) -> tuple[Any, ...]:
-    """A one-or-each setting (``control_scale``…) as one value per ControlNet."""
-    return tuple(_per_net(values, count))
-
-
-class Digests:
-    """sha256 of each input file, read once per plan (``None``: unreadable; its jobs fail at generation)."""
-
-    def __init__(self) -> None:
-        self._known: dict[Path, str | None] = {}
-
-    def __call__(self, path: Path) -> str | None:
-        if path not in self._known:
-            try:
-                self._known[path] = files.sha256_file(path)
-            except InputError:
-                self._known[path] = None
-        return self._known[path]
+def digest(hashes: FileHashes, path: Path) -> str | None:
+    """An input file's sha256 (each file read once per plan), ``None`` when it cannot be read: its jobs
+    fail at generation, naming it."""
+    try:
+        return hashes.sha256(path)
+    except InputError:
+        return None
 
 
 def _sources(settings: GenerationSettings) -> list[tuple[str, int | None, str]]:
@@ -198,7 +184,7 @@ def _listing(key: str, value: str, where: str) -> Path | dict[str, Path]:
 
 
 def expand_inputs(
-    settings: GenerationSettings, where: str, digests: Digests
+    settings: GenerationSettings, where: str, hashes: FileHashes
 ) -> list[tuple[JobInputs | None, GenerationSettings]]:
     """The jobs' inputs for one prompt's ``settings``: ``[(None, settings)]`` without input images,
     else one ``(JobInputs, settings naming its files)`` per paired name (one, without folders).
@@ -224,21 +210,21 @@ def expand_inputs(
     out = []
     for name in names:
         chosen = {(k, i): (lst if isinstance(lst, Path) else lst[name]) for k, i, _, lst in listings}
-        out.append(_job_inputs(settings, name, chosen, where, digests))
+        out.append(_job_inputs(settings, name, chosen, where, hashes))
     return out
 
 
 def _job_inputs(
     settings: GenerationSettings, name: str | None, chosen: Mapping[tuple[str, int | None], Path], where: str,
-    digests: Digests,
+    hashes: FileHashes,
 ) -> tuple[JobInputs, GenerationSettings]:  # fmt: skip
     control = tuple(chosen[("control_image", i)] for i in range(len(settings.control_image)))
     init, mask = chosen.get(("init_image", None)), chosen.get(("mask", None))
     if mask is not None:
         check_mask(mask, init, where, upright=settings.exif_orientation == "apply")
     inputs = JobInputs(
-        name=name, control=control, init=init, mask=mask, control_sha256=tuple(digests(p) for p in control),
-        init_sha256=digests(init) if init is not None else None, mask_sha256=digests(mask) if mask is not None else None,
+        name=name, control=control, init=init, mask=mask, control_sha256=tuple(digest(hashes, p) for p in control),
+        init_sha256=None if init is None else digest(hashes, init), mask_sha256=None if mask is None else digest(hashes, mask),
     )  # fmt: skip
     named = replace(
         settings, control_image=tuple(str(p) for p in control), init_image=None if init is None else str(init),
@@ -247,23 +233,46 @@ def _job_inputs(
     return inputs, named
 
 
-def _header(path: Path, upright: bool) -> tuple[str, tuple[int, int], bool] | None:
-    """``(mode, size, has alpha)`` from the file's header, the size as loaded (EXIF orientation applied
-    when ``upright``); ``None`` when it cannot be read (its jobs fail at generation, naming it)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-            if upright and im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn
-                width, height = height, width
-            return im.mode, (width, height), im.mode in ("LA", "La", "RGBA", "RGBa", "PA") or "transparency" in im.info
-    except Exception:  # noqa: BLE001 - any unreadable file: its job fails later, naming it
-        return None
+def _upright_size(im, upright: bool) -> tuple[int, int]:
+    """An open image's size as loaded: a quarter-turn EXIF orientation swaps it when ``upright``."""
+    width, height = im.size
+    if upright and im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+        return height, width
+    return width, height
 
 
 #: the EXIF tag of the orientation
 _ORIENTATION = 0x0112
+
+
+def _read_mask(path: Path, upright: bool) -> tuple[str, tuple[int, int], bool, bool] | None:
+    """``(mode, size as loaded, transparent, coloured)`` of a mask, the file opened once and its pixels
+    decoded only when its mode cannot say (not single-channel, or a transparency key); ``None`` when it
+    cannot be read (its jobs fail at generation, naming it)."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mode, size = im.mode, _upright_size(im, upright)
+            if mode in _SINGLE_CHANNEL and "transparency" not in im.info:
+                return mode, size, False, False
+            rgba = np.asarray(im.convert("RGBA"))
+    except Exception:  # noqa: BLE001 - any unreadable file: its job fails later, naming it
+        return None
+    transparent = bool((rgba[..., 3] != 255).any())
+    coloured = not bool((rgba[..., 0] == rgba[..., 1]).all() and (rgba[..., 1] == rgba[..., 2]).all())
+    return mode, size, transparent, coloured
+
+
+def _size(path: Path, upright: bool) -> tuple[int, int] | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return _upright_size(im, upright)
+    except Exception:  # noqa: BLE001 - unreadable: its jobs fail at generation, naming it
+        return None
 
 
 def check_mask(mask: Path, init: Path | None, where: str, *, upright: bool = True) -> None:
@@ -273,49 +282,26 @@ def check_mask(mask: Path, init: Path | None, where: str, *, upright: bool = Tru
     Raises:
         UsageError: naming the mask (and the init image).
     """
-    header = _header(mask, upright)
-    if header is None:
+    read = _read_mask(mask, upright)
+    if read is None:
         return
-    mode, size, alpha = header
-    if alpha and not _opaque(mask):
+    mode, size, transparent, coloured = read
+    if transparent:
         raise UsageError(
             f"{where}: mask {mask} has transparency, which a mask cannot use (its alpha is dropped): save white "
             "where to repaint and black where to keep, without an alpha channel"
         )
-    if mode not in _SINGLE_CHANNEL and not _grey(mask):
+    if coloured:
         raise UsageError(
             f"{where}: mask {mask} is not single-channel ({mode} with colour): save it as a greyscale "
             "image, white where to repaint and black where to keep"
         )
-    init_header = _header(init, upright) if init is not None else None
-    if init_header is not None and init_header[1] != size:
+    init_size = _size(init, upright) if init is not None else None
+    if init_size is not None and init_size != size:
         raise UsageError(
             f"{where}: mask {mask} is {size[0]}×{size[1]} but its init image {init} is "
-            f"{init_header[1][0]}×{init_header[1][1]}: a mask must have its init image's size"
+            f"{init_size[0]}×{init_size[1]}: a mask must have its init image's size"
         )
-
-
-def _grey(path: Path) -> bool:
-    """True when the image's colour channels are equal everywhere (a grey picture stored as RGB)."""
-    import numpy as np
-
-    try:
-        rgb = np.asarray(files.load_image(path, exif_orientation=False, what="mask"))
-    except InputError:
-        return True  # unreadable: its jobs fail at generation, naming it
-    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
-
-
-def _opaque(path: Path) -> bool:
-    """True when every pixel's alpha is 255 (or the file cannot be read: its jobs fail later)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            alpha = im.convert("RGBA").getchannel("A")
-            return alpha.getextrema() == (255, 255)
-    except Exception:  # noqa: BLE001
-        return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 from easyref_cli import inputs as inputs_mod
 from easyref_cli.errors import UsageError
 from easyref_cli.files import Group, find_groups
-from easyref_cli.identity import model_identity, reference_digests
+from easyref_cli.identity import FileHashes, model_identity, reference_digests
 from easyref_cli.jobs import Job, make_job
 from easyref_cli.models import MODEL_DEFAULTS, ModelIds, check_controlnet_family, check_extra_models, chosen_models
 from easyref_cli.naming import DEFAULT_NAME_TEMPLATE, assign_prompt_ids
@@ -230,13 +230,13 @@ def _expand(
     """Jobs, group-major: each prompt's own settings over ``base``, one job per input image (control,
     init, mask: :mod:`easyref_cli.inputs`) and seed."""
     per_prompt = []
-    digests = inputs_mod.Digests()
+    hashes = FileHashes(None)  # each input file read once per plan (not remembered: inputs come and go)
     for spec, prompt_id in zip(prompt_file.prompts, assign_prompt_ids(prompt_file.prompts), strict=True):
         settings = replace(base, **spec.options)
         where = f"{prompt_file.location(spec, 'prompt')}: prompts[{spec.index}] ({prompt_id!r})"
         if inputs_mod.uses_inputs(settings):
             inputs_mod.check_control_settings(settings, len(models.controlnets), where)
-        per_prompt.append((spec, prompt_id, _seeds(spec, settings), inputs_mod.expand_inputs(settings, where, digests)))
+        per_prompt.append((spec, prompt_id, _seeds(spec, settings), inputs_mod.expand_inputs(settings, where, hashes)))
     jobs = []
     for group in groups:
         references = reference_digests(group)

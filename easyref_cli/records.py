@@ -7,6 +7,7 @@ Torch-free. The record's setting keys are the schema's identity settings
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from easyref_cli.settings import (
     record_types,
     validate_settings,
 )
+
+logger = logging.getLogger(__name__)
 
 #: The record layout this version writes and reads: 1, or 2 (3) once it carries a setting added since
 #: (3: control, init or mask images — a reader that does not know them must not regenerate it without).
@@ -191,16 +194,44 @@ def _input_problems(inputs: Any) -> list[str]:
     return problems
 
 
-def _recorded_inputs(record: Mapping[str, Any]) -> dict[str, Any] | None:
+def recorded_inputs(record: Mapping[str, Any], *, log: logging.Logger = logger) -> list[tuple[str, str, str | None]]:
+    """``(label, path as recorded, sha256)`` of each input image in a record's ``inputs``, in order:
+    ``control`` (``control 1``, ``control 2``… when several), ``init``, ``mask``; ``[]`` for text-to-image.
+    Malformed values are skipped (logged at debug on ``log``), never raised: the image itself is fine."""
     inputs = record.get("inputs")
-    if not isinstance(inputs, Mapping) or not any(inputs.get(k) for k in INPUT_ENTRIES):
+    if inputs is None:
+        return []
+    if not isinstance(inputs, dict):
+        log.debug("record %s: 'inputs' is not an object (%r), ignored", record.get("job_id"), inputs)
+        return []
+    control = inputs.get("control") or []
+    if not isinstance(control, list):
+        log.debug("record %s: inputs.control is not a list (%r), ignored", record.get("job_id"), control)
+        control = []
+    entries = [(f"control {i + 1}" if len(control) > 1 else "control", e) for i, e in enumerate(control)]
+    entries += [(key, inputs[key]) for key in ("init", "mask") if inputs.get(key) is not None]
+    out = []
+    for label, entry in entries:
+        raw = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(raw, str) or not raw:
+            log.debug("record %s: input %s has no path (%r), ignored", record.get("job_id"), label, entry)
+            continue
+        digest = entry.get("sha256")
+        out.append((label, raw, digest if isinstance(digest, str) and digest else None))
+    return out
+
+
+def _recorded_inputs(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A (checked) record's inputs for replay: ``{"name", "control": [(path, sha256)], "init", "mask"}``."""
+    entries = recorded_inputs(record)
+    if not entries:
         return None
-
-    def pair(entry: Mapping[str, Any]) -> tuple[Path, str | None]:
-        return Path(entry["path"]), entry.get("sha256") if isinstance(entry.get("sha256"), str) else None
-
-    out: dict[str, Any] = {"name": inputs.get("name"), "control": [pair(e) for e in inputs.get("control") or []]}
-    out.update({k: pair(inputs[k]) for k in ("init", "mask") if inputs.get(k)})
+    out: dict[str, Any] = {"name": record["inputs"].get("name"), "control": []}
+    for label, raw, digest in entries:
+        if label.startswith("control"):
+            out["control"].append((Path(raw), digest))
+        else:
+            out[label] = (Path(raw), digest)
     return out
 
 

@@ -273,6 +273,11 @@ def as_strength(value: Any) -> float:
     return value
 
 
+def per_net(values: Sequence[Any], count: int) -> tuple[Any, ...]:
+    """A one-or-each setting (``control_scale``…, :data:`PER_NET_KEYS`) as one value per ControlNet."""
+    return tuple(values) * count if len(values) == 1 else tuple(values)
+
+
 def find_control_tokens(text: str) -> list[str]:
     """The Qwen2-VL control tokens in ``text``: user text holding one would be read as structure
     (an extra image slot, an end of turn…)."""

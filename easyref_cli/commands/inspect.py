@@ -7,7 +7,7 @@ from pathlib import Path
 
 from easyref_cli import files
 from easyref_cli.errors import InputError
-from easyref_cli.eval import recorded_inputs
+from easyref_cli.records import recorded_inputs
 
 
 def _credentials_line(path: Path) -> str:

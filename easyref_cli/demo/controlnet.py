@@ -133,14 +133,6 @@ def install(work: Path) -> Path:
     return target
 
 
-def _masks(image):
-    """The saturated pixels of ``image`` (the drawn shape: backgrounds are grey) as a boolean array."""
-    import numpy as np
-
-    hsv = np.asarray(image.convert("RGB").convert("HSV"), dtype=np.int32)
-    return (hsv[..., 1] >= round(0.35 * 255)) & (hsv[..., 2] >= round(0.3 * 255))
-
-
 def _iou(a, b) -> float:
     union = (a | b).sum()
     return float((a & b).sum() / union) if union else 0.0
@@ -177,7 +169,7 @@ def evaluate(work: Path, *, count: int = 24, seed: int = 424242) -> dict:
     from typer.testing import CliRunner
 
     from easyref_cli.cli import app
-    from easyref_cli.demo.synthetic import EXAMPLE_GROUPS, classify_shape, dominant_colour
+    from easyref_cli.demo.synthetic import EXAMPLE_GROUPS, classify_shape, dominant_colour, saturated
 
     work = Path(work)
     drawings, groups, plain, control = _write_eval_inputs(work, count, seed)
@@ -194,7 +186,7 @@ def evaluate(work: Path, *, count: int = 24, seed: int = 424242) -> dict:
         for colour, shape, _ in EXAMPLE_GROUPS:
             for i, d in enumerate(drawings):
                 image = Image.open(folder / f"{colour}-{shape}" / f"c{i:02d}_0.png")
-                ious.append(_iou(_masks(image), _masks(d.render())))
+                ious.append(_iou(saturated(image), saturated(d.render())))
                 colours.append(dominant_colour(image) == colour)
                 shapes.append(classify_shape(image, colour) == d.shape)
         n = len(ious)

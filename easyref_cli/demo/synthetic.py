@@ -31,6 +31,7 @@ __all__ = [
     "iter_drawings",
     "make_group",
     "random_drawing",
+    "saturated",
     "shape_mask",
     "write_examples",
 ]
@@ -183,11 +184,20 @@ def shape_mask(image: Image.Image, colour: str | None = None, *, min_saturation:
 
     hsv = np.asarray(image.convert("RGB").convert("HSV"), dtype=np.int32)
     colour = colour or dominant_colour(image, min_saturation=min_saturation, min_value=min_value)
-    saturated = (hsv[..., 1] >= round(min_saturation * 255)) & (hsv[..., 2] >= round(min_value * 255))
+    coloured = saturated(image, min_saturation=min_saturation, min_value=min_value)
     if colour is None:
-        return np.zeros(saturated.shape, dtype=bool)
+        return np.zeros(coloured.shape, dtype=bool)
     nearest = np.rint(hsv[..., 0] * 360 / 255 / 60).astype(int) % 6
-    return saturated & (nearest == list(COLOURS).index(colour))
+    return coloured & (nearest == list(COLOURS).index(colour))
+
+
+def saturated(image: Image.Image, *, min_saturation: float = 0.35, min_value: float = 0.3):
+    """The pixels :func:`dominant_colour` counts (saturated and bright enough: not the grey background),
+    whatever their hue. A boolean array."""
+    import numpy as np
+
+    hsv = np.asarray(image.convert("RGB").convert("HSV"), dtype=np.int32)
+    return (hsv[..., 1] >= round(min_saturation * 255)) & (hsv[..., 2] >= round(min_value * 255))
 
 
 def _template(shape: str, box: tuple[int, int, int, int]):

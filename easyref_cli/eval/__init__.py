@@ -155,38 +155,13 @@ def _references(record: dict, path: Path) -> tuple[Path, ...]:
     return tuple(out)
 
 
-def recorded_inputs(record: dict) -> list[tuple[str, str, str | None]]:
-    """``(label, path as recorded, sha256)`` of each input image in a record's ``inputs``, in order
-    (labels as :attr:`GeneratedImage.inputs`); ``[]`` for text-to-image. Malformed values are skipped
-    (logged at debug), never raised: the image itself is still fine."""
-    inputs = record.get("inputs")
-    if inputs is None:
-        return []
-    if not isinstance(inputs, dict):
-        logger.debug("record %s: 'inputs' is not an object (%r), ignored", record.get("job_id"), inputs)
-        return []
-    control = inputs.get("control") or []
-    if not isinstance(control, list):
-        logger.debug("record %s: inputs.control is not a list (%r), ignored", record.get("job_id"), control)
-        control = []
-    entries = [(f"control {i + 1}" if len(control) > 1 else "control", e) for i, e in enumerate(control)]
-    entries += [(key, inputs[key]) for key in ("init", "mask") if inputs.get(key) is not None]
-    out = []
-    for label, entry in entries:
-        raw = entry.get("path") if isinstance(entry, dict) else None
-        if not isinstance(raw, str) or not raw:
-            logger.debug("record %s: input %s has no path (%r), ignored", record.get("job_id"), label, entry)
-            continue
-        digest = entry.get("sha256")
-        out.append((label, raw, digest if isinstance(digest, str) and digest else None))
-    return out
-
-
 def _input_paths(record: dict, out_dir: Path) -> tuple[tuple[str, Path], ...]:
     """:attr:`GeneratedImage.inputs`: relative paths (a shareable PNG record) as given, from the current
     folder, else from the output folder's parent; a path that is nowhere is kept as recorded."""
+    from easyref_cli.records import recorded_inputs  # not at import: the eval command imports no PIL
+
     out = []
-    for label, raw, _ in recorded_inputs(record):
+    for label, raw, _ in recorded_inputs(record, log=logger):
         path = Path(raw)
         if not path.is_absolute() and not path.exists() and (out_dir.parent / path).exists():
             path = out_dir.parent / path

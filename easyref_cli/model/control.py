@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from easyref_cli.errors import ModelError, UsageError
+from easyref_cli.settings import per_net
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,8 @@ def _check_control(first, controls: int, num_controlnets: int) -> None:
             raise UsageError(
                 f"{name} takes one value or one per ControlNet ({num_controlnets}), got {len(getattr(first, name))}"
             )
-    starts = broadcast(first.control_start, num_controlnets)
-    ends = broadcast(first.control_end, num_controlnets)
+    starts = per_net(first.control_start, num_controlnets)
+    ends = per_net(first.control_end, num_controlnets)
     for start, end in zip(starts, ends, strict=True):
         if not 0.0 <= start < end <= 1.0:
             raise UsageError(f"control_start and control_end need 0 <= start < end <= 1, got {start} and {end}")
@@ -143,11 +144,6 @@ def _check_init(requests: Sequence, mode: Mode) -> None:
         for what, image in (("init image", r.init_image), ("mask", r.mask_image)):
             if image is not None and tuple(image.size) != size:
                 raise UsageError(f"the {what} is {image.size[0]}x{image.size[1]}, the image {size[0]}x{size[1]}")
-
-
-def broadcast(values: Sequence[float], n: int) -> list[float]:
-    """One value per ControlNet: a single value stands for all."""
-    return [float(v) for v in values] * n if len(values) == 1 else [float(v) for v in values]
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +302,8 @@ def mode_kwargs(pipe, mode: Mode, requests: Sequence) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if mode.controls:
         n = mode.controls
-        scale, start, end = (broadcast(v, n) for v in (first.control_scale, first.control_start, first.control_end))
+        scale, start, end = ([float(x) for x in per_net(v, n)] for v in (first.control_scale, first.control_start,
+                                                                          first.control_end))  # fmt: skip
         if n == 1:  # a single ControlNet takes floats and one image per prompt
             images: Any = [r.control_images[0] for r in requests]
             scale, start, end = scale[0], start[0], end[0]
