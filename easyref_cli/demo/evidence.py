@@ -5,23 +5,25 @@ runs the real ``easyref generate --model demo`` twice:
 
 * **as given**: each group folder holds its own references;
 * **references swapped**: the same folder names, prompts and seeds, but every folder holds the
-  references of a group of *another* colour.
+  references of a group of *another* colour and *another* shape.
 
-The prompts name a position and a size only ("a large shape in the centre"), so the colour of a
-picture can only come from its references. For each run it reports the share of pictures whose
-dominant colour (:func:`~easyref_cli.demo.synthetic.dominant_colour`) is the references' colour,
-and in the swapped run also the share that kept the folder's original colour (which should fall
-to about zero). Chance is 1/6 ≈ 17%.
+The prompts name a position and a size only ("a large shape in the centre"), so the colour and the
+shape of a picture can only come from its references. Each picture is scored by the tested
+classifiers of :mod:`~easyref_cli.demo.synthetic`: its dominant colour, the shape of the pixels in
+that colour, and where (3×3 grid cell) and how large that shape is. The report gives the share of
+pictures whose colour and shape are the references', whose position and size are the prompt's,
+and in the swapped run the share that kept the folder's original colour or shape (which should fall
+to about zero). Chance: 1/6 for colour, 1/4 for shape.
 
 Options after the known ones go to ``easyref generate`` (``--guidance 7``); ``--weights WORK``
-measures a build folder that is not installed yet. Writes ``OUT_DIR/evidence.json``, ``OUT_DIR/evidence.md`` (the README table) and
-``OUT_DIR/contact-sheet.png`` (one row per group: references | pictures, both runs).
+measures a build folder that is not installed yet. Writes ``OUT_DIR/evidence.json``,
+``OUT_DIR/evidence.md`` (the README table) and ``OUT_DIR/contact-sheet.png`` (one row per group:
+references | pictures, both runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import subprocess
 import sys
@@ -31,15 +33,35 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from easyref_cli.demo.synthetic import COLOURS, IMAGE_SIZE, SHAPES, Drawing, dominant_colour, make_group
+from easyref_cli.demo.synthetic import (
+    COLOURS,
+    IMAGE_SIZE,
+    POSITIONS,
+    SHAPES,
+    Drawing,
+    classify_placement,
+    classify_shape,
+    dominant_colour,
+    make_group,
+)
 
 #: Held-out group seeds start here (training uses seeds below 10⁹).
 HELD_OUT_SEED = 2_000_000_000
+#: (prompt id, prompt): the centre and the four corners, large and small.
 PROMPTS = (
     ("centre", "a large shape in the centre"),
     ("top-left", "a small shape at the top left"),
     ("bottom-right", "a large shape at the bottom right"),
+    ("top-right", "a small shape at the top right"),
+    ("bottom-left", "a large shape at the bottom left"),
 )
+
+
+def asked_placement(prompt: str) -> tuple[tuple[int, int], str]:
+    """The grid cell and size a demo prompt asks for (``"a small shape at the top left"`` → ``((0, 0), "small")``)."""
+    size, position = prompt.split(" shape ", 1)
+    cells = {words: cell for cell, words in POSITIONS.items()}
+    return cells[position], size.split()[-1]
 
 
 @dataclass(frozen=True)
@@ -51,8 +73,13 @@ class Group:
 
 
 def held_out_groups(count: int | None = None, references: int = 4, seed: int = HELD_OUT_SEED) -> list[Group]:
-    """One group per colour × shape pair (``count`` of them, every colour before any repeats)."""
-    pairs = [(c, s) for s, c in itertools.product(SHAPES, COLOURS)]
+    """One group per colour × shape pair (``count`` of them): group ``i`` has colour ``i mod 6`` and shape
+    ``(i + i // 6) mod 4``, so every colour comes before any repeats and the first six cover every shape."""
+    colours = list(COLOURS)
+    pairs = [
+        (colours[i % len(colours)], SHAPES[(i + i // len(colours)) % len(SHAPES)])
+        for i in range(len(colours) * len(SHAPES))
+    ]
     if count is not None:
         pairs = pairs[:count]
     groups = []
@@ -63,11 +90,12 @@ def held_out_groups(count: int | None = None, references: int = 4, seed: int = H
 
 
 def swapped(groups: Sequence[Group]) -> list[Group]:
-    """Each folder keeps its name but gets the references of the next group of another colour
-    (groups run through the colours shape by shape, so that is usually the next colour)."""
+    """Each folder keeps its name but gets the references of the next group of another colour and
+    another shape."""
     out = []
     for i, group in enumerate(groups):
-        donor = next(g for g in list(groups[i + 1 :]) + list(groups[:i]) if g.colour != group.colour)
+        donors = list(groups[i + 1 :]) + list(groups[:i])
+        donor = next(g for g in donors if g.colour != group.colour and g.shape != group.shape)
         out.append(Group(group.name, donor.colour, donor.shape, donor.references))
     return out
 
@@ -125,27 +153,54 @@ def outputs(out: Path, group: Group) -> list[Path]:
     return sorted((out / group.name).glob("*.png"))
 
 
+def judge(image: Image.Image) -> dict:
+    """What a picture shows, by the classifiers of :mod:`~easyref_cli.demo.synthetic`: its dominant
+    colour, and the shape, grid cell and size of the pixels in that colour (``None`` without one)."""
+    colour = dominant_colour(image)
+    placement = classify_placement(image, colour) if colour else None
+    return {
+        "colour": colour,
+        "shape": classify_shape(image, colour) if colour else None,
+        "cell": list(placement[0]) if placement else None,
+        "size": placement[1] if placement else None,
+    }
+
+
+#: The shares :func:`score` reports: name → (what the picture shows, what it should match).
+CHECKS = {
+    "colour": ("colour", "references_colour"),
+    "shape": ("shape", "references_shape"),
+    "position": ("cell", "asked_cell"),
+    "size": ("size", "asked_size"),
+    "keeps_folder_colour": ("colour", "folder_colour"),
+    "keeps_folder_shape": ("shape", "folder_shape"),
+}
+
+
 def score(groups: Sequence[Group], out: Path, original: Sequence[Group] | None = None) -> dict:
-    """Per-picture dominant colours and the shares that match the references (and the original groups)."""
+    """Each picture judged (:func:`judge`) against its references, its prompt and (swapped run) the
+    folder's original group; the shares of pictures that match."""
+    asked = {pid: asked_placement(text) for pid, text in PROMPTS}
     rows = []
     for i, group in enumerate(groups):
         for path in outputs(out, group):
+            cell, size = asked[path.stem.rsplit("_", 1)[0]]
             with Image.open(path) as image:
-                found = dominant_colour(image)
-            row = {"image": str(path.relative_to(out)), "references": group.colour, "dominant": found}
+                row = {"image": str(path.relative_to(out)), **judge(image)}
+            row.update(
+                references_colour=group.colour, references_shape=group.shape, asked_cell=list(cell), asked_size=size
+            )
             if original is not None:
-                row["folder"] = original[i].colour
+                row.update(folder_colour=original[i].colour, folder_shape=original[i].shape)
             rows.append(row)
     if not rows:
         raise RuntimeError(f"no pictures under {out}")
-    result = {
-        "images": len(rows),
-        "follows_references": sum(r["dominant"] == r["references"] for r in rows) / len(rows),
-        "no_colour": sum(r["dominant"] is None for r in rows) / len(rows),
-        "rows": rows,
-    }
-    if original is not None:
-        result["keeps_folder_colour"] = sum(r["dominant"] == r["folder"] for r in rows) / len(rows)
+    result: dict = {"images": len(rows)}
+    for name, (shown, expected) in CHECKS.items():
+        if expected in rows[0]:
+            result[name] = sum(r[shown] == r[expected] for r in rows) / len(rows)
+    result["no_colour"] = sum(r["colour"] is None for r in rows) / len(rows)
+    result["rows"] = rows
     return result
 
 
@@ -162,7 +217,7 @@ class SheetRow:
 def contact_sheet(sections: Sequence[tuple[str, Sequence[SheetRow]]], path: Path, *, scale: int = 2) -> Path:
     """``references | pictures`` rows under one label per section, pixels enlarged ``scale``×."""
     cell = IMAGE_SIZE * scale
-    gap, label_h, left = 6, 18, 110
+    gap, label_h, left = 6, 18, 136
     rows = [row for _, section in sections for row in section]
     n_refs = max(len(r.references) for r in rows)
     n_out = max(len(r.pictures) for r in rows)
@@ -195,7 +250,7 @@ def contact_sheet(sections: Sequence[tuple[str, Sequence[SheetRow]]], path: Path
 
 def group_rows(groups: Sequence[Group], out: Path) -> list[SheetRow]:
     return [
-        SheetRow(g.name, f"refs: {g.colour}", tuple(d.render() for d in g.references), tuple(outputs(out, g)))
+        SheetRow(g.name, f"refs: {g.colour} {g.shape}", tuple(d.render() for d in g.references), tuple(outputs(out, g)))
         for g in groups
     ]
 
@@ -212,29 +267,53 @@ def folder_rows(groups_root: Path, out: Path) -> list[SheetRow]:
 def markdown(result: dict) -> str:
     given, swap = result["as_given"], result["swapped"]
     pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
+    runs = (
+        f"{result['groups']} held-out groups × {len(result['prompts'])} prompts × {result['images_per_prompt']} seeds"
+    )
+    given_by, swap_by = tallies(given["rows"]), tallies(swap["rows"])
     return "\n".join(
         [
-            f"| run ({result['groups']} held-out groups × {len(PROMPTS)} prompts × {result['images_per_prompt']} seeds) "
-            "| pictures | colour = references' colour | colour = folder's original colour | no dominant colour |",
-            "|---|---|---|---|---|",
-            f"| references as given | {given['images']} | **{pct(given['follows_references'])}** | — | {pct(given['no_colour'])} |",
-            f"| references swapped between groups | {swap['images']} | **{pct(swap['follows_references'])}** "
-            f"| {pct(swap['keeps_folder_colour'])} | {pct(swap['no_colour'])} |",
+            f"| run ({runs}) | pictures | colour = references' | shape = references' | position = prompt's "
+            "| size = prompt's | colour = folder's original | shape = folder's original |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| references as given | {given['images']} | **{pct(given['colour'])}** | **{pct(given['shape'])}** "
+            f"| **{pct(given['position'])}** | **{pct(given['size'])}** | — | — |",
+            f"| references swapped between groups | {swap['images']} | **{pct(swap['colour'])}** "
+            f"| **{pct(swap['shape'])}** | **{pct(swap['position'])}** | **{pct(swap['size'])}** "
+            f"| {pct(swap['keeps_folder_colour'])} | {pct(swap['keeps_folder_shape'])} |",
             "",
-            "Per colour, references as given: "
-            + ", ".join(f"{c} {n}/{total}" for c, (n, total) in per_colour(given["rows"]).items())
-            + ". Chance: 17% (six colours).",
+            "References as given, per colour: " + _counts(given_by["colour"])
+            + "; per shape: " + _counts(given_by["shape"]) + "; per asked position: " + _counts(given_by["position"])
+            + ". Swapped, per colour: " + _counts(swap_by["colour"]) + "; per shape: " + _counts(swap_by["shape"])
+            + f". No dominant colour: {pct(given['no_colour'])} / {pct(swap['no_colour'])}."
+            " Chance: 17% for colour (six), 25% for shape (four).",
         ]
-    )
+    )  # fmt: skip
 
 
-def per_colour(rows: Sequence[dict]) -> dict[str, tuple[int, int]]:
-    """``colour -> (pictures of that colour's references with that dominant colour, pictures)``."""
-    counts = {c: [0, 0] for c in COLOURS}
-    for row in rows:
-        counts[row["references"]][1] += 1
-        counts[row["references"]][0] += row["dominant"] == row["references"]
-    return {c: (n, total) for c, (n, total) in counts.items() if total}
+def _counts(counts: dict[str, tuple[int, int]]) -> str:
+    return ", ".join(f"{name} {n}/{total}" for name, (n, total) in counts.items())
+
+
+def tallies(rows: Sequence[dict]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per references' colour, per references' shape and per asked position: ``(pictures right, pictures)``
+    for that property (colour, shape, grid cell)."""
+    positions = {
+        tuple(cell): words.removeprefix("at the ").removeprefix("in the ") for cell, words in POSITIONS.items()
+    }
+    keys = {
+        "colour": (lambda r: r["references_colour"], "colour", "references_colour", list(COLOURS)),
+        "shape": (lambda r: r["references_shape"], "shape", "references_shape", list(SHAPES)),
+        "position": (lambda r: positions[tuple(r["asked_cell"])], "cell", "asked_cell", list(positions.values())),
+    }
+    out = {}
+    for name, (key, shown, expected, order) in keys.items():
+        counts = {k: [0, 0] for k in order}
+        for row in rows:
+            counts[key(row)][0] += row[shown] == row[expected]
+            counts[key(row)][1] += 1
+        out[name] = {k: (n, total) for k, (n, total) in counts.items() if total}
+    return out
 
 
 def run(

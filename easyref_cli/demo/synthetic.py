@@ -25,6 +25,7 @@ __all__ = [
     "Drawing",
     "IMAGE_SIZE",
     "EXAMPLE_GROUPS",
+    "classify_placement",
     "classify_shape",
     "dominant_colour",
     "hue_agreement",
@@ -235,6 +236,28 @@ def classify_shape(image: Image.Image, colour: str | None = None) -> str | None:
         return float((template & mask).sum() / (template | mask).sum())
 
     return max(SHAPES, key=iou)
+
+
+#: Bounding-box sides below this are "small", at or above it "large" (:data:`SIZES` leaves a gap there).
+SIZE_THRESHOLD = (SIZES["small"][1] + SIZES["large"][0]) // 2
+
+
+def classify_placement(image: Image.Image, colour: str | None = None) -> tuple[tuple[int, int], str] | None:
+    """Where and how large the coloured shape of ``image`` (its :func:`shape_mask`) is: the 3×3 grid cell
+    (row, column) of its bounding box's centre, as :attr:`Drawing.cell` counts, and ``"small"`` or
+    ``"large"`` by the box's longer side; ``None`` when under 1% of the picture is in the colour."""
+    mask = shape_mask(image, colour)
+    if mask.sum() < 0.01 * mask.size:
+        return None
+    ys, xs = mask.nonzero()
+    height, width = mask.shape
+
+    def third(lo: int, hi: int, extent: int) -> int:
+        return min(2, int((lo + hi + 1) / 2 * 3 / extent))
+
+    cell = (third(int(ys.min()), int(ys.max()), height), third(int(xs.min()), int(xs.max()), width))
+    side = max(int(xs.max() - xs.min()), int(ys.max() - ys.min())) + 1
+    return cell, "small" if side < SIZE_THRESHOLD else "large"
 
 
 #: The example groups shipped in ``examples/groups`` (colour, shape, seed).
