@@ -10,7 +10,9 @@ The recipe (every step seeded; the defaults take about 45 minutes on two CPU cor
    synthetic captions ("a large red circle at the top left"), with colour and/or shape words
    dropped from some captions so the UNet also draws a shape of *some* colour for "a large shape
    at the top left"; v-prediction on a zero-terminal-SNR schedule (see ``build_base_pipeline``).
-   A quick check records how often it then draws the colour a prompt names.
+   Two checks record what the base model then does with a caption: how often it draws the colour,
+   shape, position and size the caption names (``from_text_accuracy``), and how much each of those
+   words moves its loss (``caption_sensitivity``).
 4. **EasyRef**: the real ``easyref train`` stages (``align`` → ``single`` → ``multi``) on synthetic
    groups whose captions name no colour and no shape: the colour and the shape can only come from
    the references.
@@ -18,17 +20,27 @@ The recipe (every step seeded; the defaults take about 45 minutes on two CPU cor
    ``build.json``) into ``easyref_cli/demo/weights``, where ``--model demo`` finds it.
 
 ``build.json`` records the settings, the wall time of each step and the machine.
+
+A build folder continues where it stopped: running the same command again (``kill`` or Ctrl-C
+first, if need be) keeps finished steps, resumes the base UNet from its last saved state
+(``base-state.pt``, every 250 steps, exactly as if it had not stopped) and a stage from its last
+checkpoint (``easyref train --resume``); ``--steps multi=2400`` trains a finished stage further. The
+time of every run, interrupted ones included, adds up in ``build.json`` (``seconds``; ``runs`` lists
+each). ``--base-from BUILD`` starts from a previous build's VAE, text encoders and Qwen2-VL with a new
+UNet.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -64,7 +76,7 @@ def _log(message: str) -> None:
 
 def _demo_unet() -> UNet2DConditionModel:
     """The demo's SDXL-layout UNet (16² latents, cross-attention dim 64); random weights from the
-    global torch RNG."""
+    global torch RNG. (Two variants that did not make it draw the prompt's position are in docs/DEMO.md.)"""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -323,17 +335,81 @@ def _unet_loss(pipe, scheduler, x0, hidden, pooled, time_ids, generator) -> torc
     return torch.nn.functional.mse_loss(prediction, target)
 
 
+#: The base UNet's training state, saved as it trains (an interrupted run resumes from it).
+BASE_STATE = "base-state.pt"
+
+
+@dataclass(frozen=True)
+class BaseRun:
+    """What a base pre-training run is; a saved state resumes only the same run."""
+
+    steps: int
+    seed: int
+    images: int
+    batch_size: int
+    lr: float
+
+
+def _save_base_state(path: Path, run: BaseRun, step: int, modules, optimizer, schedule, rng, generator) -> None:
+    """Everything a resumed run needs to continue exactly as an uninterrupted one (written atomically)."""
+    import torch
+
+    state = {
+        "run": dataclasses.asdict(run),
+        "step": step,
+        "modules": [m.state_dict() for m in modules],
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": rng.getstate(),
+        "generator": generator.get_state(),
+    }
+    partial = path.with_name(path.name + ".tmp")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _load_base_state(path: Path | None, run: BaseRun, modules, optimizer, schedule, rng, generator) -> int:
+    """The step a saved state of the same ``run`` reached (its tensors and RNG states loaded), else 0."""
+    import torch
+
+    if path is None or not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False)
+    if state["run"] != dataclasses.asdict(run):
+        raise SystemExit(f"{path} is the state of another base run ({state['run']}); remove it to start again")
+    for module, tensors in zip(modules, state["modules"], strict=True):
+        module.load_state_dict(tensors)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    rng.setstate(state["rng"])
+    generator.set_state(state["generator"])
+    return state["step"]
+
+
 def train_base_unet(
-    pipe, steps: int, *, seed: int, images: int = 8000, batch_size: int = 32, lr: float = 1e-3, log: Callable = _log
+    pipe,
+    steps: int,
+    *,
+    seed: int,
+    images: int = 8000,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    log: Callable = _log,
+    state: Path | None = None,
+    save_every: int = 250,
 ) -> dict:
     """Text-to-image pre-training of ``pipe.unet`` together with both text encoders (the DDPM
     noise schedule and prediction type of the pipeline's scheduler config). Training the tiny CLIP
     encoders too is where the demo's base differs from SDXL, whose encoders came pre-trained:
-    random text features are too weak a signal."""
+    random text features are too weak a signal.
+
+    With ``state`` (a file), the run saves its whole state there every ``save_every`` steps and, when
+    the file holds an earlier save of the same run, continues from it exactly."""
     import torch
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
+    run = BaseRun(steps=steps, seed=seed, images=images, batch_size=batch_size, lr=lr)
     rng = random.Random(f"easyref-demo-unet-{seed}")
     stream = iter_drawings(seed + 1000)
     drawings = [next(stream) for _ in range(images)]
@@ -350,8 +426,11 @@ def train_base_unet(
     schedule = get_cosine_schedule_with_warmup(optimizer, min(200, steps // 10), steps)
     time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
-    loss = torch.tensor(0.0)
-    for step in range(steps):
+    start = _load_base_state(state, run, modules, optimizer, schedule, rng, generator)
+    if start:
+        log(f"unet: resuming at step {start} from {state}")
+    loss = torch.tensor(float("nan"))
+    for step in range(start, steps):
         picks = [rng.randrange(images) for _ in range(batch_size)]
         caption_ids = _pick_captions(rng, picks, drawings, table.index)
         hidden, pooled = encode_text(pipe, table.ids_1[caption_ids], table.ids_2[caption_ids])
@@ -363,28 +442,108 @@ def train_base_unet(
         optimizer.zero_grad(set_to_none=True)
         if step % 200 == 0 or step == steps - 1:
             log(f"unet step {step + 1}/{steps} loss {loss.item():.4f}")
+        if state is not None and ((step + 1) % save_every == 0 or step == steps - 1):
+            _save_base_state(state, run, step + 1, modules, optimizer, schedule, rng, generator)
     for module in modules:
         module.eval().requires_grad_(False)
-    return {"final_loss": loss.item(), "images": images, "captions": len(table.captions)}
+    return {"final_loss": loss.item(), "images": images, "captions": len(table.captions), "resumed_at": start}
 
 
-def text_colour_accuracy(pipe, *, seeds: int = 8, steps: int = 25, guidance: float = 5.0) -> dict:
-    """How often the base model draws the colour a prompt names ("a large green circle in the
-    centre"), over ``seeds`` starting noises per colour: the ceiling for what the references can
-    steer later, since the adapters reuse the UNet's colour drawing."""
+def caption_sensitivity(
+    pipe, *, images: int = 64, timesteps: tuple[int, ...] = (950, 750, 500), seed: int = 99
+) -> dict:
+    """How much the base UNet uses each word of a full caption: the relative rise of its training loss on
+    ``images`` held-out drawings when the caption names another colour, shape, grid cell (the opposite
+    corner; the centre becomes the top left) or size, at each of ``timesteps`` (same noise for every
+    variant). ``{"750": {"colour": 1.48, "shape": 0.107, "position": 0.0, "size": 0.64}, ...}``: a word
+    the model ignores leaves the loss where it was."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from easyref_cli.demo.synthetic import SHAPES
+
+    stream = iter_drawings(seed)
+    drawings = [next(stream) for _ in range(images)]
+    colours = list(COLOURS)
+    variants = {
+        "none": lambda d: d,
+        "colour": lambda d: dataclasses.replace(d, colour=colours[(colours.index(d.colour) + 3) % len(colours)]),
+        "shape": lambda d: dataclasses.replace(d, shape=SHAPES[(SHAPES.index(d.shape) + 2) % len(SHAPES)]),
+        "position": lambda d: dataclasses.replace(
+            d, cell=(2 - d.cell[0], 2 - d.cell[1]) if d.cell != (1, 1) else (0, 0)
+        ),
+        "size": lambda d: dataclasses.replace(d, size="small" if d.size == "large" else "large"),
+    }
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    latents = _encode_drawings(pipe, drawings, seed=seed)
+    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
+    result = {}
+    with torch.no_grad():
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(t))
+            steps = torch.full((images,), t)
+            noisy, target = scheduler.add_noise(latents, noise, steps), scheduler.get_velocity(latents, noise, steps)
+            losses = {}
+            for name, vary in variants.items():
+                hidden, pooled = encode_text(pipe, *tokenize_captions(pipe, [vary(d).caption() for d in drawings]))
+                added = {"text_embeds": pooled, "time_ids": time_ids.expand(images, -1)}
+                prediction = pipe.unet(noisy, steps, hidden, added_cond_kwargs=added).sample
+                losses[name] = torch.nn.functional.mse_loss(prediction, target).item()
+            result[str(t)] = {k: round(v / losses["none"] - 1, 3) for k, v in losses.items() if k != "none"}
+    return result
+
+
+#: The placements :func:`from_text_accuracy` asks for: (words, grid cell, size).
+CHECK_PLACES = (
+    ("in the centre", (1, 1), "large"),
+    ("at the top left", (0, 0), "small"),
+    ("at the bottom right", (2, 2), "large"),
+    ("at the top right", (0, 2), "small"),
+)
+
+
+def from_text_accuracy(pipe, *, seeds: int = 2, steps: int = 25, guidance: float = 5.0) -> dict:
+    """How often the base model draws what a full caption names ("a small green triangle at the top
+    left"): every colour × shape at two of :data:`CHECK_PLACES`, ``seeds`` starting noises each, judged
+    by the classifiers of :mod:`~easyref_cli.demo.synthetic`. The ceiling for what the references can
+    steer later, since the adapters reuse the UNet's drawing."""
+    import itertools
+
     import torch
 
-    colours = list(COLOURS)
-    prompts = [f"a large {c} circle in the centre" for c in colours for _ in range(seeds)]
-    generator = [torch.Generator().manual_seed(i % seeds) for i in range(len(prompts))]
+    from easyref_cli.demo.synthetic import SHAPES, classify_placement, classify_shape
+
+    asked = [
+        (colour, shape, CHECK_PLACES[(i + k) % len(CHECK_PLACES)], seed)
+        for i, (colour, shape) in enumerate(itertools.product(COLOURS, SHAPES))
+        for k in range(2)
+        for seed in range(seeds)
+    ]
+    prompts = [f"a {size} {colour} {shape} {where}" for colour, shape, (where, _, size), _ in asked]
+    images = []
     with torch.no_grad():
-        images = pipe(
-            prompts, negative_prompt=[""] * len(prompts), num_inference_steps=steps, guidance_scale=guidance,
-            height=IMAGE_SIZE, width=IMAGE_SIZE, generator=generator,
-        ).images  # fmt: skip
-    drawn = [dominant_colour(image) for image in images]
-    per_colour = {c: sum(d == c for d in drawn[i * seeds : (i + 1) * seeds]) / seeds for i, c in enumerate(colours)}
-    return {"accuracy": sum(per_colour.values()) / len(colours), "per_colour": per_colour, "seeds": seeds}
+        for i in range(0, len(prompts), 48):
+            images += pipe(
+                prompts[i : i + 48], negative_prompt=[""] * len(prompts[i : i + 48]), num_inference_steps=steps,
+                guidance_scale=guidance, height=IMAGE_SIZE, width=IMAGE_SIZE,
+                generator=[torch.Generator().manual_seed(a[3]) for a in asked[i : i + 48]],
+            ).images  # fmt: skip
+    hits: dict[str, list[bool]] = {"colour": [], "shape": [], "position": [], "size": []}
+    per: dict[str, dict[str, list[bool]]] = {"colour": {}, "shape": {}}
+    for image, (colour, shape, (_, cell, size), _) in zip(images, asked, strict=True):
+        placement = classify_placement(image, colour) or (None, None)
+        right = {"colour": dominant_colour(image) == colour, "shape": classify_shape(image, colour) == shape,
+                 "position": placement[0] == cell, "size": placement[1] == size}  # fmt: skip
+        for name, ok in right.items():
+            hits[name].append(ok)
+        per["colour"].setdefault(colour, []).append(right["colour"])
+        per["shape"].setdefault(shape, []).append(right["shape"])
+    share = lambda values: round(sum(values) / len(values), 3)  # noqa: E731
+    result: dict = {name: share(values) for name, values in hits.items()}
+    result["per_colour"] = {k: share(v) for k, v in per["colour"].items()}
+    result["per_shape"] = {k: share(v) for k, v in per["shape"].items()}
+    result["prompts"] = len(prompts)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,13 +593,15 @@ def run_stage(
     seed: int,
     batch_size: int,
     learning_rate: float,
+    resume: bool = False,
 ) -> Path:
-    """One ``easyref train`` stage, through the real command line; returns its final checkpoint."""
+    """One ``easyref train`` stage, through the real command line (``--resume``: continue the run in
+    ``out`` to ``steps``); returns its final checkpoint."""
     command = [
         sys.executable, "-m", "easyref_cli", "train", "--stage", stage,
         "--data", str(data[stage]), "--data-root", str(data_root),
         "--base-model", str(sdxl), "--mllm", str(mllm), "--output-dir", str(out),
-        "--resolution", str(IMAGE_SIZE), "--max-steps", str(steps), "--save-steps", str(steps),
+        "--resolution", str(IMAGE_SIZE), "--max-steps", str(steps), "--save-steps", str(min(steps, 400)),
         "--batch-size", str(batch_size), "--gradient-accumulation", "1", "--resize", "crop",
         "--learning-rate", str(learning_rate), "--seed", str(seed),
         "--device", "cpu", "--mixed-precision", "no", "--num-workers", "0", "--quiet",
@@ -449,6 +610,8 @@ def run_stage(
         command += ["--lora-rank", str(LORA_RANK)]
     if init is not None:
         command += ["--init", str(init)]
+    if resume:
+        command += ["--resume"]
     _log(" ".join(command[1:]))
     subprocess.run(command, check=True)
     return out / f"checkpoint-{steps}.safetensors"
@@ -472,65 +635,149 @@ def _machine_record() -> dict:
     }
 
 
-def _timed(record: dict, name: str, fn: Callable):
-    """``fn()``, its wall time recorded as ``record["seconds"][name]`` and logged."""
-    t0 = time.time()
-    result = fn()
-    record["seconds"][name] = round(time.time() - t0, 1)
-    _log(f"{name}: {record['seconds'][name]} s")
-    return result
+class Ledger:
+    """``WORK/build.json`` as the build goes: settings, results, and the wall time of every step, summed
+    over every invocation that worked on it (a resumed step adds its time; ``runs`` lists each)."""
+
+    def __init__(self, work: Path, settings: dict):
+        self.path = work / "build.json"
+        previous = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if previous and previous.get("seed") != settings["seed"]:
+            raise SystemExit(f"{self.path} is a build with another seed; use another WORK folder")
+        self.record: dict = {
+            **previous,
+            **settings,
+            "seconds": previous.get("seconds", {}),
+            "runs": previous.get("runs", []),
+        }
+        self.record["machine"] = _machine_record()
+
+    def timed(self, name: str, fn: Callable, **details):
+        """``fn()``, its wall time added to ``seconds[name]`` and listed in ``runs``."""
+        import torch
+
+        started, t0 = time.strftime("%Y-%m-%d %H:%M"), time.time()
+        run = {"step": name, "started": started, "threads": torch.get_num_threads(), **details}
+        try:
+            return fn()
+        except BaseException:  # Ctrl-C included: the time it ran still counts
+            run["stopped"] = True
+            raise
+        finally:
+            run["seconds"] = seconds = round(time.time() - t0, 1)
+            self.record["seconds"][name] = round(self.record["seconds"].get(name, 0.0) + seconds, 1)
+            self.record["runs"].append(run)
+            _log(f"{name}: {seconds} s")
+            self.save()
+
+    def save(self) -> None:
+        self.record["total_seconds"] = round(sum(self.record["seconds"].values()), 1)
+        partial = self.path.with_name(self.path.name + ".tmp")
+        partial.write_text(json.dumps(self.record, indent=2) + "\n")
+        os.replace(partial, self.path)
 
 
-def _reuse_base(work: Path, record: dict, steps: dict[str, int], seed: int) -> None:
-    """Steps 1-3 of a previous build in ``work`` (``--reuse-base``): its ``base.json`` into ``record``."""
-    base_record = work / "base.json"
-    _log(f"reusing the trained base models of {work} (--reuse-base)")
-    base = json.loads(base_record.read_text())
-    if any(base["steps"][k] != steps[k] for k in ("vae", "unet")) or base["seed"] != seed:
-        raise SystemExit(f"{base_record} was built with other steps or another seed; drop --reuse-base")
-    record["seconds"].update(base["seconds"])
-    record["vae"], record["unet"] = base["vae"], base["unet"]
+def _start_from(base_from: Path, work: Path, ledger: Ledger, seed: int):
+    """Steps 1-2 from a previous build (``--base-from``): its VAE, text encoders and Qwen2-VL copied into
+    ``work``, a new UNet of this recipe's architecture (random, from ``seed``); the previous build's
+    record of those parts kept under ``base_from``."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    sdxl = work / "sdxl"
+    previous = base_from / "build.json"
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_from / "sdxl")
+    torch.manual_seed(seed)
+    pipe.unet = _demo_unet()
+    pipe.save_pretrained(sdxl, safe_serialization=True)
+    shutil.copytree(base_from / "qwen2vl", work / "qwen2vl", dirs_exist_ok=True)
+    old = json.loads(previous.read_text()) if previous.exists() else {}
+    ledger.record["base_from"] = {
+        "path": str(base_from),
+        "kept": "VAE, both text encoders (trained further with the new UNet), Qwen2-VL",
+        "vae": old.get("vae"),
+        "steps": {k: old.get("steps", {}).get(k) for k in ("vae", "unet")},
+        "seconds": {k: old.get("seconds", {}).get(k) for k in ("base_models", "qwen2vl", "vae", "unet")},
+    }
+    ledger.save()
 
 
-def _build_base(work: Path, record: dict, steps: dict[str, int], seed: int) -> None:
-    """Steps 1-3: base models, VAE, base UNet into ``work/sdxl`` and ``work/qwen2vl``; ``base.json``."""
+def _build_base(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, base_from: Path | None) -> None:
+    """Steps 1-3: base models, VAE, base UNet into ``work/sdxl`` and ``work/qwen2vl`` (resumable)."""
+    from diffusers import StableDiffusionXLPipeline
+
     from easyref_cli.tiny import build_tiny_qwen2vl
 
+    record = ledger.record
     sdxl, mllm = work / "sdxl", work / "qwen2vl"
-    pipe = _timed(record, "base_models", lambda: build_base_pipeline(sdxl, seed))
-    _timed(record, "qwen2vl", lambda: build_tiny_qwen2vl(mllm, seed))
-    record["vae"] = _timed(record, "vae", lambda: fit_vae(pipe.vae, steps["vae"], seed=seed))
-    record["unet"] = _timed(record, "unet", lambda: train_base_unet(pipe, steps["unet"], seed=seed))
-    record["unet"]["text_colour"] = text_colour_accuracy(pipe)
+    if not (work / "base-models.done").exists():
+        if base_from is not None:
+            _start_from(base_from, work, ledger, seed)
+        else:
+            pipe = ledger.timed("base_models", lambda: build_base_pipeline(sdxl, seed))
+            ledger.timed("qwen2vl", lambda: build_tiny_qwen2vl(mllm, seed))
+            record["vae"] = ledger.timed("vae", lambda: fit_vae(pipe.vae, steps["vae"], seed=seed))
+            pipe.save_pretrained(sdxl, safe_serialization=True)
+        (work / "base-models.done").touch()
+    if (work / "base-unet.done").exists():
+        _log(f"base models of {work} are trained; reusing them")
+        return
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    state = work / BASE_STATE
+    record["unet"] = ledger.timed(
+        "unet", lambda: train_base_unet(pipe, steps["unet"], seed=seed, state=state), planned=steps["unet"]
+    )
+    record["unet"]["parameters"] = sum(p.numel() for p in pipe.unet.parameters())
+    record["unet"]["block_out_channels"] = list(pipe.unet.config.block_out_channels)
+    record["unet"]["from_text"] = from_text_accuracy(pipe)
+    record["unet"]["caption_sensitivity"] = caption_sensitivity(pipe)
+    _log(f"base model from text: {record['unet']['from_text']}")
     pipe.save_pretrained(sdxl, safe_serialization=True)
-    base = {k: record[k] for k in ("seed", "vae", "unet", "seconds")}
-    base["steps"] = {k: steps[k] for k in ("vae", "unet")}
-    (work / "base.json").write_text(json.dumps(base, indent=2) + "\n")
+    ledger.save()
+    (work / "base-unet.done").touch()
 
 
-def _train_easyref(work: Path, record: dict, steps: dict[str, int], seed: int, *, quick: bool) -> Path:
-    """Step 4: training data, then the ``align`` → ``single`` → ``multi`` stages; the last checkpoint."""
+def _stage_reached(out: Path) -> int:
+    """The last step a stage's ``easyref train`` run in ``out`` saved (0 if none)."""
+    saved = [int(p.stem.split("-")[1]) for p in out.glob("checkpoint-*.safetensors")]
+    return max(saved, default=0) if (out / "state").is_dir() else 0
+
+
+def _train_easyref(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, *, quick: bool) -> Path:
+    """Step 4: training data, then the ``align`` → ``single`` → ``multi`` stages; the last checkpoint.
+    A stage that already reached its steps is kept, one that stopped short resumes (``easyref train
+    --resume``); a stage after one that trained again restarts from it."""
     sdxl, mllm = work / "sdxl", work / "qwen2vl"
     data_root = work / "data"
-    data = _timed(
-        record, "data", lambda: write_training_data(data_root, groups=40 if quick else 400, per_group=6, seed=seed)
-    )
+    groups = 40 if quick else 400
+    if not (data_root / "multi.json").exists():
+        ledger.timed("data", lambda: write_training_data(data_root, groups=groups, per_group=6, seed=seed))
+    data = {stage: data_root / f"{stage}.json" for stage in ("align", "single", "multi")}
     stage_settings = {"align": (16, 1e-3), "single": (16, 5e-4), "multi": (8, 5e-4)}
-    init = None
+    init, upstream_changed = None, False
     for stage in ("align", "single", "multi"):
         batch_size, lr = stage_settings[stage]
         out = work / f"train-{stage}"
-        if out.exists():
+        if upstream_changed and out.exists():
             shutil.rmtree(out)
-        init = _timed(
-            record,
+        reached = _stage_reached(out)
+        if reached == steps[stage]:
+            _log(f"{stage}: {out} reached step {reached}; reusing it")
+            init = out / f"checkpoint-{reached}.safetensors"
+            continue
+        if reached > steps[stage] or (out.exists() and not reached):
+            shutil.rmtree(out)
+            reached = 0
+        init = ledger.timed(
             stage,
             functools.partial(
                 run_stage, stage, data=data, data_root=data_root, sdxl=sdxl, mllm=mllm, out=out, steps=steps[stage],
-                init=init, seed=seed, batch_size=batch_size, learning_rate=lr,
+                init=init, seed=seed, batch_size=batch_size, learning_rate=lr, resume=reached > 0,
             ),
+            steps_from=reached, steps_to=steps[stage],
         )  # fmt: skip
-        record[f"{stage}_settings"] = {"batch_size": batch_size, "learning_rate": lr}
+        upstream_changed = True
+        ledger.record[f"{stage}_settings"] = {"batch_size": batch_size, "learning_rate": lr}
     return init
 
 
@@ -540,40 +787,33 @@ def build(
     quick: bool = False,
     seed: int = 0,
     install: bool = False,
-    reuse_base: bool = False,
     base_only: bool = False,
+    base_from: Path | None = None,
+    steps: dict[str, int] | None = None,
 ) -> dict:
-    """Run the recipe in ``work`` (see the module docstring); returns what ``build.json`` records."""
-    steps = {k: max(2, v // 20) if quick else v for k, v in STEPS.items()}
+    """Run the recipe in ``work`` (see the module docstring), continuing whatever an earlier run in
+    ``work`` left; returns what ``build.json`` records."""
+    planned = {k: max(2, v // 20) if quick else v for k, v in STEPS.items()} | (steps or {})
     work.mkdir(parents=True, exist_ok=True)
-    record: dict = {
-        "seed": seed,
-        "steps": steps,
-        "lora_rank": LORA_RANK,
-        "machine": _machine_record(),
-        "seconds": {},
-    }
+    ledger = Ledger(work, {"seed": seed, "steps": planned, "lora_rank": LORA_RANK})
 
-    # 1.-3. base models, VAE and base UNet (or those of a previous build)
-    if reuse_base and (work / "base.json").exists():
-        _reuse_base(work, record, steps, seed)
-    else:
-        _build_base(work, record, steps, seed)
+    # 1.-3. base models, VAE and base UNet
+    _build_base(work, ledger, planned, seed, base_from)
     if base_only:
-        return record
+        return ledger.record
 
     # 4. EasyRef stages; 5. install
-    init = _train_easyref(work, record, steps, seed, quick=quick)
+    init = _train_easyref(work, ledger, planned, seed, quick=quick)
     shutil.copyfile(init, work / "easyref.safetensors")
-    record["total_seconds"] = round(sum(record["seconds"].values()), 1)
-    (work / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+    ledger.save()
     if install:
         install_model(work)
-    return record
+    return ledger.record
 
 
 def install_model(work: Path, target: Path = WEIGHTS_DIR) -> Path:
-    """Copy the parts ``--model demo`` needs from a build folder into ``target``."""
+    """Copy the parts ``--model demo`` needs from a build folder into ``target`` (a demo ControlNet
+    there is dropped: it belongs to the UNet it was trained on; ``demo.controlnet`` trains a new one)."""
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -587,27 +827,41 @@ def install_model(work: Path, target: Path = WEIGHTS_DIR) -> Path:
     return target
 
 
+def _steps_option(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    if name not in STEPS or not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected STEP=N with STEP one of {', '.join(STEPS)}, got {text!r}")
+    return name, int(value)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m easyref_cli.demo.build", description=__doc__.split("\n\n")[0])
-    parser.add_argument("work", type=Path, help="build folder (models, data, training runs)")
+    parser.add_argument("work", type=Path, help="build folder (models, data, training runs); a rerun continues it")
     parser.add_argument(
         "--quick", action="store_true", help="1/20 of the steps: checks the recipe runs, trains nothing useful"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--install", action="store_true", help=f"copy the result into {WEIGHTS_DIR}")
     parser.add_argument(
-        "--reuse-base", action="store_true", help="keep the VAE and base UNet a previous build trained in WORK"
-    )
+        "--base-from", type=Path, metavar="BUILD",
+        help="start from a previous build (or the installed weights): its VAE, text encoders and Qwen2-VL, a new UNet",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps", type=_steps_option, action="append", default=[], metavar="STEP=N",
+        help=f"another step count (defaults: {', '.join(f'{k}={v}' for k, v in STEPS.items())}); "
+        "a stage given more steps than it reached resumes",
+    )  # fmt: skip
     parser.add_argument("--base-only", action="store_true", help="stop after the base models (steps 1-3)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops a step as Ctrl-C does: its time is recorded
     record = build(
-        args.work,
-        quick=args.quick,
-        seed=args.seed,
-        install=args.install,
-        reuse_base=args.reuse_base,
-        base_only=args.base_only,
-    )
+        args.work, quick=args.quick, seed=args.seed, install=args.install, base_only=args.base_only,
+        base_from=args.base_from, steps=dict(args.steps),
+    )  # fmt: skip
     print(json.dumps(record, indent=2))
 
 
