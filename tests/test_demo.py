@@ -52,6 +52,18 @@ def test_the_shape_classifier_reads_every_drawing_and_nothing_from_grey():
     assert synthetic.classify_shape(red.render(), "blue") is None  # no pixel of that colour
 
 
+def test_the_placement_classifier_reads_every_drawing_and_nothing_from_grey():
+    stream = synthetic.iter_drawings(47)
+    drawings = [next(stream) for _ in range(500)]
+    assert all(synthetic.classify_placement(d.render()) == (d.cell, d.size) for d in drawings)
+    assert {d.cell for d in drawings} == set(synthetic.POSITIONS) and {d.size for d in drawings} == set(synthetic.SIZES)
+    assert synthetic.classify_placement(Image.new("RGB", (64, 64), (120, 120, 120))) is None
+    # every prompt the evidence asks for parses to the cell and size a drawing of that caption has
+    for _, prompt in evidence.PROMPTS:
+        cell, size = evidence.asked_placement(prompt)
+        assert synthetic.POSITIONS[cell] in prompt and size in prompt
+
+
 def test_captions_for_the_adapter_name_neither_colour_nor_shape():
     drawing = synthetic.make_group(1, 1, "red", "circle")[0]
     assert drawing.caption().split()[2:4] == ["red", "circle"]
@@ -69,14 +81,39 @@ def test_examples_are_the_documented_groups(tmp_path):
         assert all(synthetic.dominant_colour(Image.open(p)) == colour for p in images)
 
 
-def test_held_out_groups_cover_every_pair_and_swapping_changes_every_colour():
+def test_held_out_groups_cover_every_pair_and_swapping_changes_every_colour_and_shape():
     groups = evidence.held_out_groups()
     assert len({(g.colour, g.shape) for g in groups}) == len(synthetic.COLOURS) * len(synthetic.SHAPES)
     assert {g.colour for g in evidence.held_out_groups(6)} == set(synthetic.COLOURS)
+    assert {g.shape for g in evidence.held_out_groups(6)} == set(synthetic.SHAPES)  # the CI subset sees every shape
+    for subset in (groups, groups[:6]):
+        swapped = evidence.swapped(subset)
+        assert [g.name for g in swapped] == [g.name for g in subset]
+        assert all(s.colour != g.colour and s.shape != g.shape for s, g in zip(swapped, subset, strict=True))
+        assert all(s.references[0].colour == s.colour and s.references[0].shape == s.shape for s in swapped)
+
+
+def test_evidence_scores_each_picture_against_references_prompt_and_folder(tmp_path):
+    groups = evidence.held_out_groups(2)
     swapped = evidence.swapped(groups)
-    assert [g.name for g in swapped] == [g.name for g in groups]
-    assert all(s.colour != g.colour for s, g in zip(swapped, groups, strict=False))
-    assert all(s.references[0].colour == s.colour for s in swapped)
+    # "pictures" that are drawings: of the references' colour and shape, placed as the prompt asks
+    for group in swapped:
+        (tmp_path / group.name).mkdir()
+        for pid, prompt in evidence.PROMPTS:
+            cell, size = evidence.asked_placement(prompt)
+            drawing = next(
+                d for d in (synthetic.random_drawing(__import__("random").Random(k), group.colour, group.shape)
+                            for k in range(10_000)) if d.cell == cell and d.size == size
+            )  # fmt: skip
+            drawing.render().save(tmp_path / group.name / f"{pid}_0.png")
+    result = evidence.score(swapped, tmp_path, original=groups)
+    assert result["images"] == 2 * len(evidence.PROMPTS)
+    assert result["colour"] == result["shape"] == result["position"] == result["size"] == 1.0
+    assert result["keeps_folder_colour"] == result["keeps_folder_shape"] == result["no_colour"] == 0.0
+    table = evidence.markdown({"groups": 2, "prompts": dict(evidence.PROMPTS), "images_per_prompt": 1,
+                               "as_given": result, "swapped": result})  # fmt: skip
+    assert "| references as given | 10 | **100%** | **100%** | **100%** | **100%** |" in table
+    assert f"per shape: {groups[1].shape} 0/0" not in table and f"{swapped[0].shape} 5/5" in table
 
 
 # --------------------------------------------------------------------------- the recipe's pieces
@@ -111,6 +148,40 @@ def test_base_models_vae_fit_and_unet_pretraining_run(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
 
 
+@pytest.mark.slow
+def test_an_interrupted_base_pretraining_resumes_exactly(tmp_path, monkeypatch):
+    import torch
+
+    def fresh():
+        torch.manual_seed(0)
+        return build.build_base_pipeline(tmp_path / "sdxl")
+
+    settings = {"seed": 0, "images": 8, "batch_size": 2, "log": lambda _: None}
+    uninterrupted = fresh()
+    build.train_base_unet(uninterrupted, 4, **settings)
+
+    state = tmp_path / build.BASE_STATE
+    loss, calls = build._unet_loss, []
+
+    def interrupted_at_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(build, "_unet_loss", interrupted_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        build.train_base_unet(fresh(), 4, state=state, save_every=2, **settings)
+    monkeypatch.setattr(build, "_unet_loss", loss)
+    resumed = fresh()
+    assert build.train_base_unet(resumed, 4, state=state, save_every=2, **settings)["resumed_at"] == 2
+    for module in ("unet", "text_encoder", "text_encoder_2"):
+        expected = getattr(uninterrupted, module).state_dict()
+        assert all(torch.equal(expected[k], v) for k, v in getattr(resumed, module).state_dict().items()), module
+    with pytest.raises(SystemExit, match="another base run"):  # a state resumes only the same run
+        build.train_base_unet(fresh(), 6, state=state, **settings)
+
+
 def test_demo_schedule_is_zero_terminal_snr_v_prediction(tmp_path):
     """The recipe's (and the shipped model's) scheduler: SDXL's betas rescaled so the noisiest
     training input holds nothing of the picture, v-prediction, sampling from t = 999."""
@@ -137,7 +208,9 @@ def test_demo_weights_are_shipped_small_and_recorded():
     record = json.loads((root / "build.json").read_text())
     assert set(record["steps"]) == {"vae", "unet", "align", "single", "multi"}
     assert record["total_seconds"] > 0
-    assert set(record["unet"]["text_colour"]["per_colour"]) == set(synthetic.COLOURS)
+    assert set(record["unet"]["from_text"]["per_colour"]) == set(synthetic.COLOURS)
+    assert set(record["unet"]["from_text"]["per_shape"]) == set(synthetic.SHAPES)
+    assert all(record["seconds"][step] > 0 for step in ("unet", "align", "single", "multi"))
 
 
 def test_model_demo_conflicts_and_missing_weights(tmp_path, monkeypatch):
@@ -177,13 +250,15 @@ def test_generate_with_model_demo_works_offline(tmp_path):
 
 
 @pytest.mark.slow
-def test_colour_follows_the_references(evidence_run):
+def test_colour_follows_the_references_and_size_the_prompt(evidence_run):
     _, result = evidence_run
     given, swapped = result["as_given"], result["swapped"]
-    assert given["images"] == swapped["images"] == 18
-    # the issue's target (chance is 1/6) in both runs, and the swapped run leaves the folders' colours behind
-    assert given["follows_references"] >= 0.8
-    assert swapped["follows_references"] >= 0.8
+    assert given["images"] == swapped["images"] == 6 * len(evidence.PROMPTS)
+    # on a subset (every colour and shape once), in both runs: the references' colour (chance 1/6) and
+    # the prompt's size; the swapped run leaves the folders' colours behind. The shipped model does not
+    # draw the references' shape or the prompt's position (docs/DEMO.md), so neither is asserted here.
+    for run in (given, swapped):
+        assert run["colour"] >= 0.95 and run["size"] >= 0.75, run
     assert swapped["keeps_folder_colour"] <= 0.1
 
 
@@ -217,3 +292,50 @@ def test_the_demo_controlnet_goes_with_the_demo_model_only(tmp_path):
     assert refused.exit_code == 2 and "use it with --model demo" in refused.output
     planned = CliRunner().invoke(app, [*args, "--model", "demo"])
     assert planned.exit_code == 0, planned.output
+
+
+def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
+    """Stages that reached their steps are kept, one that stopped short resumes (``easyref train
+    --resume``), a stage after one that trained again restarts; every run's time adds up."""
+    calls = []
+
+    def fake_stage(stage, *, out, steps, resume, **_):
+        calls.append((stage, steps, resume))
+        (out / "state").mkdir(parents=True, exist_ok=True)
+        checkpoint = out / f"checkpoint-{steps}.safetensors"
+        checkpoint.write_text(stage)
+        return checkpoint
+
+    monkeypatch.setattr(build, "run_stage", fake_stage)
+    monkeypatch.setattr(build, "write_training_data", lambda root, **_: (root.mkdir(), (root / "multi.json").touch()))
+    steps = {"align": 4, "single": 4, "multi": 4}
+
+    def train(**more):
+        ledger = build.Ledger(tmp_path, {"seed": 0, "steps": steps | more})
+        return build._train_easyref(tmp_path, ledger, steps | more, 0, quick=True), ledger.record
+
+    train()
+    assert calls == [("align", 4, False), ("single", 4, False), ("multi", 4, False)]
+    calls.clear()
+    last, record = train()  # all done: nothing runs again
+    assert calls == [] and last == tmp_path / "train-multi" / "checkpoint-4.safetensors"
+    train(multi=8)  # a finished stage trained further resumes
+    assert calls == [("multi", 8, True)]
+    calls.clear()
+    train(single=6, multi=8)  # single resumes; multi, built on the old single, starts again
+    assert calls == [("single", 6, True), ("multi", 8, False)]
+    record = json.loads((tmp_path / "build.json").read_text())
+    stages = [run["step"] for run in record["runs"] if run["step"] != "data"]
+    assert stages == ["align", "single", "multi", "multi", "single", "multi"]
+    assert record["seconds"]["multi"] == pytest.approx(
+        sum(r["seconds"] for r in record["runs"] if r["step"] == "multi"), abs=0.2
+    )
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "run_stage", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(single=6, multi=12)
+    last_run = json.loads((tmp_path / "build.json").read_text())["runs"][-1]
+    assert last_run["step"] == "multi" and last_run["stopped"] and last_run["steps_from"] == 8
