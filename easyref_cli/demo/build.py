@@ -350,7 +350,9 @@ class BaseRun:
     lr: float
 
 
-def _save_base_state(path: Path, run: BaseRun, step: int, modules, optimizer, schedule, rng, generator) -> None:
+def _save_base_state(
+    path: Path, run: BaseRun, step: int, modules, optimizer, schedule, rng, generator, loss: float
+) -> None:
     """Everything a resumed run needs to continue exactly as an uninterrupted one (written atomically)."""
     import torch
 
@@ -362,18 +364,22 @@ def _save_base_state(path: Path, run: BaseRun, step: int, modules, optimizer, sc
         "schedule": schedule.state_dict(),
         "rng": rng.getstate(),
         "generator": generator.get_state(),
+        "loss": loss,
     }
     partial = path.with_name(path.name + ".tmp")
     torch.save(state, partial)
     os.replace(partial, path)
 
 
-def _load_base_state(path: Path | None, run: BaseRun, modules, optimizer, schedule, rng, generator) -> int:
-    """The step a saved state of the same ``run`` reached (its tensors and RNG states loaded), else 0."""
+def _load_base_state(
+    path: Path | None, run: BaseRun, modules, optimizer, schedule, rng, generator
+) -> tuple[int, float]:
+    """The step a saved state of the same ``run`` reached and its last loss (its tensors and RNG states
+    loaded), else ``(0, nan)``."""
     import torch
 
     if path is None or not path.exists():
-        return 0
+        return 0, float("nan")
     state = torch.load(path, weights_only=False)
     if state["run"] != dataclasses.asdict(run):
         raise SystemExit(f"{path} is the state of another base run ({state['run']}); remove it to start again")
@@ -383,7 +389,7 @@ def _load_base_state(path: Path | None, run: BaseRun, modules, optimizer, schedu
     schedule.load_state_dict(state["schedule"])
     rng.setstate(state["rng"])
     generator.set_state(state["generator"])
-    return state["step"]
+    return state["step"], state["loss"]
 
 
 def train_base_unet(
@@ -426,10 +432,9 @@ def train_base_unet(
     schedule = get_cosine_schedule_with_warmup(optimizer, min(200, steps // 10), steps)
     time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
-    start = _load_base_state(state, run, modules, optimizer, schedule, rng, generator)
+    start, last_loss = _load_base_state(state, run, modules, optimizer, schedule, rng, generator)
     if start:
         log(f"unet: resuming at step {start} from {state}")
-    loss = torch.tensor(float("nan"))
     for step in range(start, steps):
         picks = [rng.randrange(images) for _ in range(batch_size)]
         caption_ids = _pick_captions(rng, picks, drawings, table.index)
@@ -440,13 +445,14 @@ def train_base_unet(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        last_loss = loss.item()
         if step % 200 == 0 or step == steps - 1:
-            log(f"unet step {step + 1}/{steps} loss {loss.item():.4f}")
+            log(f"unet step {step + 1}/{steps} loss {last_loss:.4f}")
         if state is not None and ((step + 1) % save_every == 0 or step == steps - 1):
-            _save_base_state(state, run, step + 1, modules, optimizer, schedule, rng, generator)
+            _save_base_state(state, run, step + 1, modules, optimizer, schedule, rng, generator, last_loss)
     for module in modules:
         module.eval().requires_grad_(False)
-    return {"final_loss": loss.item(), "images": images, "captions": len(table.captions), "resumed_at": start}
+    return {"final_loss": last_loss, "images": images, "captions": len(table.captions), "resumed_at": start}
 
 
 def caption_sensitivity(
@@ -455,7 +461,7 @@ def caption_sensitivity(
     """How much the base UNet uses each word of a full caption: the relative rise of its training loss on
     ``images`` held-out drawings when the caption names another colour, shape, grid cell (the opposite
     corner; the centre becomes the top left) or size, at each of ``timesteps`` (same noise for every
-    variant). ``{"750": {"colour": 1.48, "shape": 0.107, "position": 0.0, "size": 0.64}, ...}``: a word
+    variant). ``{"750": {"colour": 1.482, "shape": 0.108, "position": 0.0, "size": 0.644}, ...}``: a word
     the model ignores leaves the loss where it was."""
     import torch
     from diffusers import DDPMScheduler
@@ -613,7 +619,18 @@ def run_stage(
     if resume:
         command += ["--resume"]
     _log(" ".join(command[1:]))
-    subprocess.run(command, check=True)
+    process = subprocess.Popen(command)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        # easyref train finishes its step, saves and exits on one SIGINT. A Ctrl-C in the terminal
+        # already reached it (a second one would stop it unsaved); a `kill` of this build did not.
+        if _TERMINATED:
+            process.send_signal(signal.SIGINT)
+        process.wait()
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, command)
     return out / f"checkpoint-{steps}.safetensors"
 
 
@@ -689,8 +706,9 @@ def _start_from(base_from: Path, work: Path, ledger: Ledger, seed: int):
     pipe = StableDiffusionXLPipeline.from_pretrained(base_from / "sdxl")
     torch.manual_seed(seed)
     pipe.unet = _demo_unet()
-    pipe.save_pretrained(sdxl, safe_serialization=True)
-    shutil.copytree(base_from / "qwen2vl", work / "qwen2vl", dirs_exist_ok=True)
+    _save_pipeline(pipe, sdxl)
+    shutil.rmtree(work / "qwen2vl", ignore_errors=True)  # a copy an interrupted run left
+    shutil.copytree(base_from / "qwen2vl", work / "qwen2vl")
     old = json.loads(previous.read_text()) if previous.exists() else {}
     ledger.record["base_from"] = {
         "path": str(base_from),
@@ -702,6 +720,30 @@ def _start_from(base_from: Path, work: Path, ledger: Ledger, seed: int):
     ledger.save()
 
 
+def _marker(path: Path, content: dict) -> None:
+    """Record what a finished step was built with, or stop if ``path`` records something else."""
+    if path.exists():
+        done = json.loads(path.read_text() or "{}")
+        if done != content:
+            raise SystemExit(
+                f"{path.parent} holds a build made with {done}, not {content}; use another WORK folder "
+                f"(or remove {path.name} and what it covers to rebuild that part)"
+            )
+        return
+    path.write_text(json.dumps(content) + "\n")
+
+
+def _save_pipeline(pipe, path: Path) -> None:
+    """``save_pretrained`` into a fresh folder, then swapped in: an interrupted save leaves the old one."""
+    partial, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial, safe_serialization=True)
+    if path.exists():
+        path.rename(old)
+    partial.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _build_base(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, base_from: Path | None) -> None:
     """Steps 1-3: base models, VAE, base UNet into ``work/sdxl`` and ``work/qwen2vl`` (resumable)."""
     from diffusers import StableDiffusionXLPipeline
@@ -710,16 +752,24 @@ def _build_base(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, ba
 
     record = ledger.record
     sdxl, mllm = work / "sdxl", work / "qwen2vl"
-    if not (work / "base-models.done").exists():
+    models = {
+        "seed": seed,
+        "base_from": str(base_from) if base_from else None,
+        "vae": None if base_from else steps["vae"],
+    }
+    if (work / "base-models.done").exists():
+        _marker(work / "base-models.done", models)
+    else:
         if base_from is not None:
             _start_from(base_from, work, ledger, seed)
         else:
             pipe = ledger.timed("base_models", lambda: build_base_pipeline(sdxl, seed))
             ledger.timed("qwen2vl", lambda: build_tiny_qwen2vl(mllm, seed))
             record["vae"] = ledger.timed("vae", lambda: fit_vae(pipe.vae, steps["vae"], seed=seed))
-            pipe.save_pretrained(sdxl, safe_serialization=True)
-        (work / "base-models.done").touch()
+            _save_pipeline(pipe, sdxl)
+        _marker(work / "base-models.done", models)
     if (work / "base-unet.done").exists():
+        _marker(work / "base-unet.done", {"unet": steps["unet"]})
         _log(f"base models of {work} are trained; reusing them")
         return
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
@@ -729,45 +779,67 @@ def _build_base(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, ba
     )
     record["unet"]["parameters"] = sum(p.numel() for p in pipe.unet.parameters())
     record["unet"]["block_out_channels"] = list(pipe.unet.config.block_out_channels)
-    record["unet"]["from_text"] = from_text_accuracy(pipe)
-    record["unet"]["caption_sensitivity"] = caption_sensitivity(pipe)
+    checks = ledger.timed("base_checks", lambda: {"from_text": from_text_accuracy(pipe),
+                                                  "caption_sensitivity": caption_sensitivity(pipe)})  # fmt: skip
+    record["unet"].update(checks)
     _log(f"base model from text: {record['unet']['from_text']}")
-    pipe.save_pretrained(sdxl, safe_serialization=True)
+    _save_pipeline(pipe, sdxl)
     ledger.save()
-    (work / "base-unet.done").touch()
+    _marker(work / "base-unet.done", {"unet": steps["unet"]})
 
 
 def _stage_reached(out: Path) -> int:
     """The last step a stage's ``easyref train`` run in ``out`` saved (0 if none)."""
     saved = [int(p.stem.split("-")[1]) for p in out.glob("checkpoint-*.safetensors")]
-    return max(saved, default=0) if (out / "state").is_dir() else 0
+    return max(saved, default=0) if (out / "state").is_dir() or (out / "state.old").is_dir() else 0
+
+
+def _built_on(work: Path, init: Path | None) -> dict:
+    """What a stage trains on: the base UNet's marker and the sha256 of the checkpoint it starts from."""
+    import hashlib
+
+    return {
+        "base": (work / "base-unet.done").read_text(),
+        "init": hashlib.sha256(init.read_bytes()).hexdigest() if init is not None else None,
+    }
 
 
 def _train_easyref(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, *, quick: bool) -> Path:
     """Step 4: training data, then the ``align`` → ``single`` → ``multi`` stages; the last checkpoint.
-    A stage that already reached its steps is kept, one that stopped short resumes (``easyref train
-    --resume``); a stage after one that trained again restarts from it."""
+    A stage that already reached its steps on the same base and start is kept, one that stopped short
+    resumes (``easyref train --resume``); one whose base or start changed (the stage before it trained
+    again) restarts, and its time starts again from zero (``runs`` keeps every run)."""
     sdxl, mllm = work / "sdxl", work / "qwen2vl"
     data_root = work / "data"
     groups = 40 if quick else 400
     if not (data_root / "multi.json").exists():
         ledger.timed("data", lambda: write_training_data(data_root, groups=groups, per_group=6, seed=seed))
+    _marker(work / "data.done", {"groups": groups, "per_group": 6, "seed": seed})
     data = {stage: data_root / f"{stage}.json" for stage in ("align", "single", "multi")}
     stage_settings = {"align": (16, 1e-3), "single": (16, 5e-4), "multi": (8, 5e-4)}
-    init, upstream_changed = None, False
+    init = None
     for stage in ("align", "single", "multi"):
         batch_size, lr = stage_settings[stage]
-        out = work / f"train-{stage}"
-        if upstream_changed and out.exists():
+        out, built_on = work / f"train-{stage}", _built_on(work, init)
+        stamp = out / "built-on.json"
+        if out.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != built_on):
+            _log(f"{stage}: {out} was trained on another base or start; training it again")
             shutil.rmtree(out)
         reached = _stage_reached(out)
+        if reached > steps[stage]:
+            raise SystemExit(
+                f"{out} reached step {reached}, more than the {steps[stage]} asked for; pass --steps "
+                f"{stage}={reached} (or more), or use another WORK folder"
+            )
         if reached == steps[stage]:
             _log(f"{stage}: {out} reached step {reached}; reusing it")
             init = out / f"checkpoint-{reached}.safetensors"
             continue
-        if reached > steps[stage] or (out.exists() and not reached):
-            shutil.rmtree(out)
-            reached = 0
+        if not reached:
+            shutil.rmtree(out, ignore_errors=True)
+            ledger.record["seconds"][stage] = 0.0
+        out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(built_on) + "\n")
         init = ledger.timed(
             stage,
             functools.partial(
@@ -776,7 +848,6 @@ def _train_easyref(work: Path, ledger: Ledger, steps: dict[str, int], seed: int,
             ),
             steps_from=reached, steps_to=steps[stage],
         )  # fmt: skip
-        upstream_changed = True
         ledger.record[f"{stage}_settings"] = {"batch_size": batch_size, "learning_rate": lr}
     return init
 
@@ -834,7 +905,12 @@ def _steps_option(text: str) -> tuple[str, int]:
     return name, int(value)
 
 
+_TERMINATED = False
+
+
 def _interrupt(signum, frame) -> None:
+    global _TERMINATED
+    _TERMINATED = True
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -184,7 +184,10 @@ def score(groups: Sequence[Group], out: Path, original: Sequence[Group] | None =
     rows = []
     for i, group in enumerate(groups):
         for path in outputs(out, group):
-            cell, size = asked[path.stem.rsplit("_", 1)[0]]
+            prompt_id = path.stem.rsplit("_", 1)[0]
+            if prompt_id not in asked:
+                raise RuntimeError(f"{path} is not named {{prompt_id}}_{{seed}}.png for one of the evidence prompts")
+            cell, size = asked[prompt_id]
             with Image.open(path) as image:
                 row = {"image": str(path.relative_to(out)), **judge(image)}
             row.update(
