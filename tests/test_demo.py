@@ -149,14 +149,15 @@ def test_base_models_vae_fit_and_unet_pretraining_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_interrupted_base_pretraining_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("attribute_loss", [0.0, 0.1])
+def test_an_interrupted_base_pretraining_resumes_exactly(tmp_path, monkeypatch, attribute_loss):
     import torch
 
     def fresh():
         torch.manual_seed(0)
         return build.build_base_pipeline(tmp_path / "sdxl")
 
-    settings = {"seed": 0, "images": 8, "batch_size": 2, "log": lambda _: None}
+    settings = {"seed": 0, "images": 8, "batch_size": 2, "log": lambda _: None, "attribute_loss": attribute_loss}
     uninterrupted = fresh()
     build.train_base_unet(uninterrupted, 4, **settings)
 
@@ -356,3 +357,20 @@ def test_a_build_folder_refuses_other_settings_for_what_it_built(tmp_path):
     (tmp_path / "build.json").write_text('{"seed": 1}')
     with pytest.raises(SystemExit, match="another seed"):
         build.Ledger(tmp_path, {"seed": 0, "steps": {}})
+
+
+def test_the_attribute_loss_reads_only_what_the_caption_names():
+    import torch
+
+    drawing = synthetic.make_group(3, 1, "red", "cross")[0]
+    heads = build._attribute_heads(32, seed=0)
+    pooled = torch.randn(1, 32)
+    assert build._attribute_loss(heads, pooled, [drawing], [""]).item() == 0.0  # CFG's empty caption names nothing
+    without_colour = drawing.caption(colour=False)
+    before = build._attribute_loss(heads, pooled, [drawing], [without_colour]).item()
+    with torch.no_grad():
+        heads["colour"].weight.add_(1.0)  # the colour head does not count for a caption without its word…
+    assert build._attribute_loss(heads, pooled, [drawing], [without_colour]).item() == pytest.approx(before)
+    full = build._attribute_loss(heads, pooled, [drawing], [drawing.caption()]).item()
+    assert full > before  # …and does for one with it
+    assert set(build.ATTRIBUTES) == {"cell", "size", "colour", "shape"}

@@ -50,7 +50,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from easyref_cli.demo import weights_dir
-from easyref_cli.demo.synthetic import COLOURS, IMAGE_SIZE, Drawing, dominant_colour, iter_drawings, make_group
+from easyref_cli.demo.synthetic import (
+    COLOURS,
+    IMAGE_SIZE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Drawing,
+    dominant_colour,
+    iter_drawings,
+    make_group,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -335,6 +345,9 @@ def _unet_loss(pipe, scheduler, x0, hidden, pooled, time_ids, generator) -> torc
     return torch.nn.functional.mse_loss(prediction, target)
 
 
+#: What :func:`_attribute_loss` reads off a caption's pooled embedding: attribute → its values.
+ATTRIBUTES = {"cell": list(POSITIONS), "size": list(SIZES), "colour": list(COLOURS), "shape": list(SHAPES)}
+
 #: The base UNet's training state, saved as it trains (an interrupted run resumes from it).
 BASE_STATE = "base-state.pt"
 
@@ -348,6 +361,36 @@ class BaseRun:
     images: int
     batch_size: int
     lr: float
+    attribute_loss: float = 0.0
+
+
+def _attribute_heads(width: int, seed: int):
+    """Linear heads, one per attribute a caption can name (:data:`ATTRIBUTES`), over the pooled caption
+    embedding; seeded, training-only (never saved with the model)."""
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict({name: torch.nn.Linear(width, len(values)) for name, values in ATTRIBUTES.items()})
+
+
+def _attribute_loss(heads, pooled, drawings: list[Drawing], captions: list[str]):
+    """Cross-entropy of each head against the attribute of the drawing, for the captions that name it
+    (the grid cell and the size are in every non-empty caption; colour and shape words may be dropped)."""
+    import torch
+
+    total = pooled.new_zeros(())
+    for name, values in ATTRIBUTES.items():
+        targets = [
+            values.index(getattr(d, name))
+            if c and (name in ("cell", "size") or getattr(d, name) in c.split())
+            else -100
+            for d, c in zip(drawings, captions, strict=True)
+        ]
+        if any(t >= 0 for t in targets):
+            total = total + torch.nn.functional.cross_entropy(
+                heads[name](pooled), torch.tensor(targets), ignore_index=-100
+            )
+    return total
 
 
 def _save_base_state(
@@ -403,6 +446,7 @@ def train_base_unet(
     log: Callable = _log,
     state: Path | None = None,
     save_every: int = 250,
+    attribute_loss: float = 0.0,
 ) -> dict:
     """Text-to-image pre-training of ``pipe.unet`` together with both text encoders (the DDPM
     noise schedule and prediction type of the pipeline's scheduler config). Training the tiny CLIP
@@ -410,12 +454,16 @@ def train_base_unet(
     random text features are too weak a signal.
 
     With ``state`` (a file), the run saves its whole state there every ``save_every`` steps and, when
-    the file holds an earlier save of the same run, continues from it exactly."""
+    the file holds an earlier save of the same run, continues from it exactly.
+
+    ``attribute_loss`` > 0 adds, at that weight, linear heads that must read the caption's grid cell,
+    size, colour and shape off the pooled text embedding (:func:`_attribute_loss`): it makes the text
+    encoders carry the position, which the UNet then learns to use (docs/DEMO.md)."""
     import torch
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    run = BaseRun(steps=steps, seed=seed, images=images, batch_size=batch_size, lr=lr)
+    run = BaseRun(steps=steps, seed=seed, images=images, batch_size=batch_size, lr=lr, attribute_loss=attribute_loss)
     rng = random.Random(f"easyref-demo-unet-{seed}")
     stream = iter_drawings(seed + 1000)
     drawings = [next(stream) for _ in range(images)]
@@ -425,6 +473,9 @@ def train_base_unet(
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     modules = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    if attribute_loss:
+        heads = _attribute_heads(pipe.text_encoder_2.config.projection_dim, seed + 2)
+        modules += (heads,)
     params = [p for m in modules for p in m.parameters()]
     for module in modules:
         module.train().requires_grad_(True)
@@ -440,7 +491,12 @@ def train_base_unet(
         caption_ids = _pick_captions(rng, picks, drawings, table.index)
         hidden, pooled = encode_text(pipe, table.ids_1[caption_ids], table.ids_2[caption_ids])
         loss = _unet_loss(pipe, scheduler, latents[picks], hidden, pooled, time_ids, generator)
-        loss.backward()
+        if attribute_loss:
+            captions = [table.captions[i] for i in caption_ids]
+            aux = _attribute_loss(heads, pooled, [drawings[i] for i in picks], captions)
+            (loss + attribute_loss * aux).backward()
+        else:
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -452,7 +508,8 @@ def train_base_unet(
             _save_base_state(state, run, step + 1, modules, optimizer, schedule, rng, generator, last_loss)
     for module in modules:
         module.eval().requires_grad_(False)
-    return {"final_loss": last_loss, "images": images, "captions": len(table.captions), "resumed_at": start}
+    result = {"final_loss": last_loss, "images": images, "captions": len(table.captions), "resumed_at": start}
+    return result | ({"attribute_loss": attribute_loss} if attribute_loss else {})
 
 
 def caption_sensitivity(
@@ -465,8 +522,6 @@ def caption_sensitivity(
     the model ignores leaves the loss where it was."""
     import torch
     from diffusers import DDPMScheduler
-
-    from easyref_cli.demo.synthetic import SHAPES
 
     stream = iter_drawings(seed)
     drawings = [next(stream) for _ in range(images)]
@@ -517,7 +572,7 @@ def from_text_accuracy(pipe, *, seeds: int = 2, steps: int = 25, guidance: float
 
     import torch
 
-    from easyref_cli.demo.synthetic import SHAPES, classify_placement, classify_shape
+    from easyref_cli.demo.synthetic import classify_placement, classify_shape
 
     asked = [
         (colour, shape, CHECK_PLACES[(i + k) % len(CHECK_PLACES)], seed)
@@ -744,7 +799,9 @@ def _save_pipeline(pipe, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _build_base(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, base_from: Path | None) -> None:
+def _build_base(
+    work: Path, ledger: Ledger, steps: dict[str, int], seed: int, base_from: Path | None, attribute_loss: float
+) -> None:
     """Steps 1-3: base models, VAE, base UNet into ``work/sdxl`` and ``work/qwen2vl`` (resumable)."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -769,13 +826,15 @@ def _build_base(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, ba
             _save_pipeline(pipe, sdxl)
         _marker(work / "base-models.done", models)
     if (work / "base-unet.done").exists():
-        _marker(work / "base-unet.done", {"unet": steps["unet"]})
+        _marker(work / "base-unet.done", {"unet": steps["unet"], "attribute_loss": attribute_loss})
         _log(f"base models of {work} are trained; reusing them")
         return
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
     state = work / BASE_STATE
     record["unet"] = ledger.timed(
-        "unet", lambda: train_base_unet(pipe, steps["unet"], seed=seed, state=state), planned=steps["unet"]
+        "unet",
+        lambda: train_base_unet(pipe, steps["unet"], seed=seed, state=state, attribute_loss=attribute_loss),
+        planned=steps["unet"],
     )
     record["unet"]["parameters"] = sum(p.numel() for p in pipe.unet.parameters())
     record["unet"]["block_out_channels"] = list(pipe.unet.config.block_out_channels)
@@ -785,7 +844,7 @@ def _build_base(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, ba
     _log(f"base model from text: {record['unet']['from_text']}")
     _save_pipeline(pipe, sdxl)
     ledger.save()
-    _marker(work / "base-unet.done", {"unet": steps["unet"]})
+    _marker(work / "base-unet.done", {"unet": steps["unet"], "attribute_loss": attribute_loss})
 
 
 def _stage_reached(out: Path) -> int:
@@ -861,6 +920,7 @@ def build(
     base_only: bool = False,
     base_from: Path | None = None,
     steps: dict[str, int] | None = None,
+    attribute_loss: float = 0.0,
 ) -> dict:
     """Run the recipe in ``work`` (see the module docstring), continuing whatever an earlier run in
     ``work`` left; returns what ``build.json`` records."""
@@ -869,7 +929,7 @@ def build(
     ledger = Ledger(work, {"seed": seed, "steps": planned, "lora_rank": LORA_RANK})
 
     # 1.-3. base models, VAE and base UNet
-    _build_base(work, ledger, planned, seed, base_from)
+    _build_base(work, ledger, planned, seed, base_from, attribute_loss)
     if base_only:
         return ledger.record
 
@@ -932,11 +992,16 @@ def main(argv: list[str] | None = None) -> None:
         "a stage given more steps than it reached resumes",
     )  # fmt: skip
     parser.add_argument("--base-only", action="store_true", help="stop after the base models (steps 1-3)")
+    parser.add_argument(
+        "--attribute-loss", type=float, default=0.0, metavar="W",
+        help="base pre-training also trains heads reading the caption's cell, size, colour and shape off the "
+        "pooled text embedding, at weight W (0.1 made the base use position words; docs/DEMO.md)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops a step as Ctrl-C does: its time is recorded
     record = build(
         args.work, quick=args.quick, seed=args.seed, install=args.install, base_only=args.base_only,
-        base_from=args.base_from, steps=dict(args.steps),
+        base_from=args.base_from, steps=dict(args.steps), attribute_loss=args.attribute_loss,
     )  # fmt: skip
     print(json.dumps(record, indent=2))
 
