@@ -37,7 +37,7 @@ MODEL_NOTICES = {
     "the pictures are noise.",
     "demo": "--model demo: a tiny EasyRef trained on synthetic coloured shapes (64×64): it takes the colour "
     "from the references; prompts name only a size and a position ('a large shape at the top left'); it "
-    "follows the size, the position loosely, and draws blobs rather than the references' shape; a control image "
+    "follows the size but not the position, and draws blobs rather than the references' shape; a control image "
     "gives the shape (--controlnet demo --control-image FILE --control-preprocess canny; docs/DEMO.md).",
 }
 
