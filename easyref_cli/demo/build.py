@@ -375,10 +375,13 @@ def _attribute_heads(width: int, seed: int):
 
 def _attribute_loss(heads, pooled, drawings: list[Drawing], captions: list[str]):
     """Cross-entropy of each head against the attribute of the drawing, for the captions that name it
-    (the grid cell and the size are in every non-empty caption; colour and shape words may be dropped)."""
+    (the grid cell and the size are in every non-empty caption; colour and shape words may be dropped);
+    zero without heads."""
     import torch
 
     total = pooled.new_zeros(())
+    if heads is None:
+        return total
     for name, values in ATTRIBUTES.items():
         targets = [
             values.index(getattr(d, name))
@@ -435,6 +438,16 @@ def _load_base_state(
     return state["step"], state["loss"]
 
 
+def _base_data(pipe, images: int, seed: int, log: Callable) -> tuple[list[Drawing], torch.Tensor, CaptionTable]:
+    """Base pre-training's pictures (seeded), their VAE latents and every caption form, tokenized."""
+    stream = iter_drawings(seed + 1000)
+    drawings = [next(stream) for _ in range(images)]
+    latents = _encode_drawings(pipe, drawings, seed=seed)
+    table = _caption_table(pipe, drawings)
+    log(f"unet: {images} images, {len(table.captions)} captions")
+    return drawings, latents, table
+
+
 def train_base_unet(
     pipe,
     steps: int,
@@ -465,17 +478,11 @@ def train_base_unet(
 
     run = BaseRun(steps=steps, seed=seed, images=images, batch_size=batch_size, lr=lr, attribute_loss=attribute_loss)
     rng = random.Random(f"easyref-demo-unet-{seed}")
-    stream = iter_drawings(seed + 1000)
-    drawings = [next(stream) for _ in range(images)]
-    latents = _encode_drawings(pipe, drawings, seed=seed)
-    table = _caption_table(pipe, drawings)
-    log(f"unet: {images} images, {len(table.captions)} captions")
+    drawings, latents, table = _base_data(pipe, images, seed, log)
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    modules = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
-    if attribute_loss:
-        heads = _attribute_heads(pipe.text_encoder_2.config.projection_dim, seed + 2)
-        modules += (heads,)
+    heads = _attribute_heads(pipe.text_encoder_2.config.projection_dim, seed + 2) if attribute_loss else None
+    modules = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2) + ((heads,) if heads is not None else ())
     params = [p for m in modules for p in m.parameters()]
     for module in modules:
         module.train().requires_grad_(True)
@@ -491,12 +498,9 @@ def train_base_unet(
         caption_ids = _pick_captions(rng, picks, drawings, table.index)
         hidden, pooled = encode_text(pipe, table.ids_1[caption_ids], table.ids_2[caption_ids])
         loss = _unet_loss(pipe, scheduler, latents[picks], hidden, pooled, time_ids, generator)
-        if attribute_loss:
-            captions = [table.captions[i] for i in caption_ids]
-            aux = _attribute_loss(heads, pooled, [drawings[i] for i in picks], captions)
-            (loss + attribute_loss * aux).backward()
-        else:
-            loss.backward()
+        captions = [table.captions[i] for i in caption_ids]
+        aux = _attribute_loss(heads, pooled, [drawings[i] for i in picks], captions)
+        (loss + attribute_loss * aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -508,8 +512,8 @@ def train_base_unet(
             _save_base_state(state, run, step + 1, modules, optimizer, schedule, rng, generator, last_loss)
     for module in modules:
         module.eval().requires_grad_(False)
-    result = {"final_loss": last_loss, "images": images, "captions": len(table.captions), "resumed_at": start}
-    return result | ({"attribute_loss": attribute_loss} if attribute_loss else {})
+    extra = {"attribute_loss": attribute_loss} if attribute_loss else {}
+    return {"final_loss": last_loss, "images": images, "captions": len(table.captions), "resumed_at": start} | extra
 
 
 def caption_sensitivity(

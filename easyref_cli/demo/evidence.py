@@ -109,12 +109,12 @@ def write_groups(groups: Sequence[Group], root: Path) -> Path:
     return root
 
 
-def write_prompts(path: Path, images_per_prompt: int, seed: int) -> Path:
+def write_prompts(path: Path, images_per_prompt: int, seed: int, prompts: Sequence[tuple[str, str]] = PROMPTS) -> Path:
     import yaml
 
     data = {
         "defaults": {"images_per_prompt": images_per_prompt, "seed": seed},
-        "prompts": [{"id": pid, "prompt": text} for pid, text in PROMPTS],
+        "prompts": [{"id": pid, "prompt": text} for pid, text in prompts],
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -328,13 +328,16 @@ def run(
     sheet_groups: int = 6,
     weights: Path | None = None,
     extra: Sequence[str] = (),
+    prompt_ids: Sequence[str] | None = None,
 ) -> dict:
+    """Both runs (``prompt_ids``: a subset of :data:`PROMPTS`); returns what ``evidence.json`` holds."""
     out.mkdir(parents=True, exist_ok=True)
     extra = [*model_args(weights), *extra]
     given = held_out_groups(groups)
     swap = swapped(given)
-    prompts = write_prompts(out / "prompts.yaml", images_per_prompt, seed)
-    result: dict = {"groups": len(given), "images_per_prompt": images_per_prompt, "prompts": dict(PROMPTS)}
+    chosen = [(pid, text) for pid, text in PROMPTS if prompt_ids is None or pid in prompt_ids]
+    prompts = write_prompts(out / "prompts.yaml", images_per_prompt, seed, chosen)
+    result: dict = {"groups": len(given), "images_per_prompt": images_per_prompt, "prompts": dict(chosen)}
     for key, run_groups in (("as_given", given), ("swapped", swap)):
         root = write_groups(run_groups, out / key / "groups")
         generate(root, prompts, out / key / "images", extra)
