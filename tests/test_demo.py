@@ -233,12 +233,12 @@ def test_model_demo_conflicts_and_missing_weights(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def evidence_run(tmp_path_factory):
-    """Six held-out groups (every colour, every shape) × 3 prompts, references as given and swapped."""
+    """Six held-out groups (every colour, every shape) × 2 prompts, references as given and swapped."""
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the subprocesses: tiny ops run faster on one thread
     root = tmp_path_factory.mktemp("evidence")
-    subset = ("centre", "top-left", "bottom-right")  # the centre and two corners, large and small
+    subset = ("centre", "top-left")  # the centre and a corner, large and small
     return root, evidence.run(root, groups=6, images_per_prompt=1, sheet_groups=2, prompt_ids=subset)
 
 
@@ -261,7 +261,7 @@ def test_generate_with_model_demo_works_offline(tmp_path):
 def test_colour_follows_the_references_and_size_the_prompt(evidence_run):
     _, result = evidence_run
     given, swapped = result["as_given"], result["swapped"]
-    assert given["images"] == swapped["images"] == 6 * 3
+    assert given["images"] == swapped["images"] == 6 * 2
     # on a subset (every colour once, every shape), in both runs: the references' colour (chance 1/6) and
     # the prompt's size; the swapped run leaves the folders' colours behind. The shipped model does not
     # draw the references' shape or the prompt's position (docs/DEMO.md), so neither is asserted here.
