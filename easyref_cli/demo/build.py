@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from easyref_cli.demo import weights_dir
+from easyref_cli.demo.evidence import PROMPTS as EVIDENCE_PROMPTS
+from easyref_cli.demo.evidence import asked_placement
 from easyref_cli.demo.synthetic import (
     COLOURS,
     IMAGE_SIZE,
@@ -558,12 +560,10 @@ def caption_sensitivity(
     return result
 
 
-#: The placements :func:`from_text_accuracy` asks for: (words, grid cell, size).
-CHECK_PLACES = (
-    ("in the centre", (1, 1), "large"),
-    ("at the top left", (0, 0), "small"),
-    ("at the bottom right", (2, 2), "large"),
-    ("at the top right", (0, 2), "small"),
+#: The placements :func:`from_text_accuracy` asks for, (words, grid cell, size): those of the first four
+#: evidence prompts (the centre and three corners, large and small).
+CHECK_PLACES = tuple(
+    (POSITIONS[cell], cell, size) for cell, size in (asked_placement(text) for _, text in EVIDENCE_PROMPTS[:4])
 )
 
 
