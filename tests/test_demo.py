@@ -31,6 +31,19 @@ def test_groups_are_seeded_and_share_colour_and_shape():
     assert synthetic.make_group(6, 6)[0] != a[0]
 
 
+def test_the_mask_is_the_drawn_shape_and_the_background_tint_says_where_a_pixel_is():
+    import numpy as np
+
+    for drawing in synthetic.make_group(9, 8):
+        mask = np.asarray(drawing.mask()) > 0
+        assert (mask == synthetic.saturated(drawing.render())).all()
+    plain = np.asarray(synthetic.background(120), dtype=int)
+    assert (plain[:, :, 1] == 120).all() and plain.std(axis=(0, 1))[1] == 0  # green is the grey
+    assert (plain[0, -1, 0] - plain[0, 0, 0]) == 2 * synthetic.TINT  # red rises from left to right…
+    assert (plain[-1, 0, 2] - plain[0, 0, 2]) == 2 * synthetic.TINT  # …blue from top to bottom
+    assert not synthetic.saturated(synthetic.background(90)).any()  # too faint to count as a colour
+
+
 def test_dominant_colour_reads_every_drawing_and_nothing_from_grey():
     stream = synthetic.iter_drawings(123)
     drawings = [next(stream) for _ in range(300)]
@@ -151,7 +164,7 @@ def test_base_models_vae_fit_and_unet_pretraining_run(tmp_path):
 @pytest.mark.slow
 def test_an_interrupted_base_pretraining_resumes_exactly(tmp_path, monkeypatch):
     """A stopped base pre-training resumes to the weights of an uninterrupted one (with the attribute
-    heads, so their state is covered too)."""
+    heads, so their state is covered too, and the shape-weighted loss)."""
     import torch
 
     attribute_loss = 0.1
@@ -160,7 +173,8 @@ def test_an_interrupted_base_pretraining_resumes_exactly(tmp_path, monkeypatch):
         torch.manual_seed(0)
         return build.build_base_pipeline(tmp_path / "sdxl")
 
-    settings = {"seed": 0, "images": 8, "batch_size": 2, "log": lambda _: None, "attribute_loss": attribute_loss}
+    settings = {"seed": 0, "images": 8, "batch_size": 2, "log": lambda _: None, "attribute_loss": attribute_loss,
+                "shape_weight": 4.0}  # fmt: skip
     uninterrupted = fresh()
     build.train_base_unet(uninterrupted, 4, **settings)
 
@@ -361,6 +375,17 @@ def test_a_build_folder_refuses_other_settings_for_what_it_built(tmp_path):
     (tmp_path / "build.json").write_text('{"seed": 1}')
     with pytest.raises(SystemExit, match="another seed"):
         build.Ledger(tmp_path, {"seed": 0, "steps": {}})
+
+
+def test_the_shape_weights_cover_the_shape_and_its_outline_only():
+    drawing = synthetic.make_group(5, 1, "blue", "cross")[0]
+    weights = build._shape_weights([drawing], 4.0)[0, 0]
+    assert weights.shape == (16, 16) and weights.min() == 1.0 and weights.max() == 5.0
+    x0, y0, x1, y1 = (int(v) // 4 for v in drawing.box)
+    outside = weights.clone()
+    outside[max(0, y0 - 1) : y1 + 2, max(0, x0 - 1) : x1 + 2] = 1.0
+    assert (outside == 1.0).all()  # nothing beyond one latent pixel around the shape's box
+    assert (weights[y0 : y1 + 1, x0 : x1 + 1] > 1).float().mean() > 0.5
 
 
 def test_the_attribute_loss_reads_only_what_the_caption_names():

@@ -73,7 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover
 WEIGHTS_DIR = weights_dir()
 
 #: Default step counts (``--quick`` divides them by 20 for a smoke run of the recipe).
-STEPS = {"vae": 1600, "unet": 2000, "align": 600, "single": 500, "multi": 1600}
+STEPS = {"vae": 1600, "unet": 3000, "align": 600, "single": 500, "multi": 1600}
 LORA_RANK = 8
 
 
@@ -87,26 +87,30 @@ def _log(message: str) -> None:
 
 
 def _demo_unet() -> UNet2DConditionModel:
-    """The demo's SDXL-layout UNet (16² latents, cross-attention dim 64); random weights from the
-    global torch RNG. (Two variants that did not make it draw the prompt's position are in docs/DEMO.md.)"""
+    """The demo's SDXL-layout UNet (16² latents down to 4², cross-attention dim 64; 2.8 M parameters);
+    random weights from the global torch RNG. The time-and-text embedding scales and shifts each
+    ResNet block's normalised features (``scale_shift``) rather than being added before the norm,
+    where 8 groups of a few channels mostly erased it. (The variants that did not learn the prompt's
+    position are in docs/DEMO.md.)"""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 4,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=(32, 64, 64),
         layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4),
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=(2, 4, 4),
         use_linear_projection=True,
-        transformer_layers_per_block=(1, 1),
+        transformer_layers_per_block=(1, 1, 1),
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=80,  # 6 · 8 + the pooled text projection (32)
         cross_attention_dim=64,  # both text encoders' hidden states (32 + 32), concatenated
-        norm_num_groups=32,
+        norm_num_groups=8,
+        resnet_time_scale_shift="scale_shift",
     )
 
 
@@ -329,9 +333,10 @@ def _pick_captions(rng: random.Random, picks: list[int], drawings: list[Drawing]
     return caption_ids
 
 
-def _unet_loss(pipe, scheduler, x0, hidden, pooled, time_ids, generator) -> torch.Tensor:
+def _unet_loss(pipe, scheduler, x0, hidden, pooled, time_ids, generator, weights=None) -> torch.Tensor:
     """The diffusion loss of one batch: seeded noise and timesteps, then the UNet's prediction
-    against the noise (or the velocity, for v-prediction)."""
+    against the noise (or the velocity, for v-prediction); the squared error weighted per latent
+    pixel by ``weights`` (normalised to their mean) when given."""
     import torch
 
     batch_size = x0.shape[0]
@@ -344,7 +349,23 @@ def _unet_loss(pipe, scheduler, x0, hidden, pooled, time_ids, generator) -> torc
         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(batch_size, -1)},
     ).sample
     target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-    return torch.nn.functional.mse_loss(prediction, target)
+    if weights is None:
+        return torch.nn.functional.mse_loss(prediction, target)
+    return (weights * (prediction - target) ** 2).mean() / weights.mean()
+
+
+def _shape_weights(drawings: list[Drawing], weight: float) -> torch.Tensor:
+    """Per latent pixel loss weights for ``drawings``: 1, plus ``weight`` times the share of the pixel
+    the shape covers, spread one latent pixel outwards (max-pooled) so its outline counts in full.
+
+    Where two shapes differ is a thin outline; with most of a picture background, the plain loss
+    hardly cares which shape is drawn (docs/DEMO.md)."""
+    import numpy as np
+    import torch
+
+    masks = torch.from_numpy(np.stack([np.asarray(d.mask(), dtype=np.float32) / 255 for d in drawings]))[:, None]
+    covered = torch.nn.functional.avg_pool2d(masks, 4)  # the VAE's scale factor: 64² pixels → 16² latents
+    return 1 + weight * torch.nn.functional.max_pool2d(covered, 3, stride=1, padding=1)
 
 
 #: What :func:`_attribute_loss` reads off a caption's pooled embedding: attribute → its values.
@@ -364,6 +385,7 @@ class BaseRun:
     batch_size: int
     lr: float
     attribute_loss: float = 0.0
+    shape_weight: float = 0.0
 
 
 def _attribute_heads(width: int, seed: int):
@@ -462,6 +484,7 @@ def train_base_unet(
     state: Path | None = None,
     save_every: int = 250,
     attribute_loss: float = 0.0,
+    shape_weight: float = 0.0,
 ) -> dict:
     """Text-to-image pre-training of ``pipe.unet`` together with both text encoders (the DDPM
     noise schedule and prediction type of the pipeline's scheduler config). Training the tiny CLIP
@@ -473,14 +496,16 @@ def train_base_unet(
 
     ``attribute_loss`` > 0 adds, at that weight, linear heads that must read the caption's grid cell,
     size, colour and shape off the pooled text embedding (:func:`_attribute_loss`): it makes the text
-    encoders carry the position, which the UNet then learns to use (docs/DEMO.md)."""
+    encoders carry the position, which the UNet then learns to use (docs/DEMO.md). ``shape_weight`` > 0
+    weights the diffusion loss on and around the drawn shape (:func:`_shape_weights`)."""
     import torch
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    run = BaseRun(steps=steps, seed=seed, images=images, batch_size=batch_size, lr=lr, attribute_loss=attribute_loss)
+    run = BaseRun(steps, seed, images, batch_size, lr, attribute_loss, shape_weight)
     rng = random.Random(f"easyref-demo-unet-{seed}")
     drawings, latents, table = _base_data(pipe, images, seed, log)
+    weights = _shape_weights(drawings, shape_weight) if shape_weight else None
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     heads = _attribute_heads(pipe.text_encoder_2.config.projection_dim, seed + 2) if attribute_loss else None
@@ -499,7 +524,8 @@ def train_base_unet(
         picks = [rng.randrange(images) for _ in range(batch_size)]
         caption_ids = _pick_captions(rng, picks, drawings, table.index)
         hidden, pooled = encode_text(pipe, table.ids_1[caption_ids], table.ids_2[caption_ids])
-        loss = _unet_loss(pipe, scheduler, latents[picks], hidden, pooled, time_ids, generator)
+        batch_weights = weights[picks] if weights is not None else None
+        loss = _unet_loss(pipe, scheduler, latents[picks], hidden, pooled, time_ids, generator, batch_weights)
         captions = [table.captions[i] for i in caption_ids]
         aux = _attribute_loss(heads, pooled, [drawings[i] for i in picks], captions)
         (loss + attribute_loss * aux).backward()
@@ -515,6 +541,7 @@ def train_base_unet(
     for module in modules:
         module.eval().requires_grad_(False)
     extra = {"attribute_loss": attribute_loss} if attribute_loss else {}
+    extra |= {"shape_weight": shape_weight} if shape_weight else {}
     return {"final_loss": last_loss, "images": images, "captions": len(table.captions), "resumed_at": start} | extra
 
 
@@ -803,8 +830,16 @@ def _save_pipeline(pipe, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class BaseLoss:
+    """What base pre-training adds to the diffusion loss (:func:`train_base_unet`; docs/DEMO.md)."""
+
+    attribute_loss: float = 0.1
+    shape_weight: float = 4.0
+
+
 def _build_base(
-    work: Path, ledger: Ledger, steps: dict[str, int], seed: int, base_from: Path | None, attribute_loss: float
+    work: Path, ledger: Ledger, steps: dict[str, int], seed: int, base_from: Path | None, base_loss: BaseLoss
 ) -> None:
     """Steps 1-3: base models, VAE, base UNet into ``work/sdxl`` and ``work/qwen2vl`` (resumable)."""
     from diffusers import StableDiffusionXLPipeline
@@ -830,14 +865,14 @@ def _build_base(
             _save_pipeline(pipe, sdxl)
         _marker(work / "base-models.done", models)
     if (work / "base-unet.done").exists():
-        _marker(work / "base-unet.done", {"unet": steps["unet"], "attribute_loss": attribute_loss})
+        _marker(work / "base-unet.done", {"unet": steps["unet"]} | dataclasses.asdict(base_loss))
         _log(f"base models of {work} are trained; reusing them")
         return
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
     state = work / BASE_STATE
     record["unet"] = ledger.timed(
         "unet",
-        lambda: train_base_unet(pipe, steps["unet"], seed=seed, state=state, attribute_loss=attribute_loss),
+        lambda: train_base_unet(pipe, steps["unet"], seed=seed, state=state, **dataclasses.asdict(base_loss)),
         planned=steps["unet"],
     )
     record["unet"]["parameters"] = sum(p.numel() for p in pipe.unet.parameters())
@@ -848,7 +883,7 @@ def _build_base(
     _log(f"base model from text: {record['unet']['from_text']}")
     _save_pipeline(pipe, sdxl)
     ledger.save()
-    _marker(work / "base-unet.done", {"unet": steps["unet"], "attribute_loss": attribute_loss})
+    _marker(work / "base-unet.done", {"unet": steps["unet"]} | dataclasses.asdict(base_loss))
 
 
 def _stage_reached(out: Path) -> int:
@@ -924,7 +959,7 @@ def build(
     base_only: bool = False,
     base_from: Path | None = None,
     steps: dict[str, int] | None = None,
-    attribute_loss: float = 0.0,
+    base_loss: BaseLoss = BaseLoss(),
 ) -> dict:
     """Run the recipe in ``work`` (see the module docstring), continuing whatever an earlier run in
     ``work`` left; returns what ``build.json`` records."""
@@ -933,7 +968,7 @@ def build(
     ledger = Ledger(work, {"seed": seed, "steps": planned, "lora_rank": LORA_RANK})
 
     # 1.-3. base models, VAE and base UNet
-    _build_base(work, ledger, planned, seed, base_from, attribute_loss)
+    _build_base(work, ledger, planned, seed, base_from, base_loss)
     if base_only:
         return ledger.record
 
@@ -997,15 +1032,20 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--base-only", action="store_true", help="stop after the base models (steps 1-3)")
     parser.add_argument(
-        "--attribute-loss", type=float, default=0.0, metavar="W",
+        "--attribute-loss", type=float, default=BaseLoss.attribute_loss, metavar="W",
         help="base pre-training also trains heads reading the caption's cell, size, colour and shape off the "
-        "pooled text embedding, at weight W (0.1 made the base use position words; docs/DEMO.md)",
+        "pooled text embedding, at weight W (0 turns it off; it made the base use position words; docs/DEMO.md)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shape-weight", type=float, default=BaseLoss.shape_weight, metavar="W",
+        help="base pre-training weights the diffusion loss 1 + W on and around the drawn shape (0: plain loss)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops a step as Ctrl-C does: its time is recorded
     record = build(
         args.work, quick=args.quick, seed=args.seed, install=args.install, base_only=args.base_only,
-        base_from=args.base_from, steps=dict(args.steps), attribute_loss=args.attribute_loss,
+        base_from=args.base_from, steps=dict(args.steps),
+        base_loss=BaseLoss(args.attribute_loss, args.shape_weight),
     )  # fmt: skip
     print(json.dumps(record, indent=2))
 

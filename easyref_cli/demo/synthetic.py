@@ -1,9 +1,9 @@
-"""The demo model's synthetic domain: groups of coloured shapes on grey backgrounds.
+"""The demo model's synthetic domain: groups of coloured shapes on faintly tinted grey backgrounds.
 
 Every image of a *group* shows the same colour (one of six hues) and the same shape, drawn at a
-different position and size on a different grey background. A group is what a user hands
-``easyref generate``: the model has to pick up the shared colour and shape from the references,
-while the prompt says where and how large to draw it ("a small shape at the top left").
+different position and size on a different grey background (tinted by position: :func:`background`).
+A group is what a user hands ``easyref generate``: the model has to pick up the shared colour and
+shape from the references, while the prompt says where and how large to draw it ("a small shape at the top left").
 
 Torch-free (PIL + ``random``); every image is a pure function of its seed.
 """
@@ -24,6 +24,8 @@ __all__ = [
     "SIZES",
     "Drawing",
     "IMAGE_SIZE",
+    "TINT",
+    "background",
     "EXAMPLE_GROUPS",
     "classify_placement",
     "classify_shape",
@@ -89,25 +91,58 @@ class Drawing:
         words.append(self.shape if shape else "shape")
         return " ".join(words) + " " + self.position
 
-    def render(self) -> Image.Image:
-        image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (self.background,) * 3)
-        draw = ImageDraw.Draw(image)
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """The shape's bounding box (x0, y0, x1, y1)."""
         cx, cy = self.centre
         h = self.side / 2
-        box = (cx - h, cy - h, cx + h, cy + h)
-        if self.shape == "circle":
-            draw.ellipse(box, fill=self.rgb)
-        elif self.shape == "square":
-            draw.rectangle(box, fill=self.rgb)
-        elif self.shape == "triangle":
-            draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=self.rgb)
-        elif self.shape == "cross":
-            t = self.side / 6
-            draw.rectangle((cx - h, cy - t, cx + h, cy + t), fill=self.rgb)
-            draw.rectangle((cx - t, cy - h, cx + t, cy + h), fill=self.rgb)
-        else:  # pragma: no cover - SHAPES is closed
-            raise ValueError(f"unknown shape {self.shape!r}")
+        return cx - h, cy - h, cx + h, cy + h
+
+    def render(self) -> Image.Image:
+        """The picture: the shape in its colour on the tinted grey :func:`background`."""
+        image = background(self.background)
+        _draw_shape(ImageDraw.Draw(image), self.shape, self.box, self.rgb)
         return image
+
+    def mask(self) -> Image.Image:
+        """The shape's pixels (255) on black, as :meth:`render` draws them; an ``"L"`` image."""
+        image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        _draw_shape(ImageDraw.Draw(image), self.shape, self.box, 255)
+        return image
+
+
+#: How far the background's red rises from left to right, and its blue from top to bottom (± levels).
+TINT = 16
+
+
+def background(grey: int) -> Image.Image:
+    """A ``grey`` background with a faint tint that says where each pixel is: red + TINT·x and
+    blue + TINT·y, for x and y from −1 (left, top) to 1 (right, bottom).
+
+    The tint is what lets the demo UNet learn where it is drawing (with a flat grey it ignored the
+    prompt's position words; docs/DEMO.md). Saturation stays below every classifier's threshold."""
+    ramp = [round(TINT * (2 * i / (IMAGE_SIZE - 1) - 1)) for i in range(IMAGE_SIZE)]
+    pixels = [(grey + dx, grey, grey + dy) for dy in ramp for dx in ramp]
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+    image.putdata(pixels)
+    return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    """Draw ``shape`` filling ``box`` (x0, y0, x1, y1); a cross's arms are a third of the box wide."""
+    x0, y0, x1, y1 = box
+    cx, cy, t = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 6
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "cross":
+        draw.rectangle((x0, cy - t, x1, cy + t), fill=fill)
+        draw.rectangle((cx - t, y0, cx + t, y1), fill=fill)
+    else:  # pragma: no cover - SHAPES is closed
+        raise ValueError(f"unknown shape {shape!r}")
 
 
 def _rgb(hue: float, rng: random.Random) -> tuple[int, int, int]:
@@ -132,7 +167,7 @@ def random_drawing(rng: random.Random, colour: str | None = None, shape: str | N
         return rng.randint(min(a, b), max(a, b))
 
     centre = (coordinate(cell[1]), coordinate(cell[0]))
-    background = rng.randint(60, 190)
+    background = rng.randint(90, 190)
     return Drawing(colour, shape, size, cell, _rgb(COLOURS[colour], rng), background, centre, side)
 
 
@@ -206,18 +241,7 @@ def _template(shape: str, box: tuple[int, int, int, int]):
     import numpy as np
 
     canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-    draw = ImageDraw.Draw(canvas)
-    x0, y0, x1, y1 = box
-    cx, cy, t = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 6
-    if shape == "circle":
-        draw.ellipse(box, fill=255)
-    elif shape == "square":
-        draw.rectangle(box, fill=255)
-    elif shape == "triangle":
-        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=255)
-    else:
-        draw.rectangle((x0, cy - t, x1, cy + t), fill=255)
-        draw.rectangle((cx - t, y0, cx + t, y1), fill=255)
+    _draw_shape(ImageDraw.Draw(canvas), shape, box, 255)
     return np.asarray(canvas) > 0
 
 
