@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -85,13 +86,20 @@ def test_captions_for_the_adapter_name_neither_colour_nor_shape():
     assert prompt.startswith(f"a {drawing.size} shape ") and prompt.endswith(drawing.position)
 
 
-def test_examples_are_the_documented_groups(tmp_path):
-    folders = synthetic.write_examples(tmp_path)
+def test_examples_are_the_documented_groups_and_controls(tmp_path):
+    folders = synthetic.write_examples(tmp_path / "groups")
     assert [f.name for f in folders] == [f"{c}-{s}" for c, s, _ in synthetic.EXAMPLE_GROUPS]
     for folder, (colour, _, _) in zip(folders, synthetic.EXAMPLE_GROUPS, strict=False):
         images = sorted(folder.glob("*.png"))
         assert len(images) == 3
         assert all(synthetic.dominant_colour(Image.open(p)) == colour for p in images)
+    controls = synthetic.write_controls(tmp_path / "controls")
+    assert [synthetic.classify_shape(Image.open(p)) for p in controls] == list(synthetic.SHAPES)
+    shipped = Path(__file__).parents[1] / "examples"
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
+    assert written == sorted(p.relative_to(shipped) for p in shipped.rglob("*.png"))
+    for path in written:  # the shipped examples are these pictures (regenerated with the domain)
+        assert Image.open(shipped / path).tobytes() == Image.open(tmp_path / path).tobytes(), path
 
 
 def test_held_out_groups_cover_every_pair_and_swapping_changes_every_colour_and_shape():

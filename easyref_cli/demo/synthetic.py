@@ -36,6 +36,7 @@ __all__ = [
     "random_drawing",
     "saturated",
     "shape_mask",
+    "write_controls",
     "write_examples",
 ]
 
@@ -302,8 +303,28 @@ def write_examples(root, references: int = 3) -> list:
     return folders
 
 
+def write_controls(root) -> list:
+    """Write ``root/<shape>.png``: one large cyan drawing of each of :data:`SHAPES` in the centre, the
+    control images of the README's ControlNet example (``--control-preprocess canny`` keeps only the
+    outline); returns the files."""
+    from pathlib import Path
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    files = []
+    for shape in SHAPES:
+        rng = random.Random(f"easyref-demo-control-{shape}")
+        drawing = random_drawing(rng, "cyan", shape)
+        while (drawing.cell, drawing.size) != ((1, 1), "large"):
+            drawing = random_drawing(rng, "cyan", shape)
+        drawing.render().save(Path(root) / f"{shape}.png")
+        files.append(Path(root) / f"{shape}.png")
+    return files
+
+
 if __name__ == "__main__":
     import sys
+    from pathlib import Path
 
-    for folder in write_examples(sys.argv[1] if len(sys.argv) > 1 else "examples/groups"):
-        print(folder)
+    examples = Path(sys.argv[1] if len(sys.argv) > 1 else "examples")
+    for path in write_examples(examples / "groups") + write_controls(examples / "controls"):
+        print(path)
