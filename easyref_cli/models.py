@@ -36,9 +36,9 @@ MODEL_NOTICES = {
     "tiny": "--model tiny: tiny RANDOM models built locally for a smoke run — the pipeline is real, "
     "the pictures are noise.",
     "demo": "--model demo: a tiny EasyRef trained on synthetic coloured shapes (64×64): it takes the colour "
-    "from the references; prompts name only a size and a position ('a large shape at the top left'); it "
-    "follows the size but not the position, and draws blobs rather than the references' shape; a control image "
-    "gives the shape (--controlnet demo --control-image FILE --control-preprocess canny; docs/DEMO.md).",
+    "from the references and the position and size from the prompt ('a large shape at the top left'); it does "
+    "not take the references' shape yet (it draws circles and squares); a control image gives the shape "
+    "(--controlnet demo --control-image FILE --control-preprocess canny; docs/DEMO.md).",
 }
 
 

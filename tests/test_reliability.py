@@ -300,7 +300,7 @@ def _env() -> dict:
 
 @pytest.mark.slow
 def test_concurrent_runs_into_one_folder_split_the_work_and_never_clobber(tiny, tmp_path):
-    groups = make_groups(tmp_path / "groups", names=("alpha", "beta", "gamma"))
+    groups = make_groups(tmp_path / "groups")
     prompts = tmp_path / "prompts.yaml"
     prompts.write_text(yaml.safe_dump({"prompts": [{"prompt": f"a cat {i}", "id": f"p{i}"} for i in range(3)]}))
     base = [sys.executable, "-m", "easyref_cli", "generate", str(groups), "--prompts", str(prompts),
@@ -308,14 +308,14 @@ def test_concurrent_runs_into_one_folder_split_the_work_and_never_clobber(tiny, 
     alone, shared = tmp_path / "alone", tmp_path / "shared"
     [single] = _run_all([[*base, "-o", str(alone)]], _env())
     assert single.returncode == 0, single.stderr[-2000:]
-    runs = _run_all([[*base, "-o", str(shared), "--json"] for _ in range(3)], _env())
-    assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr[-2000:] for r in runs]
+    runs = _run_all([[*base, "-o", str(shared), "--json"] for _ in range(2)], _env())
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr[-2000:] for r in runs]
     made = [[json.loads(line)["status"] for line in r.stdout.splitlines()].count("ok") for r in runs]
-    assert sum(made) == 18, made  # the work was split, not done three times
-    assert tree(shared) == tree(alone)  # 18 images, the same bytes as one run
+    assert sum(made) == 12, made  # the work was split, not done twice
+    assert tree(shared) == tree(alone)  # 12 images, the same bytes as one run
     entries = manifest(shared)
     ok = [e["job_id"] for e in entries if e["status"] == "ok"]
-    assert len(ok) == len(set(ok)) == 18  # each finished job once
+    assert len(ok) == len(set(ok)) == 12  # each finished job once
     assert not list(shared.rglob("*.tmp")) and not (shared / claims.CLAIMS_DIR).exists()
 
     # Other settings into the same names, at the same time: never a clobbered image.

@@ -1,6 +1,6 @@
 """Train the demo model from nothing: ``python -m easyref_cli.demo.build WORK_DIR [--install]``.
 
-The recipe (every step seeded; the defaults take about 45 minutes on two CPU cores, see docs/DEMO.md):
+The recipe (every step seeded; the defaults took 117 minutes on two CPU cores, see docs/DEMO.md):
 
 1. **Base models.** A tiny SDXL-layout pipeline (UNet, VAE, two CLIP text encoders, Euler
    scheduler) and a tiny random Qwen2-VL, saved with ``save_pretrained``.
@@ -10,6 +10,9 @@ The recipe (every step seeded; the defaults take about 45 minutes on two CPU cor
    synthetic captions ("a large red circle at the top left"), with colour and/or shape words
    dropped from some captions so the UNet also draws a shape of *some* colour for "a large shape
    at the top left"; v-prediction on a zero-terminal-SNR schedule (see ``build_base_pipeline``).
+   Two training-only additions make it draw what the caption names (``BaseLoss``): heads that must
+   read the caption's cell, size, colour and shape off the pooled text embedding (the position),
+   and a heavier loss on and around the drawn shape (the shape).
    Two checks record what the base model then does with a caption: how often it draws the colour,
    shape, position and size the caption names (``from_text_accuracy``), and how much each of those
    words moves its loss (``caption_sensitivity``).

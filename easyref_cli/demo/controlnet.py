@@ -1,8 +1,8 @@
 """The demo's canny ControlNet: the outline of a shape in → that shape drawn there.
 
-The demo model takes the colour from its references but draws blobs (docs/DEMO.md): the shape is
-what its tiny base never learned from text. A ControlNet supplies it — the structure input the
-official EasyRef pairs with references. It is trained here on the demo's synthetic drawings: the
+The demo model takes the colour from its references and the place from the prompt, but not the
+references' shape (docs/DEMO.md). A ControlNet supplies the shape — the structure input the official
+EasyRef pairs with references. It is trained here on the demo's synthetic drawings: the
 control image is ``--control-preprocess canny`` of a drawing (:func:`easyref_cli.preprocess.canny`,
 the same numpy Canny a run applies), the target the drawing, the caption the demo's prompt
 vocabulary ("a large shape at the top left", no colour or shape word). The UNet is the demo's own,
