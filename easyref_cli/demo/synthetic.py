@@ -11,6 +11,7 @@ Torch-free (PIL + ``random``); every image is a pure function of its seed.
 from __future__ import annotations
 
 import colorsys
+import functools
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -122,10 +123,15 @@ def background(grey: int) -> Image.Image:
 
     The tint is what lets the demo UNet learn where it is drawing (with a flat grey it ignored the
     prompt's position words; docs/DEMO.md). Saturation stays below every classifier's threshold."""
+    return _tinted(grey).copy()
+
+
+@functools.cache
+def _tinted(grey: int) -> Image.Image:
+    """:func:`background`, drawn once per grey level (the data sets render thousands of pictures)."""
     ramp = [round(TINT * (2 * i / (IMAGE_SIZE - 1) - 1)) for i in range(IMAGE_SIZE)]
-    pixels = [(grey + dx, grey, grey + dy) for dy in ramp for dx in ramp]
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
-    image.putdata(pixels)
+    image.putdata([(grey + dx, grey, grey + dy) for dy in ramp for dx in ramp])
     return image
 
 
@@ -316,8 +322,8 @@ def write_controls(root) -> list:
         drawing = random_drawing(rng, "cyan", shape)
         while (drawing.cell, drawing.size) != ((1, 1), "large"):
             drawing = random_drawing(rng, "cyan", shape)
-        drawing.render().save(Path(root) / f"{shape}.png")
         files.append(Path(root) / f"{shape}.png")
+        drawing.render().save(files[-1])
     return files
 
 
