@@ -153,16 +153,17 @@ def _control_args(tiny, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("inputs", [False, True], ids=["text-to-image", "controlnet-img2img"])
-def test_two_processes_give_the_same_bytes_as_one(tiny, tmp_path, inputs):
+def test_two_processes_give_the_same_bytes_as_one(tiny, tmp_path):
+    """ControlNet + img2img inputs on top of the reference groups (text-to-image on two processes:
+    ``test_num_processes_convenience_…`` below)."""
     groups = _groups(tmp_path)
-    extra = _control_args(tiny, tmp_path) if inputs else []
+    extra = _control_args(tiny, tmp_path)
     one = _single(_args(tiny, groups, tmp_path / "one") + extra)
     assert one.exit_code == 0, one.output
     two = _launch(_args(tiny, groups, tmp_path / "two") + extra)
     assert two.returncode == 0, two.stderr[-3000:]
     assert _pngs(tmp_path / "one") == _pngs(tmp_path / "two")
-    assert len(_pngs(tmp_path / "two")) == (12 if inputs else 6)
+    assert len(_pngs(tmp_path / "two")) == 12
     manifest = files.read_manifest(tmp_path / "two" / files.MANIFEST_NAME)
     assert [e["job_id"] for e in manifest] == [
         e["job_id"] for e in files.read_manifest(tmp_path / "one" / files.MANIFEST_NAME)
@@ -215,6 +216,8 @@ def test_num_processes_convenience_runs_accelerate_and_keeps_the_exit_code(tiny,
     )
     assert res.returncode == 1, res.stderr[-3000:]  # "some jobs failed", not the launcher's generic failure
     assert "ChildFailedError" not in res.stderr
-    assert len(_pngs(tmp_path / "o")) == 4
+    one = _single(_args(tiny, groups, tmp_path / "one"))
+    assert one.exit_code == 1, one.output
+    assert _pngs(tmp_path / "o") == _pngs(tmp_path / "one") and len(_pngs(tmp_path / "o")) == 4  # text-to-image
     manifest = files.read_manifest(tmp_path / "o" / files.MANIFEST_NAME)
     assert len(manifest) == 6 and sum(e["status"] == "error" for e in manifest) == 2

@@ -65,7 +65,8 @@ def test_three_concurrent_shards_give_the_bytes_of_one_run(tiny, tmp_path):
     base = [sys.executable, "-m", "easyref_cli", "generate", str(groups), "--prompts", str(prompts), *_args(tiny), "-q"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     one, many = tmp_path / "one", tmp_path / "many"
-    assert subprocess.run([*base, "-o", str(one)], env=env, capture_output=True).returncode == 0
+    single = cli.invoke(app, [*base[3:], "-o", str(one)])  # the reference run, in this process
+    assert single.exit_code == 0, single.output
     procs = [subprocess.Popen([*base, "-o", str(many), "--shard", f"{k}/3"], env=env, stderr=subprocess.PIPE)
              for k in (1, 2, 3)]  # fmt: skip
     for proc in procs:
@@ -80,8 +81,8 @@ def test_three_concurrent_shards_give_the_bytes_of_one_run(tiny, tmp_path):
     ok = [e["job_id"] for e in entries if e["status"] == "ok"]
     assert len(ok) == len(set(ok)) == 8  # each job once, every shard folded in
     assert not list(many.glob(distributed.SHARD_GLOB))
-    merged = subprocess.run([*base, "-o", str(many), "--merge-manifest"], env=env, capture_output=True, text=True)
-    assert merged.returncode == 0 and "8 of 8 images exist" in merged.stderr, merged.stderr
+    merged = cli.invoke(app, [*base[3:], "-o", str(many), "--merge-manifest"])
+    assert merged.exit_code == 0 and "8 of 8 images exist" in merged.output, merged.output
 
 
 def test_merge_manifest_folds_finished_shards_and_reports_missing(tiny, tmp_path):
