@@ -369,6 +369,10 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
     (tmp_path / "base-unet.done").write_text('{"unet": 200}\n')  # a retrained base: every stage again
     train(single=6, multi=8)
     assert calls == [("align", 4, False), ("single", 6, False), ("multi", 8, False)]
+    calls.clear()
+    (tmp_path / "base-mllm.done").write_text('{"qwen2vl": 20}\n')  # a pre-trained Qwen2-VL: every stage again
+    train(single=6, multi=8)
+    assert calls == [("align", 4, False), ("single", 6, False), ("multi", 8, False)]
 
     def stopped(*_, **__):
         raise KeyboardInterrupt
@@ -416,3 +420,79 @@ def test_the_attribute_loss_reads_only_what_the_caption_names():
     full = build._attribute_loss(heads, pooled, [drawing], [drawing.caption()]).item()
     assert full > before  # …and does for one with it
     assert set(build.ATTRIBUTES) == {"cell", "size", "colour", "shape"}
+
+
+# --------------------------------------------------------------------------- the Qwen2-VL pre-training
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2vl(tmp_path_factory):
+    from easyref_cli.tiny import build_tiny_qwen2vl
+
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("qwen2vl"), 0)
+
+
+def test_qwen2vl_pretraining_learns_only_the_answer_after_the_picture(tiny_qwen2vl):
+    from easyref_cli.demo import mllm
+    from easyref_cli.model.encoder import build_prompt
+
+    captioner = mllm.Captioner(tiny_qwen2vl)
+    drawings = synthetic.make_group(4, 2, "green", "triangle")
+    pixel_values, grid, counts = captioner.images(drawings)
+    assert counts[0] == counts[1] and counts[0] * 4 == int(grid[0].prod())  # rule 2: 64² → 308² → 11² tokens
+    answers = [mllm.answer(drawings[0], short=False), mllm.answer(drawings[1], short=True)]
+    assert answers[1] == "a green triangle" and answers[0] == drawings[0].caption()
+    ids, labels = captioner.batch(counts, answers)
+    tok = captioner.tokenizer
+    for row, label, text in zip(ids, labels, answers, strict=True):
+        prompt = tok(build_prompt([counts[0]], "", mllm.INSTRUCTION), add_special_tokens=False)["input_ids"]
+        assert row[: len(prompt)].tolist() == prompt and (label[: len(prompt)] == -100).all()
+        learnt = label[label != -100].tolist()
+        assert tok.decode(learnt) == text + "<|im_end|>"  # the answer and its end, nothing else
+    losses = captioner.token_losses(ids, labels, pixel_values, grid)
+    assert losses.shape == (2, ids.shape[1] - 1)
+    assert ((losses > 0) == (labels[:, 1:] != -100)).all()
+
+
+@pytest.mark.slow
+def test_an_interrupted_qwen2vl_pretraining_resumes_exactly_and_is_saved(tiny_qwen2vl, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from easyref_cli.demo import mllm
+
+    def fresh(name):
+        return Path(shutil.copytree(tiny_qwen2vl, tmp_path / name))
+
+    settings = {"seed": 0, "batch_size": 2, "log": lambda _: None}
+    before = load_file(tiny_qwen2vl / "model.safetensors")
+    uninterrupted = fresh("whole")
+    mllm.pretrain_qwen2vl(uninterrupted, 4, **settings)
+    expected = load_file(uninterrupted / "model.safetensors")
+    assert any(not torch.equal(before[k], v) for k, v in expected.items())  # trained and saved back
+    assert sorted(p.name for p in uninterrupted.iterdir()) == sorted(p.name for p in tiny_qwen2vl.iterdir())
+
+    losses, calls = mllm.Captioner.token_losses, []
+
+    def interrupted_at_step_3(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return losses(self, *args)
+
+    state, stopped = tmp_path / "state.pt", fresh("stopped")
+    monkeypatch.setattr(mllm.Captioner, "token_losses", interrupted_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        mllm.pretrain_qwen2vl(stopped, 4, state=state, save_every=2, **settings)
+    assert all(torch.equal(before[k], v) for k, v in load_file(stopped / "model.safetensors").items())  # untouched
+    monkeypatch.setattr(mllm.Captioner, "token_losses", losses)
+    done = mllm.pretrain_qwen2vl(stopped, 4, state=state, save_every=2, **settings)
+    assert done["resumed_at"] == 2
+    resumed = load_file(stopped / "model.safetensors")
+    assert all(torch.equal(expected[k], v) for k, v in resumed.items())
+    with pytest.raises(SystemExit, match="another Qwen2-VL run"):
+        mllm.pretrain_qwen2vl(stopped, 6, state=state, **settings)
+    reads = mllm.reading_accuracy(stopped, pictures=2)
+    assert set(reads) == {"colour", "shape", "position", "size"} and all(0 <= v <= 1 for v in reads.values())

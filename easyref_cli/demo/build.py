@@ -16,17 +16,20 @@ The recipe (every step seeded; the defaults took 117 minutes on two CPU cores, s
    Two checks record what the base model then does with a caption: how often it draws the colour,
    shape, position and size the caption names (``from_text_accuracy``), and how much each of those
    words moves its loss (``caption_sensitivity``).
-4. **EasyRef**: the real ``easyref train`` stages (``align`` → ``single`` → ``multi``) on synthetic
+4. **Qwen2-VL**: the tiny Qwen2-VL pre-trained as a captioner of the pictures ("a large red circle at
+   the top left"), as the real EasyRef starts from a Qwen2-VL that sees shapes and colours
+   (:mod:`easyref_cli.demo.mllm`); a check records how often it reads each attribute.
+5. **EasyRef**: the real ``easyref train`` stages (``align`` → ``single`` → ``multi``) on synthetic
    groups whose captions name no colour and no shape: the colour and the shape can only come from
    the references.
-5. ``--install`` copies the result (``sdxl/``, ``qwen2vl/``, ``easyref.safetensors``,
+6. ``--install`` copies the result (``sdxl/``, ``qwen2vl/``, ``easyref.safetensors``,
    ``build.json``) into ``easyref_cli/demo/weights``, where ``--model demo`` finds it.
 
 ``build.json`` records the settings, the wall time of each step and the machine.
 
 A build folder continues where it stopped: running the same command again (``kill`` or Ctrl-C
-first, if need be) keeps finished steps, resumes the base UNet from its last saved state
-(``base-state.pt``, every 250 steps, exactly as if it had not stopped) and a stage from its last
+first, if need be) keeps finished steps, resumes the base UNet and the Qwen2-VL from their last saved states
+(``base-state.pt``, ``qwen2vl-state.pt``, every 250 steps, exactly as if they had not stopped) and a stage from its last
 checkpoint (``easyref train --resume``); ``--steps multi=2400`` trains a finished stage further. The
 time of every run, interrupted ones included, adds up in ``build.json`` (``seconds``; ``runs`` lists
 each). ``--base-from BUILD`` starts from a previous build's VAE, text encoders and Qwen2-VL with a new
@@ -55,6 +58,7 @@ from typing import TYPE_CHECKING
 from easyref_cli.demo import weights_dir
 from easyref_cli.demo.evidence import PROMPTS as EVIDENCE_PROMPTS
 from easyref_cli.demo.evidence import asked_placement
+from easyref_cli.demo.state import load_state, save_state
 from easyref_cli.demo.synthetic import (
     COLOURS,
     IMAGE_SIZE,
@@ -76,7 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover
 WEIGHTS_DIR = weights_dir()
 
 #: Default step counts (``--quick`` divides them by 20 for a smoke run of the recipe).
-STEPS = {"vae": 1600, "unet": 3000, "align": 600, "single": 500, "multi": 1600}
+STEPS = {"vae": 1600, "unet": 3000, "mllm": 2000, "align": 600, "single": 500, "multi": 1600}
 LORA_RANK = 8
 
 
@@ -376,6 +380,7 @@ ATTRIBUTES = {"cell": list(POSITIONS), "size": list(SIZES), "colour": list(COLOU
 
 #: The base UNet's training state, saved as it trains (an interrupted run resumes from it).
 BASE_STATE = "base-state.pt"
+MLLM_STATE = "qwen2vl-state.pt"
 
 
 @dataclass(frozen=True)
@@ -421,48 +426,6 @@ def _attribute_loss(heads, pooled, drawings: list[Drawing], captions: list[str])
                 heads[name](pooled), torch.tensor(targets), ignore_index=-100
             )
     return total
-
-
-def _save_base_state(
-    path: Path, run: BaseRun, step: int, modules, optimizer, schedule, rng, generator, loss: float
-) -> None:
-    """Everything a resumed run needs to continue exactly as an uninterrupted one (written atomically)."""
-    import torch
-
-    state = {
-        "run": dataclasses.asdict(run),
-        "step": step,
-        "modules": [m.state_dict() for m in modules],
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "rng": rng.getstate(),
-        "generator": generator.get_state(),
-        "loss": loss,
-    }
-    partial = path.with_name(path.name + ".tmp")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
-def _load_base_state(
-    path: Path | None, run: BaseRun, modules, optimizer, schedule, rng, generator
-) -> tuple[int, float]:
-    """The step a saved state of the same ``run`` reached and its last loss (its tensors and RNG states
-    loaded), else ``(0, nan)``."""
-    import torch
-
-    if path is None or not path.exists():
-        return 0, float("nan")
-    state = torch.load(path, weights_only=False)
-    if state["run"] != dataclasses.asdict(run):
-        raise SystemExit(f"{path} is the state of another base run ({state['run']}); remove it to start again")
-    for module, tensors in zip(modules, state["modules"], strict=True):
-        module.load_state_dict(tensors)
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    rng.setstate(state["rng"])
-    generator.set_state(state["generator"])
-    return state["step"], state["loss"]
 
 
 def _base_data(pipe, images: int, seed: int, log: Callable) -> tuple[list[Drawing], torch.Tensor, CaptionTable]:
@@ -520,7 +483,7 @@ def train_base_unet(
     schedule = get_cosine_schedule_with_warmup(optimizer, min(200, steps // 10), steps)
     time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
-    start, last_loss = _load_base_state(state, run, modules, optimizer, schedule, rng, generator)
+    start, last_loss = load_state(state, run, modules, optimizer, schedule, rng, generator, what="base run")
     if start:
         log(f"unet: resuming at step {start} from {state}")
     for step in range(start, steps):
@@ -540,7 +503,7 @@ def train_base_unet(
         if step % 200 == 0 or step == steps - 1:
             log(f"unet step {step + 1}/{steps} loss {last_loss:.4f}")
         if state is not None and ((step + 1) % save_every == 0 or step == steps - 1):
-            _save_base_state(state, run, step + 1, modules, optimizer, schedule, rng, generator, last_loss)
+            save_state(state, run, step + 1, modules, optimizer, schedule, rng, generator, last_loss)
     for module in modules:
         module.eval().requires_grad_(False)
     extra = {"attribute_loss": attribute_loss} if attribute_loss else {}
@@ -798,13 +761,16 @@ def _start_from(base_from: Path, work: Path, ledger: Ledger, seed: int):
     _save_pipeline(pipe, sdxl)
     shutil.rmtree(work / "qwen2vl", ignore_errors=True)  # a copy an interrupted run left
     shutil.copytree(base_from / "qwen2vl", work / "qwen2vl")
+    if (base_from / "base-mllm.done").exists():  # its Qwen2-VL is pre-trained already (step 4)
+        shutil.copyfile(base_from / "base-mllm.done", work / "base-mllm.done")
     old = json.loads(previous.read_text()) if previous.exists() else {}
     ledger.record["base_from"] = {
         "path": str(base_from),
-        "kept": "VAE, both text encoders (trained further with the new UNet), Qwen2-VL",
+        "kept": "VAE, both text encoders (trained further with the new UNet), Qwen2-VL (pre-trained there if "
+        "its build did step 4)",
         "vae": old.get("vae"),
-        "steps": {k: old.get("steps", {}).get(k) for k in ("vae", "unet")},
-        "seconds": {k: old.get("seconds", {}).get(k) for k in ("base_models", "qwen2vl", "vae", "unet")},
+        "steps": {k: old.get("steps", {}).get(k) for k in ("vae", "unet", "mllm")},
+        "seconds": {k: old.get("seconds", {}).get(k) for k in ("base_models", "qwen2vl", "vae", "unet", "mllm")},
     }
     ledger.save()
 
@@ -889,6 +855,27 @@ def _build_base(
     _marker(work / "base-unet.done", {"unet": steps["unet"]} | dataclasses.asdict(base_loss))
 
 
+def _pretrain_mllm(work: Path, ledger: Ledger, steps: int, seed: int) -> None:
+    """Step 4: the tiny Qwen2-VL in ``work/qwen2vl`` pre-trained to describe the pictures
+    (:mod:`easyref_cli.demo.mllm`; resumable from ``work/qwen2vl-state.pt``), then checked."""
+    from easyref_cli.demo.mllm import pretrain_qwen2vl, reading_accuracy
+
+    done, mllm = work / "base-mllm.done", work / "qwen2vl"
+    if done.exists():
+        _marker(done, {"qwen2vl": steps})
+        return
+    trained = ledger.timed(
+        "mllm",
+        lambda: pretrain_qwen2vl(mllm, steps, seed=seed, state=work / MLLM_STATE, log=_log),
+        planned=steps,
+    )
+    trained["reads"] = ledger.timed("mllm_check", lambda: reading_accuracy(mllm))
+    _log(f"qwen2vl reads: {trained['reads']}")
+    ledger.record["mllm"] = trained
+    ledger.save()
+    _marker(done, {"qwen2vl": steps})
+
+
 def _stage_reached(out: Path) -> int:
     """The last step a stage's ``easyref train`` run in ``out`` saved (0 if none)."""
     saved = [int(p.stem.split("-")[1]) for p in out.glob("checkpoint-*.safetensors")]
@@ -896,11 +883,14 @@ def _stage_reached(out: Path) -> int:
 
 
 def _built_on(work: Path, init: Path | None) -> dict:
-    """What a stage trains on: the base UNet's marker and the sha256 of the checkpoint it starts from."""
+    """What a stage trains on: the base UNet's and Qwen2-VL's markers and the sha256 of the checkpoint it
+    starts from."""
     import hashlib
 
+    mllm = work / "base-mllm.done"
     return {
         "base": (work / "base-unet.done").read_text(),
+        "mllm": mllm.read_text() if mllm.exists() else None,
         "init": hashlib.sha256(init.read_bytes()).hexdigest() if init is not None else None,
     }
 
@@ -970,12 +960,13 @@ def build(
     work.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(work, {"seed": seed, "steps": planned, "lora_rank": LORA_RANK})
 
-    # 1.-3. base models, VAE and base UNet
+    # 1.-3. base models, VAE and base UNet; 4. the tiny Qwen2-VL taught to describe the pictures
     _build_base(work, ledger, planned, seed, base_from, base_loss)
+    _pretrain_mllm(work, ledger, planned["mllm"], seed)
     if base_only:
         return ledger.record
 
-    # 4. EasyRef stages; 5. install
+    # 5. EasyRef stages; 6. install
     init = _train_easyref(work, ledger, planned, seed, quick=quick)
     shutil.copyfile(init, work / "easyref.safetensors")
     ledger.save()
@@ -1033,7 +1024,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"another step count (defaults: {', '.join(f'{k}={v}' for k, v in STEPS.items())}); "
         "a stage given more steps than it reached resumes",
     )  # fmt: skip
-    parser.add_argument("--base-only", action="store_true", help="stop after the base models (steps 1-3)")
+    parser.add_argument("--base-only", action="store_true", help="stop after the base models (steps 1-4)")
     parser.add_argument(
         "--attribute-loss", type=float, default=BaseLoss.attribute_loss, metavar="W",
         help="base pre-training also trains heads reading the caption's cell, size, colour and shape off the "
