@@ -80,7 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover
 WEIGHTS_DIR = weights_dir()
 
 #: Default step counts (``--quick`` divides them by 20 for a smoke run of the recipe).
-STEPS = {"vae": 1600, "unet": 3000, "mllm": 2000, "align": 600, "single": 500, "multi": 1600}
+STEPS = {"vae": 1600, "unet": 3000, "mllm": 2500, "align": 600, "single": 500, "multi": 1600}
 LORA_RANK = 8
 
 
