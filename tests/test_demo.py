@@ -496,3 +496,25 @@ def test_an_interrupted_qwen2vl_pretraining_resumes_exactly_and_is_saved(tiny_qw
         mllm.pretrain_qwen2vl(stopped, 6, state=state, **settings)
     reads = mllm.reading_accuracy(stopped, pictures=2)
     assert set(reads) == {"colour", "shape", "position", "size"} and all(0 <= v <= 1 for v in reads.values())
+
+
+@pytest.mark.slow
+def test_base_from_keeps_a_pretrained_qwen2vl_and_makes_a_new_unet(tiny_qwen2vl, tmp_path):
+    import shutil
+
+    import torch
+
+    old, work = tmp_path / "old", tmp_path / "new"
+    torch.manual_seed(0)
+    build.build_base_pipeline(old / "sdxl")
+    shutil.copytree(tiny_qwen2vl, old / "qwen2vl")
+    record = {"seed": 0, "steps": {"vae": 3, "unet": 5, "mllm": 7}, "mllm": {"reads": {}}}
+    (old / "build.json").write_text(json.dumps(record))
+    work.mkdir()
+    ledger = build.Ledger(work, {"seed": 0, "steps": {}})
+    build._start_from(old, work, ledger, 0)
+    assert json.loads((work / "base-mllm.done").read_text()) == {"qwen2vl": 7}  # not pre-trained again
+    assert (work / "qwen2vl" / "model.safetensors").read_bytes() == (old / "qwen2vl" / "model.safetensors").read_bytes()
+    assert ledger.record["base_from"]["steps"] == {"vae": 3, "unet": 5, "mllm": 7}
+    with pytest.raises(SystemExit, match="use another WORK folder"):  # other Qwen2-VL steps: an error, not a mix
+        build._pretrain_mllm(work, ledger, 2500, 0)

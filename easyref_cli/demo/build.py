@@ -28,12 +28,12 @@ The recipe (every step seeded; the defaults took 117 minutes on two CPU cores, s
 ``build.json`` records the settings, the wall time of each step and the machine.
 
 A build folder continues where it stopped: running the same command again (``kill`` or Ctrl-C
-first, if need be) keeps finished steps, resumes the base UNet and the Qwen2-VL from their last saved states
-(``base-state.pt``, ``qwen2vl-state.pt``, every 250 steps, exactly as if they had not stopped) and a stage from its last
-checkpoint (``easyref train --resume``); ``--steps multi=2400`` trains a finished stage further. The
-time of every run, interrupted ones included, adds up in ``build.json`` (``seconds``; ``runs`` lists
-each). ``--base-from BUILD`` starts from a previous build's VAE, text encoders and Qwen2-VL with a new
-UNet.
+first, if need be) keeps finished steps, resumes the base UNet and the Qwen2-VL from their last
+saved states (``base-state.pt``, ``qwen2vl-state.pt``, every 250 steps, exactly as if they had not
+stopped) and a stage from its last checkpoint (``easyref train --resume``); ``--steps multi=2400``
+trains a finished stage further. The time of every run, interrupted ones included, adds up in
+``build.json`` (``seconds``; ``runs`` lists each). ``--base-from BUILD`` starts from a previous
+build's VAE, text encoders and Qwen2-VL with a new UNet.
 """
 
 from __future__ import annotations
@@ -761,9 +761,9 @@ def _start_from(base_from: Path, work: Path, ledger: Ledger, seed: int):
     _save_pipeline(pipe, sdxl)
     shutil.rmtree(work / "qwen2vl", ignore_errors=True)  # a copy an interrupted run left
     shutil.copytree(base_from / "qwen2vl", work / "qwen2vl")
-    if (base_from / "base-mllm.done").exists():  # its Qwen2-VL is pre-trained already (step 4)
-        shutil.copyfile(base_from / "base-mllm.done", work / "base-mllm.done")
     old = json.loads(previous.read_text()) if previous.exists() else {}
+    if old.get("mllm"):  # its Qwen2-VL is pre-trained already (step 4; a build folder or installed weights)
+        _marker(work / "base-mllm.done", {"qwen2vl": old["steps"]["mllm"]})
     ledger.record["base_from"] = {
         "path": str(base_from),
         "kept": "VAE, both text encoders (trained further with the new UNet), Qwen2-VL (pre-trained there if "
