@@ -235,11 +235,25 @@ def test_demo_weights_are_shipped_small_and_recorded():
     files = [p for p in root.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 25 * 2**20
     record = json.loads((root / "build.json").read_text())
-    assert set(record["steps"]) == {"vae", "unet", "align", "single", "multi"}
+    assert set(record["steps"]) == {"vae", "unet", "mllm", "align", "single", "multi"}
     assert record["total_seconds"] > 0
     assert set(record["unet"]["from_text"]["per_colour"]) == set(synthetic.COLOURS)
     assert set(record["unet"]["from_text"]["per_shape"]) == set(synthetic.SHAPES)
-    assert all(record["seconds"][step] > 0 for step in ("unet", "align", "single", "multi"))
+    assert set(record["mllm"]["reads"]) == {"colour", "shape", "position", "size"}
+    assert all(record["seconds"][step] > 0 for step in ("unet", "mllm", "align", "single", "multi"))
+
+
+def test_evidence_runs_a_build_folder_with_the_settings_of_model_demo(tmp_path):
+    """``evidence --weights BUILD`` (a build not installed yet) plans the jobs ``--model demo`` plans."""
+
+    def planned(*model):
+        res = invoke("generate", "examples/groups", "--prompt", "a large shape in the centre", "-o", tmp_path / "o",
+                     "--dry-run", "--json", *model)  # fmt: skip
+        assert res.exit_code == 0, res.output
+        jobs = [json.loads(line) for line in res.stdout.splitlines()]
+        return [{k: v for k, v in job.items() if k not in ("job_id", "model")} for job in jobs]
+
+    assert planned(*evidence.model_args(weights_dir())) == planned("--model", "demo")
 
 
 def test_model_demo_conflicts_and_missing_weights(tmp_path, monkeypatch):

@@ -136,7 +136,7 @@ def model_args(weights: Path | None) -> list[str]:
         str(weights / "easyref.safetensors"),
     ]
     for key, value in DEMO_DEFAULTS.items():  # the settings --model demo implies
-        args += [f"--{key}", str(value)]
+        args += [f"--{key.replace('_', '-')}", str(value)]
     return args
 
 
