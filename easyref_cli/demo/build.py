@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING
 from easyref_cli.demo import weights_dir
 from easyref_cli.demo.evidence import PROMPTS as EVIDENCE_PROMPTS
 from easyref_cli.demo.evidence import asked_placement
-from easyref_cli.demo.state import load_state, save_state
+from easyref_cli.demo.state import load_state, optimizer_step, replace_folder, save_state
 from easyref_cli.demo.synthetic import (
     COLOURS,
     IMAGE_SIZE,
@@ -494,11 +494,7 @@ def train_base_unet(
         loss = _unet_loss(pipe, scheduler, latents[picks], hidden, pooled, time_ids, generator, batch_weights)
         captions = [table.captions[i] for i in caption_ids]
         aux = _attribute_loss(heads, pooled, [drawings[i] for i in picks], captions)
-        (loss + attribute_loss * aux).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss + attribute_loss * aux, params, optimizer, schedule)
         last_loss = loss.item()
         if step % 200 == 0 or step == steps - 1:
             log(f"unet step {step + 1}/{steps} loss {last_loss:.4f}")
@@ -790,13 +786,7 @@ def _marker(path: Path, content: dict) -> None:
 
 def _save_pipeline(pipe, path: Path) -> None:
     """``save_pretrained`` into a fresh folder, then swapped in: an interrupted save leaves the old one."""
-    partial, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(partial, ignore_errors=True)
-    pipe.save_pretrained(partial, safe_serialization=True)
-    if path.exists():
-        path.rename(old)
-    partial.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(path, lambda partial: pipe.save_pretrained(partial, safe_serialization=True))
 
 
 @dataclass(frozen=True)

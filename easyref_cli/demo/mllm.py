@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from easyref_cli.demo.state import load_state, save_state
+from easyref_cli.demo.state import load_state, optimizer_step, replace_folder, save_state
 from easyref_cli.demo.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, Drawing, iter_drawings
 
 #: The user's turn after the picture.
@@ -144,11 +144,7 @@ def pretrain_qwen2vl(
         ids, labels = captioner.batch(counts, [answer(d, rng.random() < short_answers) for d in drawings])
         losses = captioner.token_losses(ids, labels, pixel_values, grid)
         loss = losses.sum() / (labels[:, 1:] != -100).sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, list(model.parameters()), optimizer, schedule)
         last_loss = loss.item()
         if step % 100 == 0 or step == steps - 1:
             log(f"qwen2vl step {step + 1}/{steps} loss {last_loss:.4f}")
@@ -161,14 +157,12 @@ def pretrain_qwen2vl(
 
 def _save_into(captioner: Captioner, path: Path) -> None:
     """The trained weights into ``path`` with the folder's other files, swapped in whole."""
-    path = Path(path)
-    partial, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(path, partial, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-    captioner.model.save_pretrained(partial, safe_serialization=True)
-    path.rename(old)
-    partial.rename(path)
-    shutil.rmtree(old)
+
+    def write(partial: Path) -> None:
+        shutil.copytree(path, partial, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+        captioner.model.save_pretrained(partial, safe_serialization=True)
+
+    replace_folder(path, write)
 
 
 def reading_accuracy(path: Path, *, pictures: int = 48, seed: int = 99) -> dict:

@@ -1,11 +1,38 @@
-"""A pre-training run's whole state in one file, so a stopped run continues exactly as an uninterrupted one
-(the base UNet's and the tiny Qwen2-VL's pre-training in :mod:`easyref_cli.demo.build`)."""
+"""What the demo's pre-training loops share (the base UNet's and the tiny Qwen2-VL's, in
+:mod:`easyref_cli.demo.build` and :mod:`easyref_cli.demo.mllm`): the optimiser step, the run's whole
+state in one file, so a stopped run continues exactly as an uninterrupted one, and a model folder
+replaced whole."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+
+def optimizer_step(loss, params, optimizer, schedule) -> None:
+    """Backward ``loss``, clip the gradients of ``params`` to norm 1, step the optimiser and the schedule."""
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def replace_folder(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a fresh folder next to ``path``, then swap it in: an interrupted write leaves the old one."""
+    path = Path(path)
+    partial, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
+    if path.exists():
+        path.rename(old)
+    partial.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_state(path: Path, run, step: int, modules, optimizer, schedule, rng, generator, loss: float) -> None:
