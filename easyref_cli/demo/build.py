@@ -82,6 +82,8 @@ WEIGHTS_DIR = weights_dir()
 #: Default step counts (``--quick`` divides them by 20 for a smoke run of the recipe).
 STEPS = {"vae": 1600, "unet": 3000, "mllm": 2500, "align": 600, "single": 500, "multi": 1600}
 LORA_RANK = 8
+#: The stages' ``easyref train --mask-weight``: the loss weighted 1 + W on and around the drawn shape.
+STAGE_MASK_WEIGHT = 4.0
 
 
 def _log(message: str) -> None:
@@ -611,27 +613,41 @@ def caption(drawing: Drawing) -> str:
 
 
 def write_training_data(root: Path, *, groups: int, per_group: int, seed: int) -> dict[str, Path]:
-    """Synthetic groups as PNG files plus one official-format JSON list per stage."""
+    """Synthetic groups as PNG files plus one official-format JSON list per stage; each item also names
+    its target's loss mask (:func:`loss_mask`, for ``easyref train --mask-weight``)."""
     root.mkdir(parents=True, exist_ok=True)
     align, single, multi = [], [], []
     for g in range(groups):
         drawings = make_group(seed * 1_000_003 + g, per_group)
-        names = []
+        names, masks = [], []
         for i, d in enumerate(drawings):
-            name = f"g{g:04d}/{i}.png"
+            name, mask = f"g{g:04d}/{i}.png", f"g{g:04d}/{i}-mask.png"
             (root / name).parent.mkdir(exist_ok=True)
             d.render().save(root / name)
+            loss_mask(d).save(root / mask)
             names.append(name)
+            masks.append(mask)
         for i, d in enumerate(drawings):
             others = names[:i] + names[i + 1 :]
-            align.append({"image_file": names[i], "text": caption(d)})
-            single.append({"image_file": [others[(g + i) % len(others)]], "text": caption(d), "target": names[i]})
-            multi.append({"image_file": others, "text": caption(d), "target": names[i]})
+            text, mask = caption(d), masks[i]
+            align.append({"image_file": names[i], "text": text, "mask": mask})
+            single.append(
+                {"image_file": [others[(g + i) % len(others)]], "text": text, "target": names[i], "mask": mask}
+            )
+            multi.append({"image_file": others, "text": text, "target": names[i], "mask": mask})
     files = {}
     for stage, items in (("align", align), ("single", single), ("multi", multi)):
         files[stage] = root / f"{stage}.json"
         files[stage].write_text(json.dumps(items, indent=0))
     return files
+
+
+def loss_mask(drawing: Drawing):
+    """The shape's pixels spread by one latent pixel (4 px) each way, so its outline, where two shapes
+    differ, counts in full (as :func:`_shape_weights` does for the base)."""
+    from PIL import ImageFilter
+
+    return drawing.mask().filter(ImageFilter.MaxFilter(9))
 
 
 def run_stage(
@@ -648,6 +664,7 @@ def run_stage(
     batch_size: int,
     learning_rate: float,
     resume: bool = False,
+    mask_weight: float = 0.0,
 ) -> Path:
     """One ``easyref train`` stage, through the real command line (``--resume``: continue the run in
     ``out`` to ``steps``); returns its final checkpoint."""
@@ -666,6 +683,8 @@ def run_stage(
         command += ["--init", str(init)]
     if resume:
         command += ["--resume"]
+    if mask_weight:
+        command += ["--mask-weight", str(mask_weight)]
     _log(" ".join(command[1:]))
     process = subprocess.Popen(command)
     try:
@@ -872,9 +891,9 @@ def _stage_reached(out: Path) -> int:
     return max(saved, default=0) if (out / "state").is_dir() or (out / "state.old").is_dir() else 0
 
 
-def _built_on(work: Path, init: Path | None) -> dict:
-    """What a stage trains on: the base UNet's and Qwen2-VL's markers and the sha256 of the checkpoint it
-    starts from."""
+def _built_on(work: Path, init: Path | None, mask_weight: float) -> dict:
+    """What a stage trains on: the base UNet's and Qwen2-VL's markers, the sha256 of the checkpoint it
+    starts from, and its loss's mask weight."""
     import hashlib
 
     mllm = work / "base-mllm.done"
@@ -882,10 +901,13 @@ def _built_on(work: Path, init: Path | None) -> dict:
         "base": (work / "base-unet.done").read_text(),
         "mllm": mllm.read_text() if mllm.exists() else None,
         "init": hashlib.sha256(init.read_bytes()).hexdigest() if init is not None else None,
+        "mask_weight": mask_weight,
     }
 
 
-def _train_easyref(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, *, quick: bool) -> Path:
+def _train_easyref(
+    work: Path, ledger: Ledger, steps: dict[str, int], seed: int, *, quick: bool, mask_weight: float
+) -> Path:
     """Step 4: training data, then the ``align`` → ``single`` → ``multi`` stages; the last checkpoint.
     A stage that already reached its steps on the same base and start is kept, one that stopped short
     resumes (``easyref train --resume``); one whose base or start changed (the stage before it trained
@@ -895,13 +917,13 @@ def _train_easyref(work: Path, ledger: Ledger, steps: dict[str, int], seed: int,
     groups = 40 if quick else 400
     if not (data_root / "multi.json").exists():
         ledger.timed("data", lambda: write_training_data(data_root, groups=groups, per_group=6, seed=seed))
-    _marker(work / "data.done", {"groups": groups, "per_group": 6, "seed": seed})
+    _marker(work / "data.done", {"groups": groups, "per_group": 6, "seed": seed, "masks": True})
     data = {stage: data_root / f"{stage}.json" for stage in ("align", "single", "multi")}
     stage_settings = {"align": (16, 1e-3), "single": (16, 5e-4), "multi": (8, 5e-4)}
     init = None
     for stage in ("align", "single", "multi"):
         batch_size, lr = stage_settings[stage]
-        out, built_on = work / f"train-{stage}", _built_on(work, init)
+        out, built_on = work / f"train-{stage}", _built_on(work, init, mask_weight)
         stamp = out / "built-on.json"
         if out.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != built_on):
             _log(f"{stage}: {out} was trained on another base or start; training it again")
@@ -926,10 +948,11 @@ def _train_easyref(work: Path, ledger: Ledger, steps: dict[str, int], seed: int,
             functools.partial(
                 run_stage, stage, data=data, data_root=data_root, sdxl=sdxl, mllm=mllm, out=out, steps=steps[stage],
                 init=init, seed=seed, batch_size=batch_size, learning_rate=lr, resume=reached > 0,
+                mask_weight=mask_weight,
             ),
             steps_from=reached, steps_to=steps[stage],
         )  # fmt: skip
-        ledger.record[f"{stage}_settings"] = {"batch_size": batch_size, "learning_rate": lr}
+        ledger.record[f"{stage}_settings"] = {"batch_size": batch_size, "learning_rate": lr, "mask_weight": mask_weight}
     return init
 
 
@@ -943,6 +966,7 @@ def build(
     base_from: Path | None = None,
     steps: dict[str, int] | None = None,
     base_loss: BaseLoss = BaseLoss(),
+    mask_weight: float = STAGE_MASK_WEIGHT,
 ) -> dict:
     """Run the recipe in ``work`` (see the module docstring), continuing whatever an earlier run in
     ``work`` left; returns what ``build.json`` records."""
@@ -957,7 +981,7 @@ def build(
         return ledger.record
 
     # 5. EasyRef stages; 6. install
-    init = _train_easyref(work, ledger, planned, seed, quick=quick)
+    init = _train_easyref(work, ledger, planned, seed, quick=quick, mask_weight=mask_weight)
     shutil.copyfile(init, work / "easyref.safetensors")
     ledger.save()
     if install:
@@ -1024,12 +1048,17 @@ def main(argv: list[str] | None = None) -> None:
         "--shape-weight", type=float, default=BaseLoss.shape_weight, metavar="W",
         help="base pre-training weights the diffusion loss 1 + W on and around the drawn shape (0: plain loss)",
     )  # fmt: skip
+    parser.add_argument(
+        "--mask-weight", type=float, default=STAGE_MASK_WEIGHT, metavar="W",
+        help="the EasyRef stages train with easyref train --mask-weight W: the loss weighted 1 + W on and around "
+        "the drawn shape (0: the official plain loss)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops a step as Ctrl-C does: its time is recorded
     record = build(
         args.work, quick=args.quick, seed=args.seed, install=args.install, base_only=args.base_only,
         base_from=args.base_from, steps=dict(args.steps),
-        base_loss=BaseLoss(args.attribute_loss, args.shape_weight),
+        base_loss=BaseLoss(args.attribute_loss, args.shape_weight), mask_weight=args.mask_weight,
     )  # fmt: skip
     print(json.dumps(record, indent=2))
 

@@ -88,6 +88,7 @@ class TrainConfig:
     device: str | None = None
     gradient_checkpointing: bool = False
     noise_offset: float = 0.0
+    mask_weight: float = 0.0  # loss weight 1 + W·mask per latent pixel (the items' 'mask'); 0: the official loss
     lora_rank: int | None = None  # None: the --init checkpoint's rank, else 128
     num_workers: int = 2
     max_references: int = 28
@@ -171,6 +172,8 @@ class TrainConfig:
             problems.append(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.lr_warmup_steps < 0 or self.num_workers < 0 or self.noise_offset < 0 or self.weight_decay < 0:
             problems.append("--lr-warmup-steps, --num-workers, --noise-offset and --weight-decay cannot be negative")
+        if not self.mask_weight >= 0:
+            problems.append(f"--mask-weight cannot be negative, got {self.mask_weight}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             problems.append(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         if self.lora_rank is not None and self.lora_rank < 1:
@@ -207,7 +210,10 @@ class TrainConfig:
             "text_drop_rate",
             "both_drop_rate",
         )
-        return {k: (str(getattr(self, k)) if isinstance(getattr(self, k), Path) else getattr(self, k)) for k in keys}
+        record = {k: (str(getattr(self, k)) if isinstance(getattr(self, k), Path) else getattr(self, k)) for k in keys}
+        if self.mask_weight:  # only when set: runs recorded before the option existed still resume
+            record["mask_weight"] = self.mask_weight
+        return record
 
 
 @dataclass

@@ -142,6 +142,15 @@ def train_command(
     noise_offset: Annotated[
         float, typer.Option("--noise-offset", help="Offset-noise strength (0 = off).", rich_help_panel=_OPT)
     ] = 0.0,
+    mask_weight: Annotated[
+        float,
+        typer.Option(
+            "--mask-weight",
+            help="Weight the loss 1 + W on each target's 'mask' (a greyscale image per data item, white = "
+            "weighted), as kohya's --masked_loss does. 0 (default): the official plain loss.",
+            rich_help_panel=_OPT,
+        ),
+    ] = 0.0,
     max_references: Annotated[
         int, typer.Option("--max-references", help="At most this many references per sample.", rich_help_panel=_DATA)
     ] = 28,
@@ -252,6 +261,7 @@ def train_command(
         device=device,
         gradient_checkpointing=gradient_checkpointing,
         noise_offset=noise_offset,
+        mask_weight=mask_weight,
         lora_rank=lora_rank,
         num_workers=num_workers,
         max_references=max_references,

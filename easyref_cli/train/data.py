@@ -11,6 +11,9 @@ The data file is a JSON list of items, as read by the official ``finetune_sdxl.p
 * ``text``: one caption or a list (one is sampled per use; an empty list means no caption).
 * ``face``: boxes on the target; the reference is a square crop around the first box, randomly
   expanded by up to 50% and flipped horizontally with probability ½ (the official face variant).
+* ``mask`` (optional, not in the official format): a greyscale image the size of the target; with
+  ``easyref train --mask-weight W`` the loss at each latent pixel is weighted ``1 + W·m``, ``m`` the
+  mask's mean (0–1) over that pixel. The mask is resized and cropped as the target is.
 
 Paths are relative to ``--data-root``. :func:`validate_data` checks every file before training and
 lists *all* problems (missing, not an image, truncated with ``decode=True``).
@@ -65,10 +68,11 @@ class TrainItem:
     references: tuple[str, ...]  # empty for face items: their reference is cut from the target
     texts: tuple[str, ...]
     face: tuple[float, float, float, float] | None = None
+    mask: str | None = None  # the target's loss mask (--mask-weight)
 
     @property
     def files(self) -> tuple[str, ...]:
-        return (self.target, *self.references)
+        return (self.target, *self.references, *((self.mask,) if self.mask else ()))
 
 
 def read_items(path: Path) -> list[TrainItem]:
@@ -118,6 +122,9 @@ def _parse_item(index: int, entry: Any) -> TrainItem:
     target = entry.get("target")
     if target is not None and (not isinstance(target, str) or not target):
         raise ValueError("'target' must be a non-empty string")
+    mask = entry.get("mask")
+    if mask is not None and (not isinstance(mask, str) or not mask):
+        raise ValueError("'mask' must be a non-empty string (a greyscale image the size of the target)")
     face = None
     if "face" in entry:
         face = _parse_face(entry["face"])
@@ -130,7 +137,7 @@ def _parse_item(index: int, entry: Any) -> TrainItem:
         target = refs[0]
     elif not refs:
         raise ValueError("has no 'image_file' references")
-    return TrainItem(index=index, target=target, references=refs, texts=texts, face=face)
+    return TrainItem(index=index, target=target, references=refs, texts=texts, face=face, mask=mask)
 
 
 def _parse_face(value: Any) -> tuple[float, float, float, float]:
@@ -214,6 +221,8 @@ def validate_data(data: Path, data_root: Path, *, decode: bool = False, workers:
             where = users[name]
             shown = ", ".join(map(str, where[:5])) + (f" … {len(where) - 5} more" if len(where) > 5 else "")
             problems.append(f"{data_root / name}: {reason} (item{'s' if len(where) > 1 else ''} {shown})")
+    if not problems:
+        problems = [p for item in items if item.mask and (p := _mask_size_problem(item, data_root))]
     return DataReport(
         items=items,
         files=len(names),
@@ -221,6 +230,35 @@ def validate_data(data: Path, data_root: Path, *, decode: bool = False, workers:
         multi_reference_items=sum(1 for i in items if len(i.references) > 1),
         face_items=sum(1 for i in items if i.face is not None),
     )
+
+
+def _oriented_size(path: Path) -> tuple[int, int]:
+    """An image's size after its EXIF orientation (as :func:`easyref_cli.files.load_image` returns it)."""
+    with Image.open(path) as im:
+        w, h = im.size
+        return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+
+
+def _mask_size_problem(item: TrainItem, data_root: Path) -> str | None:
+    """Why ``item``'s loss mask cannot be laid on its target (``None``: it can)."""
+    mask, target = _oriented_size(data_root / item.mask), _oriented_size(data_root / item.target)
+    if mask == target:
+        return None
+    return (
+        f"{data_root / item.mask}: loss mask is {mask[0]}×{mask[1]}, its target {item.target} is "
+        f"{target[0]}×{target[1]} (item {item.index})"
+    )
+
+
+def require_masks(items: Sequence[TrainItem], data: Path) -> None:
+    """:class:`UsageError` (exit 2) listing the items without a ``mask`` (``--mask-weight`` needs one each)."""
+    missing = [item.index for item in items if not item.mask]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (f" … {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise UsageError(
+            f"{data}: --mask-weight weights the loss by each item's 'mask', but {len(missing)} of {len(items)} "
+            f"items have none (items {shown})"
+        )
 
 
 def require_valid(report: DataReport, data: Path) -> list[TrainItem]:
@@ -419,8 +457,10 @@ class TrainDataset:
         image_drop_rate: float = 0.05,
         text_drop_rate: float = 0.05,
         both_drop_rate: float = 0.05,
+        masks: bool = False,
     ):
         self.items = list(items)
+        self.masks = masks  # load each item's loss mask (``loss_mask`` in the sample)
         self.data_root = Path(data_root)
         self.mllm = mllm
         self.clip_tokenizers = list(clip_tokenizers)
@@ -467,23 +507,15 @@ class TrainDataset:
             refs = [self._load(name) for name in plan.references]
 
         # target: resize + centre crop (official --random_crop), or aspect-preserving resize
-        size = self.resolution
-        if self.resize == "crop":
-            original_size = (raw.height, raw.width)
-            resized = resize_short_side(raw, size)
-            top, left = center_crop_offsets(resized.width, resized.height, size)
-            target = crop(resized, top, left, size, size)
-            if len(refs) == 1 and not plan.drop_image and item.face is None:
-                # a single reference gets the target's resize and crop (official), so an image that is its
-                # own reference shows the model exactly the region it must reproduce
-                refs[0] = crop(resize_short_side(refs[0], size), top, left, size, size)
-            target_size = (size, size)
-        else:
-            target = adaptive_resize(raw, size)
-            original_size = (target.height, target.width)  # the official code reads it after adaptive_resize
-            target_size = (target.height, target.width)
-            top = left = 0
+        target, top, left = self._fit(raw)
+        original_size = (raw.height, raw.width) if self.resize == "crop" else (target.height, target.width)
+        target_size = (target.height, target.width)  # the official code reads it after adaptive_resize
+        if self.resize == "crop" and len(refs) == 1 and not plan.drop_image and item.face is None:
+            # a single reference gets the target's resize and crop (official), so an image that is its
+            # own reference shows the model exactly the region it must reproduce
+            refs[0] = crop(resize_short_side(refs[0], self.resolution), top, left, *target_size)
         pixels = np.asarray(target, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+        extra = {"loss_mask": self._loss_mask(item, raw.size)} if self.masks else {}
 
         input_ids, image_batch = self.mllm(refs, plan.caption)
         clip_ids = [
@@ -510,7 +542,38 @@ class TrainDataset:
             "caption": plan.caption,
             "drop_image": plan.drop_image,
             "num_references": len(refs),
+            **extra,
         }
+
+    def _fit(self, image: Image.Image) -> tuple[Image.Image, int, int]:
+        """The target's geometry: short side resized and centre-cropped to ``resolution`` (``crop``), or
+        the aspect-preserving resize; returns the image and the crop's ``(top, left)``."""
+        size = self.resolution
+        if self.resize != "crop":
+            return adaptive_resize(image, size), 0, 0
+        resized = resize_short_side(image, size)
+        top, left = center_crop_offsets(resized.width, resized.height, size)
+        return crop(resized, top, left, size, size), top, left
+
+    def _loss_mask(self, item: TrainItem, size: tuple[int, int]):
+        """The item's loss mask (0–1, shape ``1×H×W``) with the target's resize and crop."""
+        import numpy as np
+        import torch
+
+        from easyref_cli import files
+        from easyref_cli.errors import InputError
+
+        if item.mask is None:
+            raise InputError(f"item {item.index} has no 'mask' (--mask-weight needs one per item)")
+        path = self.data_root / item.mask
+        mask = files.load_image(path, what="loss mask").convert("L")
+        if mask.size != size:
+            raise InputError(
+                f"loss mask {path} is {mask.width}×{mask.height}, its target {self.data_root / item.target} "
+                f"{size[0]}×{size[1]}"
+            )
+        values = np.asarray(self._fit(mask)[0], dtype=np.float32)[None] / 255.0
+        return torch.from_numpy(np.ascontiguousarray(values))
 
 
 def collate(samples: Sequence[dict]) -> dict:
@@ -538,4 +601,5 @@ def collate(samples: Sequence[dict]) -> dict:
         "captions": [s["caption"] for s in samples],
         "drop_image": torch.tensor([bool(s["drop_image"]) for s in samples]),
         "num_references": [s["num_references"] for s in samples],
+        **({"loss_mask": torch.stack([s["loss_mask"] for s in samples])} if "loss_mask" in samples[0] else {}),
     }

@@ -181,12 +181,23 @@ class _StepWindow:
         self.losses, self.samples, self.started = [], 0, time.perf_counter()
 
 
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """The squared error weighted ``1 + weight·m`` per latent pixel, normalised by the weights' mean (so an
+    all-zero or all-one mask gives the plain mean); ``m`` is the pixel-space ``mask`` (``B×1×H×W``, 0–1)
+    averaged over each latent pixel."""
+    m = F.interpolate(mask.to(prediction.device, torch.float32), size=prediction.shape[-2:], mode="area")
+    w = 1 + weight * m
+    return (w * (prediction.float() - target.float()) ** 2).mean() / w.mean()
+
+
 class Trainer:
     """``Trainer(config, items).setup()`` then ``.run()``; ``train_step``/``compute_loss`` for one batch."""
 
     def __init__(self, config: TrainConfig, items: Sequence[data_mod.TrainItem]):
         self.config = config.resolved()
         self.items = list(items)
+        if self.config.mask_weight:
+            data_mod.require_masks(self.items, self.config.data)
         self.step = 0
         self.epoch = 0
         self.batches_in_epoch = 0  # of the current epoch, at the last optimiser step
@@ -439,6 +450,7 @@ class Trainer:
             image_drop_rate=cfg.image_drop_rate,
             text_drop_rate=cfg.text_drop_rate,
             both_drop_rate=cfg.both_drop_rate,
+            masks=cfg.mask_weight > 0,
         )
         self.loader = DataLoader(
             self.dataset,
@@ -641,7 +653,9 @@ class Trainer:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        if not cfg.mask_weight:
+            return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        return masked_mse(prediction, target, batch["loss_mask"], cfg.mask_weight)
 
     def train_step(self, batch: Mapping, *, micro_index: int = 0, **fixed) -> torch.Tensor:
         """Forward, backward and (at the end of an accumulation window) one optimiser + LR step."""
