@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -152,6 +153,11 @@ def test_training_data_passes_easyref_train_validation(tmp_path):
     assert all(item["target"] not in item["image_file"] and len(item["image_file"]) == 3 for item in multi)
     single = json.loads(files["single"].read_text())
     assert all(item["image_file"][0] != item["target"] for item in single)
+    assert train_data.require_masks(items, files["multi"]) is None
+    for item in multi:  # each target's loss mask: its shape and a ring one latent pixel (4 px) wide around it
+        drawn = synthetic.shape_mask(Image.open(tmp_path / item["target"]))
+        mask = np.asarray(Image.open(tmp_path / item["mask"])) > 0
+        assert mask[drawn].all() and 0 < mask.sum() - drawn.sum() < 4 * 4 * drawn.sum()
 
 
 @pytest.mark.slow
@@ -348,8 +354,9 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
     resumes (``easyref train --resume``), one whose start changed restarts; every run is listed."""
     calls = []
 
-    def fake_stage(stage, *, out, steps, resume, **_):
+    def fake_stage(stage, *, out, steps, resume, mask_weight, **_):
         calls.append((stage, steps, resume))
+        assert mask_weight == weight
         (out / "state").mkdir(parents=True, exist_ok=True)
         checkpoint = out / f"checkpoint-{steps}.safetensors"
         checkpoint.write_text(f"{stage} {steps}")
@@ -359,10 +366,11 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "write_training_data", lambda root, **_: (root.mkdir(), (root / "multi.json").touch()))
     (tmp_path / "base-unet.done").write_text('{"unet": 100}\n')
     steps = {"align": 4, "single": 4, "multi": 4}
+    weight = 4.0
 
     def train(**more):
         ledger = build.Ledger(tmp_path, {"seed": 0, "steps": steps | more})
-        return build._train_easyref(tmp_path, ledger, steps | more, 0, quick=True)
+        return build._train_easyref(tmp_path, ledger, steps | more, 0, quick=True, mask_weight=weight)
 
     train()
     assert calls == [("align", 4, False), ("single", 4, False), ("multi", 4, False)]
@@ -387,6 +395,11 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
     (tmp_path / "base-mllm.done").write_text('{"qwen2vl": 20}\n')  # a pre-trained Qwen2-VL: every stage again
     train(single=6, multi=8)
     assert calls == [("align", 4, False), ("single", 6, False), ("multi", 8, False)]
+    calls.clear()
+    weight = 2.0  # another loss: every stage again
+    train(single=6, multi=8)
+    assert calls == [("align", 4, False), ("single", 6, False), ("multi", 8, False)]
+    assert json.loads((tmp_path / "build.json").read_text())["multi_settings"]["mask_weight"] == 2.0
 
     def stopped(*_, **__):
         raise KeyboardInterrupt

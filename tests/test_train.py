@@ -528,6 +528,133 @@ def test_training_lora_processors_match_the_merged_inference_model(tiny, dataset
 
 
 @pytest.mark.slow
+def test_masked_mse_weights_the_mask_averaged_per_latent_pixel():
+    from easyref_cli.train.trainer import masked_mse
+
+    g = torch.Generator().manual_seed(0)
+    prediction, target = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    plain = torch.nn.functional.mse_loss(prediction, target)
+    for fill in (0.0, 1.0):  # a uniform mask weights nothing more than anything else
+        torch.testing.assert_close(masked_mse(prediction, target, torch.full((2, 1, 12, 12), fill), 3.0), plain)
+    mask = (torch.rand(2, 1, 12, 12, generator=g) > 0.5).float()  # pixels: 4 × 4 per latent pixel
+    weights = np.ones((2, 1, 3, 3))
+    for b in range(2):
+        for y in range(3):
+            for x in range(3):
+                weights[b, 0, y, x] = 1 + 3.0 * mask[b, 0, 4 * y : 4 * y + 4, 4 * x : 4 * x + 4].mean().item()
+    errors = (prediction - target).numpy() ** 2
+    expected = (weights * errors).sum() / (weights.sum() * 4)  # the weighted mean over every latent value
+    assert masked_mse(prediction, target, mask, 3.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture
+def masked_data(dataset, tmp_path):
+    """The module's data with a loss mask per item: its target in grey (so a sample's mask can be checked
+    against its target's crop)."""
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "masked"
+    shutil.copytree(dataset.parent, root)
+    items = json.loads(dataset.read_text())
+    for item in items:
+        target = item.get("target") or item["image_file"]
+        item["mask"] = target.replace(".png", "-mask.png")
+        Image.open(root / target).convert("L").save(root / item["mask"])
+    data = root / "masked.json"
+    data.write_text(json.dumps(items))
+    return data
+
+
+def test_loss_masks_are_validated_and_resized_and_cropped_with_their_target(masked_data, tmp_path):
+    import types
+
+    from PIL import Image
+
+    from easyref_cli.errors import InputError
+
+    root = masked_data.parent
+    items = D.require_valid(D.validate_data(masked_data, root, decode=True), masked_data)
+    assert all(item.mask and item.mask in item.files for item in items)
+    fake_mllm = lambda refs, caption: (  # noqa: E731
+        None,
+        types.SimpleNamespace(pixel_values=torch.zeros(1, 1), grid_thw=torch.ones(1, 3), token_counts=[1]),
+    )
+    grey = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # Pillow's RGB → L
+    for resize, shape in (("crop", (1, 64, 64)), ("aspect", (1, 64, 128))):  # 80×64 pictures: cropped / widened
+        ds = D.TrainDataset(items, root, mllm=fake_mllm, clip_tokenizers=[], resolution=64, resize=resize, masks=True)
+        for index in range(len(items)):
+            sample = ds[index]
+            mask = sample["loss_mask"].numpy()
+            assert mask.shape == shape and 0 <= mask.min() and mask.max() <= 1
+            target = (sample["pixel_values"].numpy() + 1) * 127.5
+            close = np.abs(mask[0] * 255 - np.tensordot(grey, target, axes=1)) <= 2.5  # rounding; bicubic clips
+            assert close.mean() > 0.99, (resize, index)
+        assert D.collate([ds[0], ds[1]])["loss_mask"].shape == (2, *shape)
+    assert "loss_mask" not in D.TrainDataset(items, root, mllm=fake_mllm, clip_tokenizers=[], resolution=64)[0]
+
+    # a mask of the wrong size, a missing one, a malformed key: named before training
+    Image.new("L", (64, 64)).save(root / "small.png")
+    bad = json.loads(masked_data.read_text())
+    bad[0]["mask"], bad[1]["mask"] = "small.png", "nowhere.png"
+    (root / "bad.json").write_text(json.dumps(bad))
+    problems = D.validate_data(root / "bad.json", root).problems
+    assert len(problems) == 1 and "nowhere.png: file not found (item 1)" in problems[0]
+    bad[1]["mask"] = bad[2]["mask"]
+    (root / "bad.json").write_text(json.dumps(bad))
+    problems = D.validate_data(root / "bad.json", root).problems
+    assert (
+        len(problems) == 1
+        and "small.png: loss mask is 64×64, its target g0/ref_03.png is 80×64 (item 0)" in problems[0]
+    )
+    bad[1]["mask"] = ["a.png"]
+    (root / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(UsageError, match="item 1: 'mask' must be a non-empty string"):
+        D.read_items(root / "bad.json")
+
+    # --mask-weight on data without masks: every item without one is listed
+    plain = D.read_items(masked_data.with_name("data.json"))
+    with pytest.raises(UsageError, match=r"7 of 7 items have none \(items 0, 1, 2, 3, 4, 5, 6\)"):
+        D.require_masks(plain, masked_data)
+    with pytest.raises(InputError, match="item 0 has no 'mask'"):
+        D.TrainDataset(plain, root, mllm=fake_mllm, clip_tokenizers=[], resolution=64, masks=True)[0]
+
+
+def test_mask_weight_weights_the_trainer_loss_and_is_off_by_default(tiny, dataset, masked_data, tmp_path):
+    import dataclasses
+
+    assert (
+        TrainConfig(stage="align", data=dataset, data_root=".", base_model=".", mllm=".", output_dir=".").mask_weight
+        == 0
+    )
+    with pytest.raises(UsageError, match="--mask-weight cannot be negative"):
+        config(tiny, masked_data, tmp_path / "negative", mask_weight=-1.0).resolved()
+    assert "mask_weight" not in config(tiny, dataset, tmp_path).resolved().run_record()  # older runs still resume
+    assert config(tiny, dataset, tmp_path, mask_weight=2.0).resolved().run_record()["mask_weight"] == 2.0
+
+    out = tmp_path / "no-masks"
+    res = runner.invoke(app, cli_args(tiny, dataset, out, "--stage", "align", "--mask-weight", "2"))
+    assert res.exit_code == 2 and "--mask-weight weights the loss by each item's 'mask'" in res.output, res.output
+    assert not out.exists()
+
+    drops = dict(image_drop_rate=0.0, text_drop_rate=0.0, both_drop_rate=0.0)
+    trainer = make_trainer(config(tiny, masked_data, tmp_path / "masked", mask_weight=4.0, **drops))
+    batch = D.collate([trainer.dataset[0], trainer.dataset[1]])
+    generator = torch.Generator().manual_seed(0)
+    latents = trainer.encode_latents(batch["pixel_values"], generator)
+    fixed = dict(
+        latents=latents, noise=torch.randn(latents.shape, generator=generator), timesteps=torch.tensor([250, 600])
+    )
+    with torch.no_grad():
+        masked = trainer.compute_loss(batch, **fixed).item()
+        uniform = trainer.compute_loss(batch | {"loss_mask": torch.ones_like(batch["loss_mask"])}, **fixed).item()
+        trainer.config = dataclasses.replace(trainer.config, mask_weight=0.0)
+        plain = trainer.compute_loss(batch, **fixed).item()
+    assert uniform == pytest.approx(plain, rel=1e-5)
+    assert abs(masked - plain) > 1e-3 * plain
+
+
 def test_loss_on_a_fixed_batch_goes_down(tiny, dataset, tmp_path):
     """Alignment from scratch (official initialisation, no --init): overfit one batch, fixed noise and timesteps."""
     trainer = make_trainer(

@@ -926,7 +926,7 @@ def _train_easyref(
         out, built_on = work / f"train-{stage}", _built_on(work, init, mask_weight)
         stamp = out / "built-on.json"
         if out.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != built_on):
-            _log(f"{stage}: {out} was trained on another base or start; training it again")
+            _log(f"{stage}: {out} was trained on another base, start or loss; training it again")
             shutil.rmtree(out)
         reached = _stage_reached(out)
         if reached > steps[stage]:
@@ -943,6 +943,7 @@ def _train_easyref(
             ledger.record["seconds"][stage] = 0.0
         out.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(built_on) + "\n")
+        ledger.record[f"{stage}_settings"] = {"batch_size": batch_size, "learning_rate": lr, "mask_weight": mask_weight}
         init = ledger.timed(
             stage,
             functools.partial(
@@ -952,7 +953,6 @@ def _train_easyref(
             ),
             steps_from=reached, steps_to=steps[stage],
         )  # fmt: skip
-        ledger.record[f"{stage}_settings"] = {"batch_size": batch_size, "learning_rate": lr, "mask_weight": mask_weight}
     return init
 
 
