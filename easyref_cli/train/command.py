@@ -275,6 +275,11 @@ def train_command(
     items = data_mod.require_valid(data_mod.validate_data(config.data, config.data_root, decode=True), config.data)
 
     # 2. train
+    _train(config, items, quiet)
+
+
+def _train(config, items, quiet: bool) -> None:
+    """Train, then (unless ``quiet``) say where the last checkpoint is, on the main process only."""
     from easyref_cli.train.trainer import Trainer
 
     result = Trainer(config, items).setup().run()
