@@ -542,6 +542,33 @@ def test_base_from_keeps_a_pretrained_qwen2vl_and_makes_a_new_unet(tiny_qwen2vl,
     build._start_from(old, work, ledger, 0)
     assert json.loads((work / "base-mllm.done").read_text()) == {"qwen2vl": 7}  # not pre-trained again
     assert (work / "qwen2vl" / "model.safetensors").read_bytes() == (old / "qwen2vl" / "model.safetensors").read_bytes()
-    assert ledger.record["base_from"]["steps"] == {"vae": 3, "unet": 5, "mllm": 7}
+    assert ledger.record["base_from"]["steps"] == {"vae": 3, "unet": 5, "mllm": 7, "mllm_more": None}
+    assert not (work / "base-mllm_more.done").exists()  # that build had one Qwen2-VL run: the second runs here
     with pytest.raises(SystemExit, match="use another WORK folder"):  # other Qwen2-VL steps: an error, not a mix
-        build._pretrain_mllm(work, ledger, 2500, 0)
+        build._pretrain_mllm(work, ledger, {"mllm": 2500, "mllm_more": 1500}, 0)
+
+
+def test_qwen2vl_pretraining_is_two_recorded_runs_done_once(tmp_path, monkeypatch):
+    """Step 4 runs each of ``MLLM_RUNS`` once, with its own rate, seed and state file; a rerun keeps them,
+    and the stages are built on both."""
+    from easyref_cli.demo import mllm
+
+    calls = []
+
+    def fake_pretrain(path, steps, *, seed, lr, state, log):
+        calls.append((steps, seed, lr, state.name))
+        return {"steps": steps}
+
+    monkeypatch.setattr(mllm, "pretrain_qwen2vl", fake_pretrain)
+    monkeypatch.setattr(mllm, "reading_accuracy", lambda path: {"shape": 1.0})
+    ledger = build.Ledger(tmp_path, {"seed": 3, "steps": {}})
+    steps = {"mllm": 20, "mllm_more": 10}
+    build._pretrain_mllm(tmp_path, ledger, steps, 3)
+    assert calls == [(20, 3, 2e-3, "qwen2vl-state.pt"), (10, 4, 1e-3, "qwen2vl-mllm_more-state.pt")]
+    assert ledger.record["mllm_more"] == {"steps": 10, "reads": {"shape": 1.0}}
+    build._pretrain_mllm(tmp_path, ledger, steps, 3)
+    assert len(calls) == 2  # done: kept
+    (tmp_path / "base-unet.done").write_text("{}")
+    assert json.loads(build._built_on(tmp_path, None, 0.0)["mllm_more"]) == {"qwen2vl": 10}
+    with pytest.raises(SystemExit, match="use another WORK folder"):
+        build._pretrain_mllm(tmp_path, ledger, steps | {"mllm_more": 11}, 3)
