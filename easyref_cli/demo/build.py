@@ -781,7 +781,8 @@ def _start_from(base_from: Path, work: Path, ledger: Ledger, seed: int):
     shutil.rmtree(work / "qwen2vl", ignore_errors=True)  # a copy an interrupted run left
     shutil.copytree(base_from / "qwen2vl", work / "qwen2vl")
     old = json.loads(previous.read_text()) if previous.exists() else {}
-    for name, _, _ in MLLM_RUNS:  # its Qwen2-VL is pre-trained already (step 4; a build folder or installed weights)
+    mllm_runs = [name for name, _, _ in MLLM_RUNS]
+    for name in mllm_runs:  # its Qwen2-VL is pre-trained already (step 4; a build folder or installed weights)
         if old.get(name):
             _marker(work / f"base-{name}.done", {"qwen2vl": old["steps"][name]})
     ledger.record["base_from"] = {
@@ -789,10 +790,8 @@ def _start_from(base_from: Path, work: Path, ledger: Ledger, seed: int):
         "kept": "VAE, both text encoders (trained further with the new UNet), Qwen2-VL (pre-trained there if "
         "its build did step 4)",
         "vae": old.get("vae"),
-        "steps": {k: old.get("steps", {}).get(k) for k in ("vae", "unet", "mllm", "mllm_more")},
-        "seconds": {
-            k: old.get("seconds", {}).get(k) for k in ("base_models", "qwen2vl", "vae", "unet", "mllm", "mllm_more")
-        },
+        "steps": {k: old.get("steps", {}).get(k) for k in ("vae", "unet", *mllm_runs)},
+        "seconds": {k: old.get("seconds", {}).get(k) for k in ("base_models", "qwen2vl", "vae", "unet", *mllm_runs)},
     }
     ledger.save()
 
@@ -884,12 +883,9 @@ def _pretrain_mllm(work: Path, ledger: Ledger, steps: dict[str, int], seed: int)
             _marker(done, marker)
             continue
         state = work / (MLLM_STATE if name == "mllm" else f"qwen2vl-{name}-state.pt")
-        trained = ledger.timed(
-            name,
-            lambda: pretrain_qwen2vl(mllm, steps[name], seed=seed + offset, lr=lr, state=state, log=_log),  # noqa: B023
-            planned=steps[name],
-        )
-        trained["reads"] = ledger.timed(f"{name}_check", lambda: reading_accuracy(mllm))
+        run = functools.partial(pretrain_qwen2vl, mllm, steps[name], seed=seed + offset, lr=lr, state=state, log=_log)
+        trained = ledger.timed(name, run, planned=steps[name])
+        trained["reads"] = ledger.timed(f"{name}_check", functools.partial(reading_accuracy, mllm))
         _log(f"qwen2vl reads after {name}: {trained['reads']}")
         ledger.record[name] = trained
         ledger.save()
@@ -907,11 +903,11 @@ def _built_on(work: Path, init: Path | None, mask_weight: float) -> dict:
     starts from, and its loss's mask weight."""
     import hashlib
 
-    mllm, more = work / "base-mllm.done", work / "base-mllm_more.done"
+    runs = {name: work / f"base-{name}.done" for name, _, _ in MLLM_RUNS}
     return {
         "base": (work / "base-unet.done").read_text(),
-        "mllm": mllm.read_text() if mllm.exists() else None,
-        **({"mllm_more": more.read_text()} if more.exists() else {}),
+        "mllm": None,  # a folder built before step 4
+        **{name: done.read_text() for name, done in runs.items() if done.exists()},
         "init": hashlib.sha256(init.read_bytes()).hexdigest() if init is not None else None,
         "mask_weight": mask_weight,
     }
