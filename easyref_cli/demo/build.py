@@ -80,7 +80,16 @@ if TYPE_CHECKING:  # pragma: no cover
 WEIGHTS_DIR = weights_dir()
 
 #: Default step counts (``--quick`` divides them by 20 for a smoke run of the recipe).
-STEPS = {"vae": 1600, "unet": 3000, "mllm": 2500, "mllm_more": 1500, "align": 600, "single": 500, "multi": 1600}
+STEPS = {
+    "vae": 1600,
+    "unet": 3000,
+    "unet_place": 1000,
+    "mllm": 2500,
+    "mllm_more": 1500,
+    "align": 600,
+    "single": 500,
+    "multi": 1600,
+}
 LORA_RANK = 8
 #: The stages' ``easyref train --mask-weight``: 0, the plain loss, as the shipped weights (4, the loss
 #: weighted 1 + 4 on and around the drawn shape, changed nothing measurable: docs/DEMO.md).
@@ -280,6 +289,11 @@ def tokenize_captions(pipe, captions: list[str]):
     )
 
 
+def pooled_text(pipe, ids_2):
+    """The pooled projection of the second text encoder alone (what SDXL adds to the time embedding)."""
+    return pipe.text_encoder_2(ids_2)[0]
+
+
 def encode_text(pipe, ids_1, ids_2):
     """SDXL text conditioning (penultimate hidden states of both encoders, pooled projection of the
     second), exactly as ``StableDiffusionXLPipeline.encode_prompt`` builds it."""
@@ -343,6 +357,15 @@ def _pick_captions(rng: random.Random, picks: list[int], drawings: list[Drawing]
     return caption_ids
 
 
+def _placement_captions(caption_ids: list[int], picks: list[int], drawings: list[Drawing], table) -> list[int]:
+    """The row of the caption without colour and shape words for each picked caption (``""`` stays ``""``)."""
+    empty = table.index[""]
+    return [
+        empty if c == empty else table.index[drawings[i].caption(colour=False, shape=False)]
+        for c, i in zip(caption_ids, picks, strict=True)
+    ]
+
+
 def _unet_loss(pipe, scheduler, x0, hidden, pooled, time_ids, generator, weights=None) -> torch.Tensor:
     """The diffusion loss of one batch: seeded noise and timesteps, then the UNet's prediction
     against the noise (or the velocity, for v-prediction); the squared error weighted per latent
@@ -400,6 +423,7 @@ class BaseRun:
     lr: float
     attribute_loss: float = 0.0
     shape_weight: float = 0.0
+    pooled_from: str = "caption"
 
 
 def _attribute_heads(width: int, seed: int):
@@ -457,6 +481,7 @@ def train_base_unet(
     save_every: int = 250,
     attribute_loss: float = 0.0,
     shape_weight: float = 0.0,
+    pooled_from: str = "caption",
 ) -> dict:
     """Text-to-image pre-training of ``pipe.unet`` together with both text encoders (the DDPM
     noise schedule and prediction type of the pipeline's scheduler config). Training the tiny CLIP
@@ -469,12 +494,19 @@ def train_base_unet(
     ``attribute_loss`` > 0 adds, at that weight, linear heads that must read the caption's grid cell,
     size, colour and shape off the pooled text embedding (:func:`_attribute_loss`): it makes the text
     encoders carry the position, which the UNet then learns to use (docs/DEMO.md). ``shape_weight`` > 0
-    weights the diffusion loss on and around the drawn shape (:func:`_shape_weights`)."""
+    weights the diffusion loss on and around the drawn shape (:func:`_shape_weights`).
+
+    ``pooled_from="placement"`` computes the pooled embedding the UNet gets from the caption without its
+    colour and shape words ("a large shape at the top left"), as the EasyRef stages' prompts are: the
+    UNet then has to read colour and shape through cross-attention, the path the references take
+    (the attribute heads then read only the cell and the size; docs/DEMO.md, "The reference path")."""
     import torch
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    run = BaseRun(steps, seed, images, batch_size, lr, attribute_loss, shape_weight)
+    if pooled_from not in ("caption", "placement"):
+        raise ValueError(f"pooled_from must be 'caption' or 'placement', not {pooled_from!r}")
+    run = BaseRun(steps, seed, images, batch_size, lr, attribute_loss, shape_weight, pooled_from)
     rng = random.Random(f"easyref-demo-unet-{seed}")
     drawings, latents, table = _base_data(pipe, images, seed, log)
     weights = _shape_weights(drawings, shape_weight) if shape_weight else None
@@ -496,6 +528,9 @@ def train_base_unet(
         picks = [rng.randrange(images) for _ in range(batch_size)]
         caption_ids = _pick_captions(rng, picks, drawings, table.index)
         hidden, pooled = encode_text(pipe, table.ids_1[caption_ids], table.ids_2[caption_ids])
+        if pooled_from == "placement":
+            caption_ids = _placement_captions(caption_ids, picks, drawings, table)
+            pooled = pooled_text(pipe, table.ids_2[caption_ids])
         batch_weights = weights[picks] if weights is not None else None
         loss = _unet_loss(pipe, scheduler, latents[picks], hidden, pooled, time_ids, generator, batch_weights)
         captions = [table.captions[i] for i in caption_ids]
@@ -510,6 +545,7 @@ def train_base_unet(
         module.eval().requires_grad_(False)
     extra = {"attribute_loss": attribute_loss} if attribute_loss else {}
     extra |= {"shape_weight": shape_weight} if shape_weight else {}
+    extra |= {"pooled_from": pooled_from} if pooled_from != "caption" else {}
     return {"final_loss": last_loss, "images": images, "captions": len(table.captions), "resumed_at": start} | extra
 
 
@@ -562,11 +598,26 @@ CHECK_PLACES = tuple(
 )
 
 
-def from_text_accuracy(pipe, *, seeds: int = 2, steps: int = 25, guidance: float = 5.0) -> dict:
+def _prompt_embeds(pipe, prompts: list[str], pooled_prompts: list[str]) -> dict:
+    """The pipeline's conditioning (with the empty negative prompt) for ``prompts``, the pooled part
+    taken from ``pooled_prompts`` instead."""
+    full, negative, _, negative_pooled = pipe.encode_prompt(
+        prompt=prompts, device="cpu", negative_prompt=[""] * len(prompts)
+    )
+    pooled = pipe.encode_prompt(prompt=pooled_prompts, device="cpu", do_classifier_free_guidance=False)[2]
+    return {"prompt_embeds": full, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled}  # fmt: skip
+
+
+def from_text_accuracy(
+    pipe, *, seeds: int = 2, steps: int = 25, guidance: float = 5.0, pooled_from: str = "caption"
+) -> dict:
     """How often the base model draws what a full caption names ("a small green triangle at the top
     left"): every colour × shape at two of :data:`CHECK_PLACES`, ``seeds`` starting noises each, judged
     by the classifiers of :mod:`~easyref_cli.demo.synthetic`. The ceiling for what the references can
-    steer later, since the adapters reuse the UNet's drawing."""
+    steer later, since the adapters reuse the UNet's drawing. ``pooled_from="placement"`` gives the UNet
+    the pooled embedding of the caption without colour and shape ("a small shape at the top left"), as
+    :func:`train_base_unet` trained it: colour and shape must then come through cross-attention."""
     import itertools
 
     import torch
@@ -580,11 +631,13 @@ def from_text_accuracy(pipe, *, seeds: int = 2, steps: int = 25, guidance: float
         for seed in range(seeds)
     ]
     prompts = [f"a {size} {colour} {shape} {where}" for colour, shape, (where, _, size), _ in asked]
+    placements = [f"a {size} shape {where}" for _, _, (where, _, size), _ in asked]
+    pooled = prompts if pooled_from == "caption" else placements
     images = []
     with torch.no_grad():
         for i in range(0, len(prompts), 48):
             images += pipe(
-                prompts[i : i + 48], negative_prompt=[""] * len(prompts[i : i + 48]), num_inference_steps=steps,
+                **_prompt_embeds(pipe, prompts[i : i + 48], pooled[i : i + 48]), num_inference_steps=steps,
                 guidance_scale=guidance, height=IMAGE_SIZE, width=IMAGE_SIZE,
                 generator=[torch.Generator().manual_seed(a[3]) for a in asked[i : i + 48]],
             ).images  # fmt: skip
@@ -870,6 +923,36 @@ def _build_base(
     _marker(work / "base-unet.done", {"unet": steps["unet"]} | dataclasses.asdict(base_loss))
 
 
+#: Step 3's second run: (learning rate, seed offset). It continues the base UNet with the pooled embedding
+#: of the caption without colour and shape, so the UNet reads both through cross-attention (docs/DEMO.md).
+PLACE_RUN = (5e-4, 1)
+
+
+def _place_base(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, base_loss: BaseLoss) -> None:
+    """Step 3b: the base UNet (and text encoders) trained further with ``pooled_from="placement"``
+    (:func:`train_base_unet`), resumable, then checked from text with that pooled embedding."""
+    from diffusers import StableDiffusionXLPipeline
+
+    done = work / "base-unet_place.done"
+    marker = {"unet_place": steps["unet_place"], "lr": PLACE_RUN[0]} | dataclasses.asdict(base_loss)
+    if done.exists():
+        _marker(done, marker)
+        return
+    sdxl = work / "sdxl"
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    run = functools.partial(
+        train_base_unet, pipe, steps["unet_place"], seed=seed + PLACE_RUN[1], lr=PLACE_RUN[0],
+        state=work / "base-place-state.pt", pooled_from="placement", **dataclasses.asdict(base_loss),
+    )  # fmt: skip
+    record = ledger.record["unet_place"] = ledger.timed("unet_place", run, planned=steps["unet_place"])
+    check = functools.partial(from_text_accuracy, pipe, pooled_from="placement")
+    record["from_text"] = ledger.timed("unet_place_check", check)
+    _log(f"base model from text, pooled from the placement: {record['from_text']}")
+    _save_pipeline(pipe, sdxl)
+    ledger.save()
+    _marker(done, marker)
+
+
 def _pretrain_mllm(work: Path, ledger: Ledger, steps: dict[str, int], seed: int) -> None:
     """Step 4: the tiny Qwen2-VL in ``work/qwen2vl`` pre-trained to describe the pictures
     (:mod:`easyref_cli.demo.mllm`), in the runs of :data:`MLLM_RUNS`, each resumable from its state
@@ -906,6 +989,7 @@ def _built_on(work: Path, init: Path | None, mask_weight: float) -> dict:
     runs = {name: work / f"base-{name}.done" for name, _, _ in MLLM_RUNS}
     return {
         "base": (work / "base-unet.done").read_text(),
+        **({"place": place.read_text()} if (place := work / "base-unet_place.done").exists() else {}),
         "mllm": None,  # a folder built before step 4
         **{name: done.read_text() for name, done in runs.items() if done.exists()},
         "init": hashlib.sha256(init.read_bytes()).hexdigest() if init is not None else None,
@@ -984,6 +1068,7 @@ def build(
 
     # 1.-3. base models, VAE and base UNet; 4. the tiny Qwen2-VL taught to describe the pictures
     _build_base(work, ledger, planned, seed, base_from, base_loss)
+    _place_base(work, ledger, planned, seed, base_loss)
     _pretrain_mllm(work, ledger, planned, seed)
     if base_only:
         return ledger.record
