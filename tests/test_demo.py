@@ -241,11 +241,14 @@ def test_demo_weights_are_shipped_small_and_recorded():
     files = [p for p in root.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 25 * 2**20
     record = json.loads((root / "build.json").read_text())
-    assert set(record["steps"]) == {"vae", "unet", "mllm", "align", "single", "multi"}
+    assert set(record["steps"]) >= {"vae", "unet", "mllm", "align", "single", "multi"}
     assert record["total_seconds"] > 0
     assert set(record["unet"]["from_text"]["per_colour"]) == set(synthetic.COLOURS)
     assert set(record["unet"]["from_text"]["per_shape"]) == set(synthetic.SHAPES)
     assert set(record["mllm"]["reads"]) == {"colour", "shape", "position", "size"}
+    # the base trained on with the pooled embedding of the placement only, and checked that way
+    assert record["unet_place"]["pooled_from"] == "placement" and record["steps"]["unet_place"] > 0
+    assert set(record["unet_place"]["from_text"]["per_shape"]) == set(synthetic.SHAPES)
     assert all(record["seconds"][step] > 0 for step in ("unet", "mllm", "align", "single", "multi"))
 
 
@@ -305,9 +308,9 @@ def test_colour_follows_the_references_and_position_and_size_the_prompt(evidence
     given, swapped = result["as_given"], result["swapped"]
     assert given["images"] == swapped["images"] == 6 * 2
     # on a subset (every colour once, every shape), in both runs: the references' colour (chance 1/6; the
-    # full evidence 100%), the prompt's position (chance 1/9; full: 100%) and size (full: 95%); the swapped
-    # run leaves the folders' colours behind (full: none keeps it). The shipped model does not take the
-    # references' shape yet (docs/DEMO.md), so shape is not asserted.
+    # full evidence 100%), the prompt's position (chance 1/9; full: 100%) and size (full: 97%); the swapped
+    # run leaves the folders' colours behind (full: none keeps it). The shipped model takes the references'
+    # shape only partly (full: 36%, chance 25%; docs/DEMO.md), too weakly to assert on 12 pictures.
     for run in (given, swapped):
         assert run["colour"] >= 0.9 and run["position"] >= 0.9 and run["size"] >= 0.75, run
     assert swapped["keeps_folder_colour"] <= 0.1
@@ -329,7 +332,7 @@ def test_the_demo_controlnet_draws_the_control_shape_in_the_references_colour(tm
 
     out = evaluate(tmp_path, count=2)
     assert out["with ControlNet"]["images"] == out["without ControlNet"]["images"] == 8
-    # the prompt already places the shape (full evaluation: IoU 0.51 without, 0.65 with); the control's
+    # the prompt already places the shape (full evaluation: IoU 0.51 without, 0.68 with); the control's
     # outline puts it closer, in the references' colour
     assert (
         out["with ControlNet"]["mean_iou"] >= 0.55
@@ -396,6 +399,10 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
     train(single=6, multi=8)
     assert calls == [("align", 4, False), ("single", 6, False), ("multi", 8, False)]
     calls.clear()
+    (tmp_path / "base-unet_place.done").write_text('{"unet_place": 10}\n')  # the base trained on: every stage again
+    train(single=6, multi=8)
+    assert calls == [("align", 4, False), ("single", 6, False), ("multi", 8, False)]
+    calls.clear()
     weight = 2.0  # another loss: every stage again
     train(single=6, multi=8)
     assert calls == [("align", 4, False), ("single", 6, False), ("multi", 8, False)]
@@ -447,6 +454,96 @@ def test_the_attribute_loss_reads_only_what_the_caption_names():
     full = build._attribute_loss(heads, pooled, [drawing], [drawing.caption()]).item()
     assert full > before  # …and does for one with it
     assert set(build.ATTRIBUTES) == {"cell", "size", "colour", "shape"}
+
+
+def test_placement_pooling_gives_the_unet_the_caption_without_colour_and_shape(tmp_path, monkeypatch):
+    """``pooled_from="placement"``: the UNet's pooled embedding is the picked caption's without its colour and
+    shape words (what the stages' prompts say), the empty caption stays empty, and the attribute heads are
+    asked only what that caption names."""
+    import torch
+
+    torch.manual_seed(0)
+    pipe = build.build_base_pipeline(tmp_path / "sdxl")
+    seen: dict = {}
+    placement, loss, attributes = build._placement_captions, build._unet_loss, build._attribute_loss
+
+    def spy_placement(caption_ids, picks, drawings, table):
+        rows = placement(caption_ids, picks, drawings, table)
+        seen.update(before=[table.captions[c] for c in caption_ids], after=[table.captions[c] for c in rows])
+        seen.update(drawn=[drawings[i] for i in picks], ids_2=table.ids_2[rows])
+        return rows
+
+    def spy_loss(pipe_, scheduler, x0, hidden, pooled, *rest):
+        with torch.no_grad():
+            seen["expected"] = build.pooled_text(pipe_, seen["ids_2"])
+        seen["pooled"] = pooled.detach().clone()
+        return loss(pipe_, scheduler, x0, hidden, pooled, *rest)
+
+    def spy_attributes(heads, pooled, drawings, captions):
+        seen["asked"] = captions
+        return attributes(heads, pooled, drawings, captions)
+
+    monkeypatch.setattr(build, "_placement_captions", spy_placement)
+    monkeypatch.setattr(build, "_unet_loss", spy_loss)
+    monkeypatch.setattr(build, "_attribute_loss", spy_attributes)
+    trained = build.train_base_unet(
+        pipe, 1, seed=0, images=16, batch_size=16, log=lambda _: None, attribute_loss=0.1, pooled_from="placement"
+    )
+    assert trained["pooled_from"] == "placement"
+    for before, after, drawing in zip(seen["before"], seen["after"], seen["drawn"], strict=True):
+        assert after == ("" if before == "" else drawing.caption(colour=False, shape=False))
+    assert seen["before"] != seen["after"]  # some picked captions named a colour or a shape
+    assert seen["asked"] == seen["after"]
+    assert torch.equal(seen["pooled"], seen["expected"])
+    with pytest.raises(ValueError, match="pooled_from"):
+        build.train_base_unet(pipe, 1, seed=0, images=8, batch_size=2, log=lambda _: None, pooled_from="prompt")
+
+
+def test_the_from_text_check_can_pool_the_placement(tmp_path):
+    """``_prompt_embeds`` is the pipeline's own conditioning (empty negative prompt) with only the pooled
+    part taken from the other prompts."""
+    import torch
+
+    torch.manual_seed(0)
+    pipe = build.build_base_pipeline(tmp_path / "sdxl")
+    prompts, places = ["a large red circle in the centre"], ["a large shape in the centre"]
+    keys = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    with torch.no_grad():
+        own = pipe.encode_prompt(prompt=prompts, device="cpu", negative_prompt=[""])
+        placed = pipe.encode_prompt(prompt=places, device="cpu", negative_prompt=[""])
+        same, mixed = build._prompt_embeds(pipe, prompts, prompts), build._prompt_embeds(pipe, prompts, places)
+    assert all(torch.equal(same[k], v) for k, v in zip(keys, own, strict=True))
+    assert torch.equal(mixed["prompt_embeds"], own[0]) and torch.equal(mixed["negative_prompt_embeds"], own[1])
+    assert torch.equal(mixed["pooled_prompt_embeds"], placed[2]) and not torch.equal(placed[2], own[2])
+
+
+def test_the_placement_run_trains_the_base_on_once_and_the_stages_build_on_it(tmp_path, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    torch.manual_seed(0)
+    build.build_base_pipeline(tmp_path / "sdxl")
+    calls = []
+
+    def fake_train(pipe, steps, *, seed, lr, state, pooled_from, **loss):
+        calls.append((steps, seed, lr, state.name, pooled_from, loss))
+        return {"final_loss": 0.1}
+
+    monkeypatch.setattr(build, "train_base_unet", fake_train)
+    monkeypatch.setattr(build, "from_text_accuracy", lambda pipe, pooled_from: {"pooled_from": pooled_from})
+    ledger = build.Ledger(tmp_path, {"seed": 2, "steps": {}})
+    loss = build.BaseLoss()
+    build._place_base(tmp_path, ledger, {"unet_place": 30}, 2, loss)
+    assert calls == [(30, 3, build.PLACE_RUN[0], "base-place-state.pt", "placement", dataclasses.asdict(loss))]
+    assert ledger.record["unet_place"]["from_text"] == {"pooled_from": "placement"}
+    assert {"unet_place", "unet_place_check"} <= set(json.loads((tmp_path / "build.json").read_text())["seconds"])
+    build._place_base(tmp_path, ledger, {"unet_place": 30}, 2, loss)
+    assert len(calls) == 1  # done: kept
+    (tmp_path / "base-unet.done").write_text("{}")
+    assert json.loads(build._built_on(tmp_path, None, 0.0)["place"])["unet_place"] == 30
+    with pytest.raises(SystemExit, match="use another WORK folder"):
+        build._place_base(tmp_path, ledger, {"unet_place": 31}, 2, loss)
 
 
 # --------------------------------------------------------------------------- the Qwen2-VL pre-training

@@ -1,6 +1,6 @@
 """Train the demo model from nothing: ``python -m easyref_cli.demo.build WORK_DIR [--install]``.
 
-The recipe (every step seeded; the defaults took 117 minutes on two CPU cores, see docs/DEMO.md):
+The recipe (every step seeded; the defaults took 161 minutes on two CPU cores, see docs/DEMO.md):
 
 1. **Base models.** A tiny SDXL-layout pipeline (UNet, VAE, two CLIP text encoders, Euler
    scheduler) and a tiny random Qwen2-VL, saved with ``save_pretrained``.
@@ -16,6 +16,10 @@ The recipe (every step seeded; the defaults took 117 minutes on two CPU cores, s
    Two checks record what the base model then does with a caption: how often it draws the colour,
    shape, position and size the caption names (``from_text_accuracy``), and how much each of those
    words moves its loss (``caption_sensitivity``).
+   A second run (``unet_place``, :data:`PLACE_RUN`) trains them on with the pooled text embedding
+   computed from the caption without its colour and shape words, as the EasyRef prompts are: the UNet
+   then reads colour and shape through cross-attention, where the references arrive; its check draws
+   from text that way.
 4. **Qwen2-VL**: the tiny Qwen2-VL pre-trained as a captioner of the pictures ("a large red circle at
    the top left"), as the real EasyRef starts from a Qwen2-VL that sees shapes and colours
    (:mod:`easyref_cli.demo.mllm`); a check records how often it reads each attribute.
@@ -29,9 +33,9 @@ The recipe (every step seeded; the defaults took 117 minutes on two CPU cores, s
 
 A build folder continues where it stopped: running the same command again (``kill`` or Ctrl-C
 first, if need be) keeps finished steps, resumes the base UNet and the Qwen2-VL from their last
-saved states (``base-state.pt``, ``qwen2vl-state.pt``, every 250 steps, exactly as if they had not
-stopped) and a stage from its last checkpoint (``easyref train --resume``); ``--steps multi=2400``
-trains a finished stage further. The time of every run, interrupted ones included, adds up in
+saved states (``base-state.pt``, ``base-place-state.pt``, ``qwen2vl-state.pt``, every 250 steps,
+exactly as if they had not stopped) and a stage from its last checkpoint (``easyref train
+--resume``); ``--steps multi=2400`` trains a finished stage further. The time of every run, interrupted ones included, adds up in
 ``build.json`` (``seconds``; ``runs`` lists each). ``--base-from BUILD`` starts from a previous
 build's VAE, text encoders and Qwen2-VL with a new UNet.
 """
@@ -92,7 +96,8 @@ STEPS = {
 }
 LORA_RANK = 8
 #: The stages' ``easyref train --mask-weight``: 0, the plain loss, as the shipped weights (4, the loss
-#: weighted 1 + 4 on and around the drawn shape, changed nothing measurable: docs/DEMO.md).
+#: weighted 1 + 4 on and around the drawn shape, changed nothing measurable on the base before ``unet_place``:
+#: docs/DEMO.md).
 STAGE_MASK_WEIGHT = 0.0
 
 
