@@ -371,6 +371,16 @@ def _placement_captions(caption_ids: list[int], picks: list[int], drawings: list
     ]
 
 
+def _conditioning(pipe, table: CaptionTable, caption_ids: list[int], picks: list[int], drawings, pooled_from: str):
+    """The UNet's text conditioning for the picked captions: hidden states, pooled embedding (of the
+    placement alone with ``pooled_from="placement"``), and the rows of the captions it was pooled from."""
+    hidden, pooled = encode_text(pipe, table.ids_1[caption_ids], table.ids_2[caption_ids])
+    if pooled_from == "placement":
+        caption_ids = _placement_captions(caption_ids, picks, drawings, table)
+        pooled = pooled_text(pipe, table.ids_2[caption_ids])
+    return hidden, pooled, caption_ids
+
+
 def _unet_loss(pipe, scheduler, x0, hidden, pooled, time_ids, generator, weights=None) -> torch.Tensor:
     """The diffusion loss of one batch: seeded noise and timesteps, then the UNet's prediction
     against the noise (or the velocity, for v-prediction); the squared error weighted per latent
@@ -429,6 +439,10 @@ class BaseRun:
     attribute_loss: float = 0.0
     shape_weight: float = 0.0
     pooled_from: str = "caption"
+
+    def __post_init__(self):
+        if self.pooled_from not in ("caption", "placement"):
+            raise ValueError(f"pooled_from must be 'caption' or 'placement', not {self.pooled_from!r}")
 
 
 def _attribute_heads(width: int, seed: int):
@@ -509,8 +523,6 @@ def train_base_unet(
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    if pooled_from not in ("caption", "placement"):
-        raise ValueError(f"pooled_from must be 'caption' or 'placement', not {pooled_from!r}")
     run = BaseRun(steps, seed, images, batch_size, lr, attribute_loss, shape_weight, pooled_from)
     rng = random.Random(f"easyref-demo-unet-{seed}")
     drawings, latents, table = _base_data(pipe, images, seed, log)
@@ -532,10 +544,7 @@ def train_base_unet(
     for step in range(start, steps):
         picks = [rng.randrange(images) for _ in range(batch_size)]
         caption_ids = _pick_captions(rng, picks, drawings, table.index)
-        hidden, pooled = encode_text(pipe, table.ids_1[caption_ids], table.ids_2[caption_ids])
-        if pooled_from == "placement":
-            caption_ids = _placement_captions(caption_ids, picks, drawings, table)
-            pooled = pooled_text(pipe, table.ids_2[caption_ids])
+        hidden, pooled, caption_ids = _conditioning(pipe, table, caption_ids, picks, drawings, pooled_from)
         batch_weights = weights[picks] if weights is not None else None
         loss = _unet_loss(pipe, scheduler, latents[picks], hidden, pooled, time_ids, generator, batch_weights)
         captions = [table.captions[i] for i in caption_ids]
