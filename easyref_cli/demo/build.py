@@ -35,9 +35,9 @@ A build folder continues where it stopped: running the same command again (``kil
 first, if need be) keeps finished steps, resumes the base UNet and the Qwen2-VL from their last
 saved states (``base-state.pt``, ``base-place-state.pt``, ``qwen2vl-state.pt``, every 250 steps,
 exactly as if they had not stopped) and a stage from its last checkpoint (``easyref train
---resume``); ``--steps multi=2400`` trains a finished stage further. The time of every run, interrupted ones included, adds up in
-``build.json`` (``seconds``; ``runs`` lists each). ``--base-from BUILD`` starts from a previous
-build's VAE, text encoders and Qwen2-VL with a new UNet.
+--resume``); ``--steps multi=2400`` trains a finished stage further. The time of every run,
+interrupted ones included, adds up in ``build.json`` (``seconds``; ``runs`` lists each).
+``--base-from BUILD`` starts from a previous build's VAE, text encoders and Qwen2-VL with a new UNet.
 """
 
 from __future__ import annotations
@@ -363,12 +363,10 @@ def _pick_captions(rng: random.Random, picks: list[int], drawings: list[Drawing]
 
 
 def _placement_captions(caption_ids: list[int], picks: list[int], drawings: list[Drawing], table) -> list[int]:
-    """The row of the caption without colour and shape words for each picked caption (``""`` stays ``""``)."""
+    """The row of the stages' caption (:func:`caption`: no colour or shape word) for each picked caption
+    (``""`` stays ``""``)."""
     empty = table.index[""]
-    return [
-        empty if c == empty else table.index[drawings[i].caption(colour=False, shape=False)]
-        for c, i in zip(caption_ids, picks, strict=True)
-    ]
+    return [empty if c == empty else table.index[caption(drawings[i])] for c, i in zip(caption_ids, picks, strict=True)]
 
 
 def _conditioning(pipe, table: CaptionTable, caption_ids: list[int], picks: list[int], drawings, pooled_from: str):
@@ -615,10 +613,11 @@ CHECK_PLACES = tuple(
 def _prompt_embeds(pipe, prompts: list[str], pooled_prompts: list[str]) -> dict:
     """The pipeline's conditioning (with the empty negative prompt) for ``prompts``, the pooled part
     taken from ``pooled_prompts`` instead."""
-    full, negative, _, negative_pooled = pipe.encode_prompt(
+    full, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt=prompts, device="cpu", negative_prompt=[""] * len(prompts)
     )
-    pooled = pipe.encode_prompt(prompt=pooled_prompts, device="cpu", do_classifier_free_guidance=False)[2]
+    if pooled_prompts != prompts:
+        pooled = pipe.encode_prompt(prompt=pooled_prompts, device="cpu", do_classifier_free_guidance=False)[2]
     return {"prompt_embeds": full, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
             "negative_pooled_prompt_embeds": negative_pooled}  # fmt: skip
 
