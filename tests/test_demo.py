@@ -357,9 +357,14 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
     resumes (``easyref train --resume``), one whose start changed restarts; every run is listed."""
     calls = []
 
-    def fake_stage(stage, *, out, steps, resume, mask_weight, **_):
-        calls.append((stage, steps, resume))
+    def fake_stage(stage, *, out, steps, resume, mask_weight, lr_scheduler, seed, init, **_):
+        name = out.name.removeprefix("train-")
+        calls.append((name, steps, resume))
         assert mask_weight == weight
+        # anneal: multi once more, from multi's checkpoint, in another order, its rate decayed
+        assert (stage, lr_scheduler, seed) == (("multi", "cosine", 1) if name == "anneal" else (name, "constant", 0))
+        if name == "anneal":
+            assert init == tmp_path / "train-multi" / f"checkpoint-{(steps_now['multi'])}.safetensors"
         (out / "state").mkdir(parents=True, exist_ok=True)
         checkpoint = out / f"checkpoint-{steps}.safetensors"
         checkpoint.write_text(f"{stage} {steps}")
@@ -368,44 +373,49 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "run_stage", fake_stage)
     monkeypatch.setattr(build, "write_training_data", lambda root, **_: (root.mkdir(), (root / "multi.json").touch()))
     (tmp_path / "base-unet.done").write_text('{"unet": 100}\n')
-    steps = {"align": 4, "single": 4, "multi": 4}
+    steps = {"align": 4, "single": 4, "multi": 4, "anneal": 4}
+    steps_now = dict(steps)
     weight = 4.0
+    every = [("align", 4, False), ("single", 6, False), ("multi", 8, False), ("anneal", 4, False)]
 
     def train(**more):
+        steps_now.update(steps | more)
         ledger = build.Ledger(tmp_path, {"seed": 0, "steps": steps | more})
         return build._train_easyref(tmp_path, ledger, steps | more, 0, quick=True, mask_weight=weight)
 
     train()
-    assert calls == [("align", 4, False), ("single", 4, False), ("multi", 4, False)]
+    assert calls == [("align", 4, False), ("single", 4, False), ("multi", 4, False), ("anneal", 4, False)]
     calls.clear()
-    assert train() == tmp_path / "train-multi" / "checkpoint-4.safetensors" and calls == []  # all done
-    train(multi=8)  # a finished stage trained further resumes
-    assert calls == [("multi", 8, True)]
+    assert train() == tmp_path / "train-anneal" / "checkpoint-4.safetensors" and calls == []  # all done
+    train(anneal=8)  # a finished stage trained further resumes
+    assert calls == [("anneal", 8, True)]
     calls.clear()
-    train(single=6, multi=8)  # single resumes; multi, trained from the old single, starts again
-    assert calls == [("single", 6, True), ("multi", 8, False)]
+    train(single=6, multi=8)  # single resumes; multi and anneal, trained from the old single, start again
+    assert calls == [("single", 6, True), ("multi", 8, False), ("anneal", 4, False)]
     record = json.loads((tmp_path / "build.json").read_text())
     stages = [run["step"] for run in record["runs"] if run["step"] != "data"]
-    assert stages == ["align", "single", "multi", "multi", "single", "multi"]
-    assert record["seconds"]["multi"] == record["runs"][-1]["seconds"]  # only the run that made it
+    assert stages == ["align", "single", "multi", "anneal", "anneal", "single", "multi", "anneal"]
+    assert record["seconds"]["multi"] == record["runs"][-2]["seconds"]  # only the run that made it
+    assert record["anneal_settings"] == {"name": "anneal", "stage": "multi", "batch_size": 8, "learning_rate": 5e-4,
+                                         "lr_scheduler": "cosine", "seed_offset": 1, "mask_weight": 4.0}  # fmt: skip
     with pytest.raises(SystemExit, match="more than the 4 asked for"):  # fewer steps never delete a stage
         train(single=6)
     calls.clear()
     (tmp_path / "base-unet.done").write_text('{"unet": 200}\n')  # a retrained base: every stage again
     train(single=6, multi=8)
-    assert calls == [("align", 4, False), ("single", 6, False), ("multi", 8, False)]
+    assert calls == every
     calls.clear()
     (tmp_path / "base-mllm.done").write_text('{"qwen2vl": 20}\n')  # a pre-trained Qwen2-VL: every stage again
     train(single=6, multi=8)
-    assert calls == [("align", 4, False), ("single", 6, False), ("multi", 8, False)]
+    assert calls == every
     calls.clear()
     (tmp_path / "base-unet_place.done").write_text('{"unet_place": 10}\n')  # the base trained on: every stage again
     train(single=6, multi=8)
-    assert calls == [("align", 4, False), ("single", 6, False), ("multi", 8, False)]
+    assert calls == every
     calls.clear()
     weight = 2.0  # another loss: every stage again
     train(single=6, multi=8)
-    assert calls == [("align", 4, False), ("single", 6, False), ("multi", 8, False)]
+    assert calls == every
     assert json.loads((tmp_path / "build.json").read_text())["multi_settings"]["mask_weight"] == 2.0
 
     def stopped(*_, **__):
@@ -413,9 +423,9 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "run_stage", stopped)
     with pytest.raises(KeyboardInterrupt):
-        train(single=6, multi=12)
+        train(single=6, multi=8, anneal=12)
     last_run = json.loads((tmp_path / "build.json").read_text())["runs"][-1]
-    assert last_run["step"] == "multi" and last_run["stopped"] and last_run["steps_from"] == 8
+    assert last_run["step"] == "anneal" and last_run["stopped"] and last_run["steps_from"] == 4
 
 
 def test_a_build_folder_refuses_other_settings_for_what_it_built(tmp_path):

@@ -23,7 +23,8 @@ The recipe (every step seeded; the defaults took 161 minutes on two CPU cores, s
 4. **Qwen2-VL**: the tiny Qwen2-VL pre-trained as a captioner of the pictures ("a large red circle at
    the top left"), as the real EasyRef starts from a Qwen2-VL that sees shapes and colours
    (:mod:`easyref_cli.demo.mllm`); a check records how often it reads each attribute.
-5. **EasyRef**: the real ``easyref train`` stages (``align`` → ``single`` → ``multi``) on synthetic
+5. **EasyRef**: the real ``easyref train`` stages (``align`` → ``single`` → ``multi``, then ``multi`` once
+   more with the rate decayed to zero: ``anneal``, :data:`STAGE_RUNS`) on synthetic
    groups whose captions name no colour and no shape: the colour and the shape can only come from
    the references.
 6. ``--install`` copies the result (``sdxl/``, ``qwen2vl/``, ``easyref.safetensors``,
@@ -93,6 +94,7 @@ STEPS = {
     "align": 600,
     "single": 500,
     "multi": 1600,
+    "anneal": 1200,
 }
 LORA_RANK = 8
 #: The stages' ``easyref train --mask-weight``: 0, the plain loss, as the shipped weights (4, the loss
@@ -733,6 +735,7 @@ def run_stage(
     seed: int,
     batch_size: int,
     learning_rate: float,
+    lr_scheduler: str = "constant",
     resume: bool = False,
     mask_weight: float = 0.0,
 ) -> Path:
@@ -744,7 +747,7 @@ def run_stage(
         "--base-model", str(sdxl), "--mllm", str(mllm), "--output-dir", str(out),
         "--resolution", str(IMAGE_SIZE), "--max-steps", str(steps), "--save-steps", str(min(steps, 400)),
         "--batch-size", str(batch_size), "--gradient-accumulation", "1", "--resize", "crop",
-        "--learning-rate", str(learning_rate), "--seed", str(seed),
+        "--learning-rate", str(learning_rate), "--lr-scheduler", lr_scheduler, "--seed", str(seed),
         "--device", "cpu", "--mixed-precision", "no", "--num-workers", "0", "--quiet",
     ]  # fmt: skip
     if stage != "align":  # align trains no LoRA
@@ -1010,10 +1013,35 @@ def _built_on(work: Path, init: Path | None, mask_weight: float) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """One ``easyref train`` run of step 5: its name (``WORK/train-<name>``, its ``--steps`` key), the
+    ``--stage`` it runs and its optimiser settings."""
+
+    name: str
+    stage: str
+    batch_size: int
+    learning_rate: float
+    lr_scheduler: str = "constant"
+    seed_offset: int = 0
+
+
+#: Step 5, in order, each starting from the one before. ``anneal`` continues ``multi`` (its data, a new
+#: data order) with the rate decayed to zero (cosine): a constant rate, then a decay, as warmup-stable-decay
+#: schedules do. The constant-rate run ends wherever its last steps left it; the decayed one settles
+#: (held-out shape 34% → 52%, docs/DEMO.md).
+STAGE_RUNS = (
+    StageRun("align", "align", 16, 1e-3),
+    StageRun("single", "single", 16, 5e-4),
+    StageRun("multi", "multi", 8, 5e-4),
+    StageRun("anneal", "multi", 8, 5e-4, "cosine", seed_offset=1),
+)
+
+
 def _train_easyref(
     work: Path, ledger: Ledger, steps: dict[str, int], seed: int, *, quick: bool, mask_weight: float
 ) -> Path:
-    """Step 4: training data, then the ``align`` → ``single`` → ``multi`` stages; the last checkpoint.
+    """Step 5: training data, then the runs of :data:`STAGE_RUNS`; the last checkpoint.
     A stage that already reached its steps on the same base and start is kept, one that stopped short
     resumes (``easyref train --resume``); one whose base or start changed (the stage before it trained
     again) restarts, and its time starts again from zero (``runs`` keeps every run)."""
@@ -1024,10 +1052,9 @@ def _train_easyref(
         ledger.timed("data", lambda: write_training_data(data_root, groups=groups, per_group=6, seed=seed))
     _marker(work / "data.done", {"groups": groups, "per_group": 6, "seed": seed, "masks": True})
     data = {stage: data_root / f"{stage}.json" for stage in ("align", "single", "multi")}
-    stage_settings = {"align": (16, 1e-3), "single": (16, 5e-4), "multi": (8, 5e-4)}
     init = None
-    for stage in ("align", "single", "multi"):
-        batch_size, lr = stage_settings[stage]
+    for run in STAGE_RUNS:
+        stage = run.name
         out, built_on = work / f"train-{stage}", _built_on(work, init, mask_weight)
         stamp = out / "built-on.json"
         if out.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != built_on):
@@ -1048,12 +1075,13 @@ def _train_easyref(
             ledger.record["seconds"][stage] = 0.0
         out.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(built_on) + "\n")
-        ledger.record[f"{stage}_settings"] = {"batch_size": batch_size, "learning_rate": lr, "mask_weight": mask_weight}
+        ledger.record[f"{stage}_settings"] = dataclasses.asdict(run) | {"mask_weight": mask_weight}
         init = ledger.timed(
             stage,
             functools.partial(
-                run_stage, stage, data=data, data_root=data_root, sdxl=sdxl, mllm=mllm, out=out, steps=steps[stage],
-                init=init, seed=seed, batch_size=batch_size, learning_rate=lr, resume=reached > 0,
+                run_stage, run.stage, data=data, data_root=data_root, sdxl=sdxl, mllm=mllm, out=out,
+                steps=steps[stage], init=init, seed=seed + run.seed_offset, batch_size=run.batch_size,
+                learning_rate=run.learning_rate, lr_scheduler=run.lr_scheduler, resume=reached > 0,
                 mask_weight=mask_weight,
             ),
             steps_from=reached, steps_to=steps[stage],
