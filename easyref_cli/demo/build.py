@@ -94,7 +94,7 @@ STEPS = {
     "align": 600,
     "single": 500,
     "multi": 1600,
-    "anneal": 1200,
+    "anneal": 2400,
 }
 LORA_RANK = 8
 #: The stages' ``easyref train --mask-weight``: 0, the plain loss, as the shipped weights (4, the loss
