@@ -1051,40 +1051,40 @@ def _train_easyref(
     if not (data_root / "multi.json").exists():
         ledger.timed("data", lambda: write_training_data(data_root, groups=groups, per_group=6, seed=seed))
     _marker(work / "data.done", {"groups": groups, "per_group": 6, "seed": seed, "masks": True})
-    data = {stage: data_root / f"{stage}.json" for stage in ("align", "single", "multi")}
+    data = {run.stage: data_root / f"{run.stage}.json" for run in STAGE_RUNS}
     init = None
     for run in STAGE_RUNS:
-        stage = run.name
-        out, built_on = work / f"train-{stage}", _built_on(work, init, mask_weight)
+        name = run.name
+        out, built_on = work / f"train-{name}", _built_on(work, init, mask_weight)
         stamp = out / "built-on.json"
         if out.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != built_on):
-            _log(f"{stage}: {out} was trained on another base, start or loss; training it again")
+            _log(f"{name}: {out} was trained on another base, start or loss; training it again")
             shutil.rmtree(out)
         reached = _stage_reached(out)
-        if reached > steps[stage]:
+        if reached > steps[name]:
             raise SystemExit(
-                f"{out} reached step {reached}, more than the {steps[stage]} asked for; pass --steps "
-                f"{stage}={reached} (or more), or use another WORK folder"
+                f"{out} reached step {reached}, more than the {steps[name]} asked for; pass --steps "
+                f"{name}={reached} (or more), or use another WORK folder"
             )
-        if reached == steps[stage]:
-            _log(f"{stage}: {out} reached step {reached}; reusing it")
+        if reached == steps[name]:
+            _log(f"{name}: {out} reached step {reached}; reusing it")
             init = out / f"checkpoint-{reached}.safetensors"
             continue
         if not reached:
             shutil.rmtree(out, ignore_errors=True)
-            ledger.record["seconds"][stage] = 0.0
+            ledger.record["seconds"][name] = 0.0
         out.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(built_on) + "\n")
-        ledger.record[f"{stage}_settings"] = dataclasses.asdict(run) | {"mask_weight": mask_weight}
+        ledger.record[f"{name}_settings"] = dataclasses.asdict(run) | {"mask_weight": mask_weight}
         init = ledger.timed(
-            stage,
+            name,
             functools.partial(
                 run_stage, run.stage, data=data, data_root=data_root, sdxl=sdxl, mllm=mllm, out=out,
-                steps=steps[stage], init=init, seed=seed + run.seed_offset, batch_size=run.batch_size,
+                steps=steps[name], init=init, seed=seed + run.seed_offset, batch_size=run.batch_size,
                 learning_rate=run.learning_rate, lr_scheduler=run.lr_scheduler, resume=reached > 0,
                 mask_weight=mask_weight,
             ),
-            steps_from=reached, steps_to=steps[stage],
+            steps_from=reached, steps_to=steps[name],
         )  # fmt: skip
     return init
 
