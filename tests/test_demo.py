@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from easyref_cli.cli import app
-from easyref_cli.demo import build, evidence, synthetic, weights_dir
+from easyref_cli.demo import base, build, evidence, synthetic, weights_dir
 from easyref_cli.errors import UsageError
 
 
@@ -165,12 +165,12 @@ def test_base_models_vae_fit_and_unet_pretraining_run(tmp_path):
     import torch
 
     torch.manual_seed(0)
-    pipe = build.build_base_pipeline(tmp_path / "sdxl")
+    pipe = base.build_base_pipeline(tmp_path / "sdxl")
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size * 4 == synthetic.IMAGE_SIZE
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    fitted = build.fit_vae(pipe.vae, 2, seed=0, batch_size=2, log=lambda _: None)
+    fitted = base.fit_vae(pipe.vae, 2, seed=0, batch_size=2, log=lambda _: None)
     assert pipe.vae.config.scaling_factor == pytest.approx(fitted["scaling_factor"]) and fitted["scaling_factor"] > 0
-    trained = build.train_base_unet(pipe, 2, seed=0, images=8, batch_size=2, log=lambda _: None)
+    trained = base.train_base_unet(pipe, 2, seed=0, images=8, batch_size=2, log=lambda _: None)
     assert torch.isfinite(torch.tensor(trained["final_loss"]))
     assert any(not torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
 
@@ -185,15 +185,15 @@ def test_an_interrupted_base_pretraining_resumes_exactly(tmp_path, monkeypatch):
 
     def fresh():
         torch.manual_seed(0)
-        return build.build_base_pipeline(tmp_path / "sdxl")
+        return base.build_base_pipeline(tmp_path / "sdxl")
 
     settings = {"seed": 0, "images": 8, "batch_size": 2, "log": lambda _: None, "attribute_loss": attribute_loss,
                 "shape_weight": 4.0}  # fmt: skip
     uninterrupted = fresh()
-    build.train_base_unet(uninterrupted, 4, **settings)
+    base.train_base_unet(uninterrupted, 4, **settings)
 
-    state = tmp_path / build.BASE_STATE
-    loss, calls = build._unet_loss, []
+    state = tmp_path / base.BASE_STATE
+    loss, calls = base._unet_loss, []
 
     def interrupted_at_step_3(*args):
         calls.append(1)
@@ -201,20 +201,20 @@ def test_an_interrupted_base_pretraining_resumes_exactly(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return loss(*args)
 
-    monkeypatch.setattr(build, "_unet_loss", interrupted_at_step_3)
+    monkeypatch.setattr(base, "_unet_loss", interrupted_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        build.train_base_unet(fresh(), 4, state=state, save_every=2, **settings)
-    monkeypatch.setattr(build, "_unet_loss", loss)
+        base.train_base_unet(fresh(), 4, state=state, save_every=2, **settings)
+    monkeypatch.setattr(base, "_unet_loss", loss)
     resumed = fresh()
-    done = build.train_base_unet(resumed, 4, state=state, save_every=2, **settings)
+    done = base.train_base_unet(resumed, 4, state=state, save_every=2, **settings)
     assert done["resumed_at"] == 2
     for module in ("unet", "text_encoder", "text_encoder_2"):
         expected = getattr(uninterrupted, module).state_dict()
         assert all(torch.equal(expected[k], v) for k, v in getattr(resumed, module).state_dict().items()), module
-    again = build.train_base_unet(fresh(), 4, state=state, **settings)  # finished: nothing left to train
+    again = base.train_base_unet(fresh(), 4, state=state, **settings)  # finished: nothing left to train
     assert again["resumed_at"] == 4 and again["final_loss"] == pytest.approx(done["final_loss"])
     with pytest.raises(SystemExit, match="another base run"):  # a state resumes only the same run
-        build.train_base_unet(fresh(), 6, state=state, **settings)
+        base.train_base_unet(fresh(), 6, state=state, **settings)
 
 
 def test_demo_schedule_is_zero_terminal_snr_v_prediction(tmp_path):
@@ -222,7 +222,7 @@ def test_demo_schedule_is_zero_terminal_snr_v_prediction(tmp_path):
     training input holds nothing of the picture, v-prediction, sampling from t = 999."""
     from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
-    built = build.build_base_pipeline(tmp_path / "sdxl").scheduler.config
+    built = base.build_base_pipeline(tmp_path / "sdxl").scheduler.config
     with open(weights_dir() / "sdxl" / "scheduler" / "scheduler_config.json") as f:
         shipped = json.load(f)
     for config in (built, shipped):
@@ -477,7 +477,7 @@ def test_a_build_folder_refuses_other_settings_for_what_it_built(tmp_path):
 
 def test_the_shape_weights_cover_the_shape_and_its_outline_only():
     drawing = synthetic.make_group(5, 1, "blue", "cross")[0]
-    weights = build._shape_weights([drawing], 4.0)[0, 0]
+    weights = base._shape_weights([drawing], 4.0)[0, 0]
     assert weights.shape == (16, 16) and weights.min() == 1.0 and weights.max() == 5.0
     x0, y0, x1, y1 = (int(v) // 4 for v in drawing.box)
     outside = weights.clone()
@@ -490,17 +490,17 @@ def test_the_attribute_loss_reads_only_what_the_caption_names():
     import torch
 
     drawing = synthetic.make_group(3, 1, "red", "cross")[0]
-    heads = build._attribute_heads(32, seed=0)
+    heads = base._attribute_heads(32, seed=0)
     pooled = torch.randn(1, 32)
-    assert build._attribute_loss(heads, pooled, [drawing], [""]).item() == 0.0  # CFG's empty caption names nothing
+    assert base._attribute_loss(heads, pooled, [drawing], [""]).item() == 0.0  # CFG's empty caption names nothing
     without_colour = drawing.caption(colour=False)
-    before = build._attribute_loss(heads, pooled, [drawing], [without_colour]).item()
+    before = base._attribute_loss(heads, pooled, [drawing], [without_colour]).item()
     with torch.no_grad():
         heads["colour"].weight.add_(1.0)  # the colour head does not count for a caption without its word…
-    assert build._attribute_loss(heads, pooled, [drawing], [without_colour]).item() == pytest.approx(before)
-    full = build._attribute_loss(heads, pooled, [drawing], [drawing.caption()]).item()
+    assert base._attribute_loss(heads, pooled, [drawing], [without_colour]).item() == pytest.approx(before)
+    full = base._attribute_loss(heads, pooled, [drawing], [drawing.caption()]).item()
     assert full > before  # …and does for one with it
-    assert set(build.ATTRIBUTES) == {"cell", "size", "colour", "shape"}
+    assert set(base.ATTRIBUTES) == {"cell", "size", "colour", "shape"}
 
 
 def test_placement_pooling_gives_the_unet_the_caption_without_colour_and_shape(tmp_path, monkeypatch):
@@ -510,9 +510,9 @@ def test_placement_pooling_gives_the_unet_the_caption_without_colour_and_shape(t
     import torch
 
     torch.manual_seed(0)
-    pipe = build.build_base_pipeline(tmp_path / "sdxl")
+    pipe = base.build_base_pipeline(tmp_path / "sdxl")
     seen: dict = {}
-    placement, loss, attributes = build._placement_captions, build._unet_loss, build._attribute_loss
+    placement, loss, attributes = base._placement_captions, base._unet_loss, base._attribute_loss
 
     def spy_placement(caption_ids, picks, drawings, table):
         rows = placement(caption_ids, picks, drawings, table)
@@ -522,7 +522,7 @@ def test_placement_pooling_gives_the_unet_the_caption_without_colour_and_shape(t
 
     def spy_loss(pipe_, scheduler, x0, hidden, pooled, *rest):
         with torch.no_grad():
-            seen["expected"] = build.pooled_text(pipe_, seen["ids_2"])
+            seen["expected"] = base.pooled_text(pipe_, seen["ids_2"])
         seen["pooled"] = pooled.detach().clone()
         return loss(pipe_, scheduler, x0, hidden, pooled, *rest)
 
@@ -530,10 +530,10 @@ def test_placement_pooling_gives_the_unet_the_caption_without_colour_and_shape(t
         seen["asked"] = captions
         return attributes(heads, pooled, drawings, captions)
 
-    monkeypatch.setattr(build, "_placement_captions", spy_placement)
-    monkeypatch.setattr(build, "_unet_loss", spy_loss)
-    monkeypatch.setattr(build, "_attribute_loss", spy_attributes)
-    trained = build.train_base_unet(
+    monkeypatch.setattr(base, "_placement_captions", spy_placement)
+    monkeypatch.setattr(base, "_unet_loss", spy_loss)
+    monkeypatch.setattr(base, "_attribute_loss", spy_attributes)
+    trained = base.train_base_unet(
         pipe, 1, seed=0, images=16, batch_size=16, log=lambda _: None, attribute_loss=0.1, pooled_from="placement"
     )
     assert trained["pooled_from"] == "placement"
@@ -543,7 +543,7 @@ def test_placement_pooling_gives_the_unet_the_caption_without_colour_and_shape(t
     assert seen["asked"] == seen["after"]
     assert torch.equal(seen["pooled"], seen["expected"])
     with pytest.raises(ValueError, match="pooled_from"):
-        build.train_base_unet(pipe, 1, seed=0, images=8, batch_size=2, log=lambda _: None, pooled_from="prompt")
+        base.train_base_unet(pipe, 1, seed=0, images=8, batch_size=2, log=lambda _: None, pooled_from="prompt")
 
 
 def test_the_from_text_check_can_pool_the_placement(tmp_path):
@@ -552,13 +552,13 @@ def test_the_from_text_check_can_pool_the_placement(tmp_path):
     import torch
 
     torch.manual_seed(0)
-    pipe = build.build_base_pipeline(tmp_path / "sdxl")
+    pipe = base.build_base_pipeline(tmp_path / "sdxl")
     prompts, places = ["a large red circle in the centre"], ["a large shape in the centre"]
     keys = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     with torch.no_grad():
         own = pipe.encode_prompt(prompt=prompts, device="cpu", negative_prompt=[""])
         placed = pipe.encode_prompt(prompt=places, device="cpu", negative_prompt=[""])
-        same, mixed = build._prompt_embeds(pipe, prompts, prompts), build._prompt_embeds(pipe, prompts, places)
+        same, mixed = base._prompt_embeds(pipe, prompts, prompts), base._prompt_embeds(pipe, prompts, places)
     assert all(torch.equal(same[k], v) for k, v in zip(keys, own, strict=True))
     assert torch.equal(mixed["prompt_embeds"], own[0]) and torch.equal(mixed["negative_prompt_embeds"], own[1])
     assert torch.equal(mixed["pooled_prompt_embeds"], placed[2]) and not torch.equal(placed[2], own[2])
@@ -570,15 +570,15 @@ def test_the_placement_run_trains_the_base_on_once_and_the_stages_build_on_it(tm
     import torch
 
     torch.manual_seed(0)
-    build.build_base_pipeline(tmp_path / "sdxl")
+    base.build_base_pipeline(tmp_path / "sdxl")
     calls = []
 
     def fake_train(pipe, steps, *, seed, lr, state, pooled_from, **loss):
         calls.append((steps, seed, lr, state.name, pooled_from, loss))
         return {"final_loss": 0.1}
 
-    monkeypatch.setattr(build, "train_base_unet", fake_train)
-    monkeypatch.setattr(build, "from_text_accuracy", lambda pipe, pooled_from: {"pooled_from": pooled_from})
+    monkeypatch.setattr(base, "train_base_unet", fake_train)
+    monkeypatch.setattr(base, "from_text_accuracy", lambda pipe, pooled_from: {"pooled_from": pooled_from})
     ledger = build.Ledger(tmp_path, {"seed": 2, "steps": {}})
     loss = build.BaseLoss()
     build._place_base(tmp_path, ledger, {"unet_place": 30}, 2, loss)
@@ -677,7 +677,7 @@ def test_base_from_keeps_a_pretrained_qwen2vl_and_makes_a_new_unet(tiny_qwen2vl,
 
     old, work = tmp_path / "old", tmp_path / "new"
     torch.manual_seed(0)
-    build.build_base_pipeline(old / "sdxl")
+    base.build_base_pipeline(old / "sdxl")
     shutil.copytree(tiny_qwen2vl, old / "qwen2vl")
     record = {"seed": 0, "steps": {"vae": 3, "unet": 5, "mllm": 7}, "mllm": {"reads": {}}}
     (old / "build.json").write_text(json.dumps(record))

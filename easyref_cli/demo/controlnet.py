@@ -72,7 +72,7 @@ def train(work: Path, *, steps: int, seed: int = 0, batch_size: int = 16, lr: fl
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    from easyref_cli.demo.build import _encode_drawings, encode_text, tokenize_captions
+    from easyref_cli.demo.base import _encode_drawings, encode_text, tokenize_captions
 
     torch.manual_seed(seed)
     pipe, controlnet = _load(seed)
