@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -357,8 +358,9 @@ def test_the_demo_controlnet_goes_with_the_demo_model_only(tmp_path):
 
 
 def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
-    """Stages that reached their steps on the same base and start are kept, one that stopped short
-    resumes (``easyref train --resume``), one whose start changed restarts; every run is listed."""
+    """Stages that reached their steps on the same base, start and settings are kept, one that stopped
+    short resumes (``easyref train --resume``), one whose start or settings changed restarts; every run
+    is listed."""
     calls = []
 
     def fake_stage(stage, *, out, steps, resume, mask_weight, lr_scheduler, seed, init, **_):
@@ -371,7 +373,7 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
             assert init == tmp_path / "train-multi" / f"checkpoint-{steps_now['multi']}.safetensors"
         (out / "state").mkdir(parents=True, exist_ok=True)
         checkpoint = out / f"checkpoint-{steps}.safetensors"
-        checkpoint.write_text(f"{stage} {steps}")
+        checkpoint.write_text(f"{stage} {steps} run {len(calls)}")  # each run its own weights
         return checkpoint
 
     monkeypatch.setattr(build, "run_stage", fake_stage)
@@ -391,8 +393,8 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
     assert calls == [("align", 4, False), ("single", 4, False), ("multi", 4, False), ("anneal", 4, False)]
     calls.clear()
     assert train() == tmp_path / "train-anneal" / "checkpoint-4.safetensors" and calls == []  # all done
-    train(anneal=8)  # a finished stage trained further resumes
-    assert calls == [("anneal", 8, True)]
+    train(anneal=8)  # a decay to zero over 8 steps is another run than over 4: it starts again
+    assert calls == [("anneal", 8, False)]
     calls.clear()
     train(single=6, multi=8)  # single resumes; multi and anneal, trained from the old single, start again
     assert calls == [("single", 6, True), ("multi", 8, False), ("anneal", 4, False)]
@@ -421,15 +423,21 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
     train(single=6, multi=8)
     assert calls == every
     assert json.loads((tmp_path / "build.json").read_text())["multi_settings"]["mask_weight"] == 2.0
+    calls.clear()
+    edited = [dataclasses.replace(run, learning_rate=1e-4) if run.name == "single" else run for run in build.STAGE_RUNS]
+    monkeypatch.setattr(build, "STAGE_RUNS", tuple(edited))  # single's rate edited: single and what follows
+    train(single=6, multi=8)
+    assert calls == every[1:]
+    assert json.loads((tmp_path / "build.json").read_text())["single_settings"]["learning_rate"] == 1e-4
 
     def stopped(*_, **__):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(build, "run_stage", stopped)
     with pytest.raises(KeyboardInterrupt):
-        train(single=6, multi=8, anneal=12)
+        train(single=6, multi=12)
     last_run = json.loads((tmp_path / "build.json").read_text())["runs"][-1]
-    assert last_run["step"] == "anneal" and last_run["stopped"] and last_run["steps_from"] == 4
+    assert last_run["step"] == "multi" and last_run["stopped"] and last_run["steps_from"] == 8
 
 
 def test_each_stage_run_is_the_real_train_command_with_its_settings(tmp_path, monkeypatch):
@@ -565,7 +573,6 @@ def test_the_from_text_check_can_pool_the_placement(tmp_path):
 
 
 def test_the_placement_run_trains_the_base_on_once_and_the_stages_build_on_it(tmp_path, monkeypatch):
-    import dataclasses
 
     import torch
 
@@ -588,7 +595,7 @@ def test_the_placement_run_trains_the_base_on_once_and_the_stages_build_on_it(tm
     build._place_base(tmp_path, ledger, {"unet_place": 30}, 2, loss)
     assert len(calls) == 1  # done: kept
     (tmp_path / "base-unet.done").write_text("{}")
-    assert json.loads(build._built_on(tmp_path, None, 0.0)["place"])["unet_place"] == 30
+    assert json.loads(build._built_on(tmp_path, None, 0.0, build.STAGE_RUNS[0], 4)["place"])["unet_place"] == 30
     with pytest.raises(SystemExit, match="use another WORK folder"):
         build._place_base(tmp_path, ledger, {"unet_place": 31}, 2, loss)
 
@@ -713,6 +720,6 @@ def test_qwen2vl_pretraining_is_two_recorded_runs_done_once(tmp_path, monkeypatc
     build._pretrain_mllm(tmp_path, ledger, steps, 3)
     assert len(calls) == 2  # done: kept
     (tmp_path / "base-unet.done").write_text("{}")
-    assert json.loads(build._built_on(tmp_path, None, 0.0)["mllm_more"]) == {"qwen2vl": 10}
+    assert json.loads(build._built_on(tmp_path, None, 0.0, build.STAGE_RUNS[0], 4)["mllm_more"]) == {"qwen2vl": 10}
     with pytest.raises(SystemExit, match="use another WORK folder"):
         build._pretrain_mllm(tmp_path, ledger, steps | {"mllm_more": 11}, 3)

@@ -413,9 +413,11 @@ def _stage_reached(out: Path) -> int:
     return max(saved, default=0) if (out / "state").is_dir() or (out / "state.old").is_dir() else 0
 
 
-def _built_on(work: Path, init: Path | None, mask_weight: float) -> dict:
-    """What a stage trains on: the base UNet's and Qwen2-VL's markers, the sha256 of the checkpoint it
-    starts from, and its loss's mask weight."""
+def _built_on(work: Path, init: Path | None, mask_weight: float, run: StageRun, steps: int) -> dict:
+    """What a stage trains on and how: the base UNet's and Qwen2-VL's markers, the sha256 of the
+    checkpoint it starts from, its loss's mask weight and its :class:`StageRun` settings, with its step
+    count where the schedule depends on it (a decay to zero over N steps is another run than over M; a
+    constant rate just goes on)."""
     import hashlib
 
     runs = {name: work / f"base-{name}.done" for name, _, _ in MLLM_RUNS}
@@ -426,6 +428,7 @@ def _built_on(work: Path, init: Path | None, mask_weight: float) -> dict:
         **{name: done.read_text() for name, done in runs.items() if done.exists()},
         "init": hashlib.sha256(init.read_bytes()).hexdigest() if init is not None else None,
         "mask_weight": mask_weight,
+        "run": dataclasses.asdict(run) | ({} if run.lr_scheduler == "constant" else {"steps": steps}),
     }
 
 
@@ -460,7 +463,7 @@ def _train_easyref(
     """Step 5: training data, then the runs of :data:`STAGE_RUNS`; the last checkpoint.
     A stage that already reached its steps on the same base and start is kept, one that stopped short
     resumes (``easyref train --resume``); one whose base or start changed (the stage before it trained
-    again) restarts, and its time starts again from zero (``runs`` keeps every run)."""
+    again), or whose run settings did (:data:`STAGE_RUNS`; the step count of a decaying run), restarts, and its time starts again from zero (``runs`` keeps every run)."""
     sdxl, mllm = work / "sdxl", work / "qwen2vl"
     data_root = work / "data"
     groups = 40 if quick else 400
@@ -471,10 +474,10 @@ def _train_easyref(
     init = None
     for run in STAGE_RUNS:
         name = run.name
-        out, built_on = work / f"train-{name}", _built_on(work, init, mask_weight)
+        out, built_on = work / f"train-{name}", _built_on(work, init, mask_weight, run, steps[name])
         stamp = out / "built-on.json"
         if out.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != built_on):
-            _log(f"{name}: {out} was trained on another base, start or loss; training it again")
+            _log(f"{name}: {out} was trained on another base, start, loss or run; training it again")
             shutil.rmtree(out)
         reached = _stage_reached(out)
         if reached > steps[name]:
