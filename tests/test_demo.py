@@ -346,6 +346,65 @@ def test_the_demo_controlnet_draws_the_control_shape_in_the_references_colour(tm
     assert out["with ControlNet"]["colour"] >= 0.9
 
 
+def test_the_demo_controlnet_trains_each_drawing_in_its_references_colour():
+    """Training pairs: the control's shape, place and size drawn in the colour of the reference group whose
+    tokens (for the item's caption) come with it; a tenth get the unconditional tokens and keep their colour."""
+    import random
+
+    import torch
+
+    from easyref_cli.demo.controlnet import UNCOND_REFERENCE_RATE, _with_references
+
+    class Bank:  # group g's tokens are g everywhere; the unconditional ones -1
+        groups = [synthetic.make_group(i, 3) for i in range(8)]
+        uncond = torch.full((4, 2), -1.0)
+        asked: list = []
+
+        def tokens(self, group, caption):
+            self.asked.append(caption)
+            return torch.full((4, 2), float(group))
+
+    stream = synthetic.iter_drawings(5)
+    controls = [next(stream) for _ in range(400)]
+    captions = [d.caption(colour=False, shape=False) if i % 3 else "" for i, d in enumerate(controls)]
+    bank = Bank()
+    targets, refs = _with_references(controls, captions, random.Random(0), bank)
+    assert refs.shape == (400, 4, 2) and len(targets) == 400
+    unconditional, asked = 0, []
+    for control, caption, target, ref in zip(controls, captions, targets, refs, strict=True):
+        assert (target.shape, target.cell, target.centre, target.side) == (
+            control.shape,
+            control.cell,
+            control.centre,
+            control.side,
+        )
+        if ref[0, 0] < 0:
+            unconditional += 1
+            assert target == control
+        else:
+            group = bank.groups[int(ref[0, 0])]
+            assert target.colour == group[0].colour and target.rgb in {d.rgb for d in group}
+            asked.append(caption)
+    assert bank.asked == asked  # each item's tokens were encoded with its own caption
+    assert abs(unconditional / 400 - UNCOND_REFERENCE_RATE) < 0.05
+
+
+@pytest.mark.slow
+def test_a_demo_controlnet_training_step_runs_on_the_demo_model_with_references(tmp_path, monkeypatch):
+    """One step of the real recipe on the installed demo weights: the gradient reaches the ControlNet's
+    zero-initialised output convolutions through the UNet with its adapter reading reference tokens."""
+    from diffusers import ControlNetModel
+
+    from easyref_cli.demo import controlnet
+
+    monkeypatch.setattr(controlnet, "REFERENCE_GROUPS", 2)
+    record = controlnet.train(tmp_path, steps=1, batch_size=2)
+    assert record["references"] == {"groups": 2, "uncond_rate": controlnet.UNCOND_REFERENCE_RATE}
+    assert record["steps"] == 1 and record["final_loss"] > 0
+    trained = ControlNetModel.from_pretrained(tmp_path / controlnet.CONTROLNET_DIRNAME)
+    assert any(block.weight.abs().sum() > 0 for block in trained.controlnet_down_blocks)
+
+
 def test_the_demo_controlnet_goes_with_the_demo_model_only(tmp_path):
     (tmp_path / "g").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "g" / "a.png")
@@ -395,6 +454,9 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
     assert train() == tmp_path / "train-anneal" / "checkpoint-4.safetensors" and calls == []  # all done
     train(anneal=8)  # a decay to zero over 8 steps is another run than over 4: it starts again
     assert calls == [("anneal", 8, False)]
+    with pytest.raises(SystemExit, match="more than the 4 asked for"):  # fewer never delete it
+        train()
+    assert (tmp_path / "train-anneal" / "checkpoint-8.safetensors").exists()
     calls.clear()
     train(single=6, multi=8)  # single resumes; multi and anneal, trained from the old single, start again
     assert calls == [("single", 6, True), ("multi", 8, False), ("anneal", 4, False)]
@@ -438,6 +500,21 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
         train(single=6, multi=12)
     last_run = json.loads((tmp_path / "build.json").read_text())["runs"][-1]
     assert last_run["step"] == "multi" and last_run["stopped"] and last_run["steps_from"] == 8
+
+    def stopped_at_half(stage, *, out, steps, **_):  # a decaying run stopped half way (Ctrl-C)
+        (out / "state").mkdir(parents=True, exist_ok=True)
+        (out / f"checkpoint-{steps // 2}.safetensors").write_text(f"{stage} half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "run_stage", fake_stage)
+    train(single=6, multi=12)  # multi resumed and finished; anneal again from it
+    monkeypatch.setattr(build, "run_stage", stopped_at_half)
+    with pytest.raises(KeyboardInterrupt):
+        train(single=6, multi=12, anneal=10)
+    monkeypatch.setattr(build, "run_stage", fake_stage)
+    calls.clear()
+    train(single=6, multi=12, anneal=10)  # the same command again: the same decay, resumed
+    assert calls == [("anneal", 10, True)]
 
 
 def test_each_stage_run_is_the_real_train_command_with_its_settings(tmp_path, monkeypatch):

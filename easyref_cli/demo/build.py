@@ -301,7 +301,7 @@ def _save_pipeline(pipe, path: Path) -> None:
 
 @dataclass(frozen=True)
 class BaseLoss:
-    """What base pre-training adds to the diffusion loss (:func:`base.train_base_unet`; docs/DEMO.md)."""
+    """What base pre-training adds to the diffusion loss (:func:`~easyref_cli.demo.base.train_base_unet`; docs/DEMO.md)."""
 
     attribute_loss: float = 0.1
     shape_weight: float = 4.0
@@ -362,7 +362,7 @@ PLACE_RUN = (5e-4, 1)
 
 def _place_base(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, base_loss: BaseLoss) -> None:
     """Step 3b: the base UNet (and text encoders) trained further with ``pooled_from="placement"``
-    (:func:`base.train_base_unet`), resumable, then checked from text with that pooled embedding."""
+    (:func:`~easyref_cli.demo.base.train_base_unet`), resumable, then checked from text with that pooled embedding."""
     from diffusers import StableDiffusionXLPipeline
 
     done = work / "base-unet_place.done"
@@ -432,6 +432,17 @@ def _built_on(work: Path, init: Path | None, mask_weight: float, run: StageRun, 
     }
 
 
+def _only_steps_fewer(old: dict | None, new: dict, reached: int) -> bool:
+    """Whether a stage folder stamped ``old`` differs from ``new`` only in a decaying run's step count,
+    asked below the steps it reached: it is kept (and the build stops: fewer steps never delete one)."""
+    if old is None:
+        return False
+    old_run, new_run = dict(old.get("run", {})), dict(new["run"])
+    old_steps, new_steps = old_run.pop("steps", None), new_run.pop("steps", None)
+    same = old | {"run": old_run} == new | {"run": new_run}
+    return same and old_steps is not None and new_steps is not None and new_steps < reached
+
+
 @dataclass(frozen=True)
 class StageRun:
     """One ``easyref train`` run of step 5: its name (``WORK/train-<name>``, its ``--steps`` key), the
@@ -463,7 +474,8 @@ def _train_easyref(
     """Step 5: training data, then the runs of :data:`STAGE_RUNS`; the last checkpoint.
     A stage that already reached its steps on the same base and start is kept, one that stopped short
     resumes (``easyref train --resume``); one whose base or start changed (the stage before it trained
-    again), or whose run settings did (:data:`STAGE_RUNS`; the step count of a decaying run), restarts, and its time starts again from zero (``runs`` keeps every run)."""
+    again), or whose run settings did (:data:`STAGE_RUNS`; the step count of a decaying run), restarts,
+    and its time starts again from zero (``runs`` keeps every run)."""
     sdxl, mllm = work / "sdxl", work / "qwen2vl"
     data_root = work / "data"
     groups = 40 if quick else 400
@@ -476,7 +488,8 @@ def _train_easyref(
         name = run.name
         out, built_on = work / f"train-{name}", _built_on(work, init, mask_weight, run, steps[name])
         stamp = out / "built-on.json"
-        if out.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != built_on):
+        old = json.loads(stamp.read_text()) if stamp.exists() else None
+        if out.exists() and old != built_on and not _only_steps_fewer(old, built_on, _stage_reached(out)):
             _log(f"{name}: {out} was trained on another base, start, loss or run; training it again")
             shutil.rmtree(out)
         reached = _stage_reached(out)

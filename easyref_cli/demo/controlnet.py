@@ -6,8 +6,12 @@ EasyRef pairs with references. It is trained here on the demo's synthetic drawin
 control image is ``--control-preprocess canny`` of a drawing (:func:`easyref_cli.preprocess.canny`,
 the same numpy Canny a run applies), the target the drawing, the caption the demo's prompt
 vocabulary ("a large shape at the top left", no colour or shape word). The UNet is the demo's own,
-with EasyRef's LoRA merged and the decoupled adapter at scale 0 (reference tokens zero), frozen; the
-ControlNet (``ControlNetModel.from_unet``) attends to the text tokens only, as at generation.
+with EasyRef's LoRA merged and its decoupled adapter active, frozen, as at generation: each drawing
+comes with the reference tokens of a synthetic group (another shape, as a rule) and is drawn in that
+group's colour, so the ControlNet learns to hold the control's shape against the references' pull;
+one in ten gets the unconditional reference tokens (classifier-free guidance's other half) and keeps
+its own colour. The ControlNet (``ControlNetModel.from_unet``) attends to the text tokens only, as at
+generation.
 
 ``python -m easyref_cli.demo.controlnet WORK_DIR [--steps N] [--install]`` builds it (about a
 quarter of an hour on 2 CPU cores) and with ``--install`` copies it next to the demo weights, where
@@ -17,6 +21,7 @@ quarter of an hour on 2 CPU cores) and with ``--install`` copies it next to the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -24,11 +29,15 @@ import time
 from pathlib import Path
 
 from easyref_cli.demo import weights_dir
-from easyref_cli.demo.synthetic import IMAGE_SIZE, iter_drawings
+from easyref_cli.demo.synthetic import IMAGE_SIZE, iter_drawings, make_group
 
 #: where ``--install`` puts it, beside the demo's SDXL
 CONTROLNET_DIRNAME = "controlnet"
 EMPTY_CAPTION_RATE = 0.1
+#: how often a training drawing gets the unconditional reference tokens (and keeps its own colour)
+UNCOND_REFERENCE_RATE = 0.1
+#: reference groups the training draws from (3 drawings each, as the examples), encoded once
+REFERENCE_GROUPS = 256
 
 
 def _log(message: str) -> None:
@@ -46,7 +55,7 @@ def _controls(drawings) -> torch.Tensor:  # noqa: F821 - torch imported lazily
 
 
 def _load(seed: int):
-    """The demo pipeline (EasyRef installed, adapter at scale 0) and a fresh ControlNet from its UNet."""
+    """The demo pipeline (EasyRef installed) and a fresh ControlNet from its UNet."""
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
@@ -56,7 +65,7 @@ def _load(seed: int):
 
     root = weights_dir()
     pipe = EasyRefPipeline.from_pretrained(root / "sdxl", root / "qwen2vl", root / "easyref.safetensors", device="cpu")
-    adapter_mod.set_scale(pipe.sdxl.unet, 0.0)
+    adapter_mod.set_scale(pipe.sdxl.unet, 1.0)  # as ``easyref generate`` runs it (``--scale`` 1)
     unet = UNet2DConditionModel.from_pretrained(root / "sdxl" / "unet")  # the UNet as used: EasyRef's LoRA merged
     unet.load_state_dict({k: v for k, v in pipe.sdxl.unet.state_dict().items() if ".processor." not in k})
     with torch.random.fork_rng(devices=[]):
@@ -64,6 +73,46 @@ def _load(seed: int):
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96))
     controlnet.set_attn_processor(TextOnlyAttnProcessor(pipe.checkpoint.num_tokens))
     return pipe, controlnet
+
+
+class ReferenceBank:
+    """:data:`REFERENCE_GROUPS` synthetic groups (3 drawings sharing a colour and a shape, as the examples)
+    and their reference tokens, encoded as ``easyref generate`` encodes them: each group's prefix once,
+    then its tokens for each caption (the prompt, as ``--ref-text prompt`` gives it) on first use."""
+
+    def __init__(self, pipe, seed: int):
+        self.groups = [make_group(seed * 1_000_003 + 10_000 + i, 3) for i in range(REFERENCE_GROUPS)]
+        self._encoder = pipe.encoder
+        self._prefixes: dict = {}
+        self._tokens: dict = {}
+        self.uncond = self._encoder.encode_uncond().float().clone()
+
+    def tokens(self, group: int, caption: str):
+        if (group, caption) not in self._tokens:
+            if group not in self._prefixes:
+                self._prefixes[group] = self._encoder.encode_prefix([d.render() for d in self.groups[group]])
+            tokens = self._encoder.encode_caption(self._prefixes[group], caption)
+            self._tokens[group, caption] = tokens.float().clone()
+        return self._tokens[group, caption]
+
+
+def _with_references(controls, captions: list[str], rng: random.Random, bank):
+    """Each control drawing as the target of a random reference group of ``bank``: recoloured to the
+    group's colour (a shade of one of its drawings), with the group's tokens for its caption; or, at
+    :data:`UNCOND_REFERENCE_RATE`, as it is with the unconditional tokens."""
+    import torch
+
+    targets, chosen = [], []
+    for d, caption in zip(controls, captions, strict=True):
+        if rng.random() < UNCOND_REFERENCE_RATE:
+            targets.append(d)
+            chosen.append(bank.uncond)
+            continue
+        g = rng.randrange(len(bank.groups))
+        shade = rng.choice(bank.groups[g])
+        targets.append(dataclasses.replace(d, colour=shade.colour, rgb=shade.rgb))
+        chosen.append(bank.tokens(g, caption))
+    return targets, torch.stack(chosen)
 
 
 def train(work: Path, *, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 5e-4) -> dict:
@@ -74,6 +123,7 @@ def train(work: Path, *, steps: int, seed: int = 0, batch_size: int = 16, lr: fl
 
     from easyref_cli.demo.base import _encode_drawings, encode_text, tokenize_captions
 
+    start = time.perf_counter()
     torch.manual_seed(seed)
     pipe, controlnet = _load(seed)
     sdxl = pipe.sdxl
@@ -83,13 +133,14 @@ def train(work: Path, *, steps: int, seed: int = 0, batch_size: int = 16, lr: fl
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=lr, weight_decay=1e-2)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10), steps)
     time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
-    refs = torch.zeros(batch_size, pipe.checkpoint.num_tokens, sdxl.unet.config.cross_attention_dim)
+    bank = ReferenceBank(pipe, seed)
     rng, generator, stream = random.Random(seed), torch.Generator().manual_seed(seed), iter_drawings(seed + 7000)
     controlnet.train()
-    start, loss = time.perf_counter(), torch.tensor(0.0)
+    loss = torch.tensor(0.0)
     for step in range(steps):
-        drawings = [next(stream) for _ in range(batch_size)]
-        captions = ["" if rng.random() < EMPTY_CAPTION_RATE else d.caption(colour=False, shape=False) for d in drawings]
+        controls = [next(stream) for _ in range(batch_size)]  # in their own colours, as a user's would be
+        captions = ["" if rng.random() < EMPTY_CAPTION_RATE else d.caption(colour=False, shape=False) for d in controls]
+        drawings, refs = _with_references(controls, captions, rng, bank)
         with torch.no_grad():
             x0 = _encode_drawings(sdxl, drawings, seed=seed + step)
             hidden, pooled = encode_text(sdxl, *tokenize_captions(sdxl, captions))
@@ -98,7 +149,7 @@ def train(work: Path, *, steps: int, seed: int = 0, batch_size: int = 16, lr: fl
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = scheduler.add_noise(x0, noise, t)
         added = {"text_embeds": pooled, "time_ids": time_ids.expand(batch_size, -1)}
-        down, mid = controlnet(noisy, t, context, controlnet_cond=_controls(drawings), added_cond_kwargs=added,
+        down, mid = controlnet(noisy, t, context, controlnet_cond=_controls(controls), added_cond_kwargs=added,
                                return_dict=False)  # fmt: skip
         prediction = sdxl.unet(noisy, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
                                mid_block_additional_residual=mid).sample  # fmt: skip
@@ -115,6 +166,7 @@ def train(work: Path, *, steps: int, seed: int = 0, batch_size: int = 16, lr: fl
     out = Path(work) / CONTROLNET_DIRNAME
     controlnet.save_pretrained(out, safe_serialization=True)
     record = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "final_loss": loss.item(),
+              "references": {"groups": REFERENCE_GROUPS, "uncond_rate": UNCOND_REFERENCE_RATE},
               "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     (Path(work) / "controlnet-build.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
