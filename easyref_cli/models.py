@@ -37,7 +37,7 @@ MODEL_NOTICES = {
     "the pictures are noise.",
     "demo": "--model demo: a tiny EasyRef trained on synthetic coloured shapes (64×64): it takes the colour "
     "from the references and the position and size from the prompt ('a large shape at the top left'); the "
-    "references' shape in about three pictures of five (small ones less often); a control image steers the outline "
+    "references' shape in about three pictures of four (small ones less often); a control image steers the outline "
     "(--controlnet demo --control-image FILE --control-preprocess canny; docs/DEMO.md).",
 }
 
