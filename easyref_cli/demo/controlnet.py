@@ -1,10 +1,11 @@
 """The demo's canny ControlNet: the outline of a shape in → that shape drawn there.
 
-The demo model takes the colour from its references and the place from the prompt, but not the
-references' shape (docs/DEMO.md). A ControlNet supplies the shape — the structure input the official
+The demo model takes the colour from its references and the place from the prompt, and the
+references' shape in three pictures of four, not always (docs/DEMO.md). A ControlNet supplies the shape — the structure input the official
 EasyRef pairs with references. It is trained here on the demo's synthetic drawings: the
 control image is ``--control-preprocess canny`` of a drawing (:func:`easyref_cli.preprocess.canny`,
-the same numpy Canny a run applies), the target the drawing, the caption the demo's prompt
+the same numpy Canny a run applies), the target the drawing recoloured to its reference group's
+colour (below), the caption the demo's prompt
 vocabulary ("a large shape at the top left", no colour or shape word). The UNet is the demo's own,
 with EasyRef's LoRA merged and its decoupled adapter active, frozen, as at generation: each drawing
 comes with the reference tokens of a synthetic group (another shape, as a rule) and is drawn in that
@@ -13,8 +14,8 @@ one in ten gets the unconditional reference tokens (classifier-free guidance's o
 its own colour. The ControlNet (``ControlNetModel.from_unet``) attends to the text tokens only, as at
 generation.
 
-``python -m easyref_cli.demo.controlnet WORK_DIR [--steps N] [--install]`` builds it (about a
-quarter of an hour on 2 CPU cores) and with ``--install`` copies it next to the demo weights, where
+``python -m easyref_cli.demo.controlnet WORK_DIR [--steps N] [--install]`` builds it (1,200 steps:
+about 9 minutes on 2 CPU cores) and with ``--install`` copies it next to the demo weights, where
 ``--model demo --controlnet demo`` finds it.
 """
 
@@ -251,7 +252,7 @@ def evaluate(work: Path, *, count: int = 24, seed: int = 424242) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m easyref_cli.demo.controlnet", description=__doc__.split("\n")[0])
     parser.add_argument("work", type=Path)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1200, help="training steps (default: 1200, as the shipped one)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--install", action="store_true")
