@@ -550,6 +550,20 @@ def test_each_stage_run_is_the_real_train_command_with_its_settings(tmp_path, mo
     assert {run.lr_scheduler for run in build.STAGE_RUNS} <= set(LR_SCHEDULERS)
 
 
+def test_the_build_record_names_the_cpu_of_each_run(tmp_path):
+    """Two sittings of one build on different CPUs: each run in ``build.json`` says which."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n")
+    assert build._cpu_name(cpuinfo) == "Intel(R) Xeon(R) Processor"
+    assert (
+        build._cpu_name(tmp_path / "missing") and build._cpu_name(tmp_path / "missing") != "Intel(R) Xeon(R) Processor"
+    )
+    ledger = build.Ledger(tmp_path, {"seed": 0})
+    ledger.timed("data", lambda: None)
+    record = json.loads((tmp_path / "build.json").read_text())
+    assert record["runs"][0]["cpu"] == record["machine"]["cpu"] == build._cpu_name()
+
+
 def test_a_build_folder_refuses_other_settings_for_what_it_built(tmp_path):
     build._marker(tmp_path / "base-unet.done", {"unet": 100})
     build._marker(tmp_path / "base-unet.done", {"unet": 100})  # the same: fine

@@ -197,11 +197,25 @@ def run_stage(
 # ---------------------------------------------------------------------------------------------
 
 
+def _cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) Processor"), where the system says it; else the
+    architecture: two 2-core x86_64 machines can train at twice the speed of each other."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _machine_record() -> dict:
-    """The machine a build ran on (recorded in ``build.json``)."""
+    """The machine a build ran on last (recorded in ``build.json``; each run records its CPU too)."""
     import torch
 
     return {
+        "cpu": _cpu_name(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -232,7 +246,7 @@ class Ledger:
         import torch
 
         started, t0 = time.strftime("%Y-%m-%d %H:%M"), time.time()
-        run = {"step": name, "started": started, "threads": torch.get_num_threads(), **details}
+        run = {"step": name, "started": started, "cpu": _cpu_name(), "threads": torch.get_num_threads(), **details}
         try:
             return fn()
         except BaseException:  # Ctrl-C included: the time it ran still counts
