@@ -1,17 +1,17 @@
 """The demo's canny ControlNet: the outline of a shape in → that shape drawn there.
 
 The demo model takes the colour from its references and the place from the prompt, and the
-references' shape in three pictures of four, not always (docs/DEMO.md). A ControlNet supplies the shape — the structure input the official
-EasyRef pairs with references. It is trained here on the demo's synthetic drawings: the
-control image is ``--control-preprocess canny`` of a drawing (:func:`easyref_cli.preprocess.canny`,
-the same numpy Canny a run applies), the target the drawing recoloured to its reference group's
-colour (below), the caption the demo's prompt
-vocabulary ("a large shape at the top left", no colour or shape word). The UNet is the demo's own,
-with EasyRef's LoRA merged and its decoupled adapter active, frozen, as at generation: each drawing
-comes with the reference tokens of a synthetic group (another shape, as a rule) and is drawn in that
-group's colour, so the ControlNet learns to hold the control's shape against the references' pull;
-one in ten gets the unconditional reference tokens (classifier-free guidance's other half) and keeps
-its own colour. The ControlNet (``ControlNetModel.from_unet``) attends to the text tokens only, as at
+references' shape in three pictures of four, not always (docs/DEMO.md). A ControlNet supplies the
+shape — the structure input the official EasyRef pairs with references. It is trained here on the
+demo's synthetic drawings: the control image is ``--control-preprocess canny`` of a drawing
+(:func:`easyref_cli.preprocess.canny`, the same numpy Canny a run applies), the target the drawing
+recoloured to its reference group's colour (below), the caption the demo's prompt vocabulary ("a
+large shape at the top left", no colour or shape word). The UNet is the demo's own, with EasyRef's
+LoRA merged and its decoupled adapter active, frozen, as at generation: each drawing comes with the
+reference tokens of a synthetic group (another shape, as a rule) and is drawn in that group's
+colour, so the ControlNet learns to hold the control's shape against the references' pull; one in
+ten gets the unconditional reference tokens (classifier-free guidance's other half) and keeps its
+own colour. The ControlNet (``ControlNetModel.from_unet``) attends to the text tokens only, as at
 generation.
 
 ``python -m easyref_cli.demo.controlnet WORK_DIR [--steps N] [--install]`` builds it (1,200 steps:
