@@ -197,6 +197,7 @@ def run_stage(
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name ("Intel(R) Xeon(R) Processor"), where the system says it; else the
     architecture: two 2-core x86_64 machines can train at twice the speed of each other."""
@@ -505,10 +506,11 @@ def _train_easyref(
         out, built_on = work / f"train-{name}", _built_on(work, init, mask_weight, run, steps[name])
         stamp = out / "built-on.json"
         old = json.loads(stamp.read_text()) if stamp.exists() else None
-        if out.exists() and old != built_on and not _only_steps_fewer(old, built_on, _stage_reached(out)):
+        reached = _stage_reached(out)
+        if out.exists() and old != built_on and not _only_steps_fewer(old, built_on, reached):
             _log(f"{name}: {out} was trained on another base, start, loss or run; training it again")
             shutil.rmtree(out)
-        reached = _stage_reached(out)
+            reached = 0
         if reached > steps[name]:
             raise SystemExit(
                 f"{out} reached step {reached}, more than the {steps[name]} asked for; pass --steps "
