@@ -318,7 +318,8 @@ def _save_pipeline(pipe, path: Path) -> None:
 
 @dataclass(frozen=True)
 class BaseLoss:
-    """What base pre-training adds to the diffusion loss (:func:`~easyref_cli.demo.base.train_base_unet`; docs/DEMO.md)."""
+    """What base pre-training adds to the diffusion loss (:func:`~easyref_cli.demo.base.train_base_unet`;
+    docs/DEMO.md)."""
 
     attribute_loss: float = 0.1
     shape_weight: float = 4.0
