@@ -481,6 +481,10 @@ def test_a_build_folder_continues_where_it_stopped(tmp_path, monkeypatch):
     train(single=6, multi=8)
     assert calls == every
     calls.clear()
+    (tmp_path / "base-unet_more.done").write_text('{"unet_more": 10}\n')  # and on again: every stage again
+    train(single=6, multi=8)
+    assert calls == every
+    calls.clear()
     weight = 2.0  # another loss: every stage again
     train(single=6, multi=8)
     assert calls == every
@@ -679,16 +683,28 @@ def test_the_placement_run_trains_the_base_on_once_and_the_stages_build_on_it(tm
     monkeypatch.setattr(base, "from_text_accuracy", lambda pipe, pooled_from: {"pooled_from": pooled_from})
     ledger = build.Ledger(tmp_path, {"seed": 2, "steps": {}})
     loss = build.BaseLoss()
-    build._place_base(tmp_path, ledger, {"unet_place": 30}, 2, loss)
-    assert calls == [(30, 3, build.PLACE_RUN[0], "base-place-state.pt", "placement", dataclasses.asdict(loss))]
+    steps = {"unet_place": 30, "unet_more": 40}
+    build._place_base(tmp_path, ledger, steps, 2, loss)
+    (place_lr, place_seed), (more_lr, more_seed) = (run[1:] for run in build.PLACE_RUNS)
+    assert calls == [
+        (30, 2 + place_seed, place_lr, "base-place-state.pt", "placement", dataclasses.asdict(loss)),
+        (40, 2 + more_seed, more_lr, "base-unet_more-state.pt", "placement", dataclasses.asdict(loss)),
+    ]
     assert ledger.record["unet_place"]["from_text"] == {"pooled_from": "placement"}
-    assert {"unet_place", "unet_place_check"} <= set(json.loads((tmp_path / "build.json").read_text())["seconds"])
-    build._place_base(tmp_path, ledger, {"unet_place": 30}, 2, loss)
-    assert len(calls) == 1  # done: kept
+    assert ledger.record["unet_more"]["from_text"] == {"pooled_from": "placement"}
+    seconds = set(json.loads((tmp_path / "build.json").read_text())["seconds"])
+    assert {"unet_place", "unet_place_check", "unet_more", "unet_more_check"} <= seconds
+    build._place_base(tmp_path, ledger, steps, 2, loss)
+    assert len(calls) == 2  # done: kept
     (tmp_path / "base-unet.done").write_text("{}")
-    assert json.loads(build._built_on(tmp_path, None, 0.0, build.STAGE_RUNS[0], 4)["place"])["unet_place"] == 30
+    built_on = build._built_on(tmp_path, None, 0.0, build.STAGE_RUNS[0], 4)
+    assert json.loads(built_on["unet_place"])["unet_place"] == 30
+    assert json.loads(built_on["unet_more"])["unet_more"] == 40
     with pytest.raises(SystemExit, match="use another WORK folder"):
-        build._place_base(tmp_path, ledger, {"unet_place": 31}, 2, loss)
+        build._place_base(tmp_path, ledger, steps | {"unet_more": 41}, 2, loss)
+    (tmp_path / "base-unet_more.done").unlink()  # a folder from before the second run: it trains that one only
+    build._place_base(tmp_path, ledger, steps, 2, loss)
+    assert [call[0] for call in calls] == [30, 40, 40]
 
 
 # --------------------------------------------------------------------------- the Qwen2-VL pre-training

@@ -594,7 +594,7 @@ def from_text_accuracy(
                 generator=[torch.Generator().manual_seed(a[3]) for a in asked[i : i + 48]],
             ).images  # fmt: skip
     hits: dict[str, list[bool]] = {"colour": [], "shape": [], "position": [], "size": []}
-    per: dict[str, dict[str, list[bool]]] = {"colour": {}, "shape": {}}
+    per: dict[str, dict[str, list[bool]]] = {"colour": {}, "shape": {}, "size": {}}
     for image, (colour, shape, (_, cell, size), _) in zip(images, asked, strict=True):
         placement = classify_placement(image, colour) or (None, None)
         right = {"colour": dominant_colour(image) == colour, "shape": classify_shape(image, colour) == shape,
@@ -603,9 +603,11 @@ def from_text_accuracy(
             hits[name].append(ok)
         per["colour"].setdefault(colour, []).append(right["colour"])
         per["shape"].setdefault(shape, []).append(right["shape"])
+        per["size"].setdefault(f"{size} {shape}", []).append(right["shape"])
     share = lambda values: round(sum(values) / len(values), 3)  # noqa: E731
     result: dict = {name: share(values) for name, values in hits.items()}
     result["per_colour"] = {k: share(v) for k, v in per["colour"].items()}
     result["per_shape"] = {k: share(v) for k, v in per["shape"].items()}
+    result["shape_per_size"] = {k: share(v) for k, v in sorted(per["size"].items())}
     result["prompts"] = len(prompts)
     return result

@@ -16,10 +16,10 @@ The recipe (every step seeded; the defaults took 206 minutes on two CPU cores, s
    Two checks record what the base model then does with a caption: how often it draws the colour,
    shape, position and size the caption names (``base.from_text_accuracy``), and how much each of those
    words moves its loss (``base.caption_sensitivity``).
-   A second run (``unet_place``, :data:`PLACE_RUN`) trains them on with the pooled text embedding
-   computed from the caption without its colour and shape words, as the EasyRef prompts are: the UNet
-   then reads colour and shape through cross-attention, where the references arrive; its check draws
-   from text that way.
+   Two more runs (``unet_place`` and ``unet_more``, :data:`PLACE_RUNS`) train them on with the pooled
+   text embedding computed from the caption without its colour and shape words, as the EasyRef prompts
+   are: the UNet then reads colour and shape through cross-attention, where the references arrive; each
+   run's check draws from text that way.
 4. **Qwen2-VL**: the tiny Qwen2-VL pre-trained as a captioner of the pictures ("a large red circle at
    the top left"), as the real EasyRef starts from a Qwen2-VL that sees shapes and colours
    (:mod:`easyref_cli.demo.mllm`); a check records how often it reads each attribute.
@@ -34,7 +34,7 @@ The recipe (every step seeded; the defaults took 206 minutes on two CPU cores, s
 
 A build folder continues where it stopped: running the same command again (``kill`` or Ctrl-C
 first, if need be) keeps finished steps, resumes the base UNet and the Qwen2-VL from their last
-saved states (``base-state.pt``, ``base-place-state.pt``, ``qwen2vl-state.pt``, every 250 steps,
+saved states (``base-state.pt``, ``base-place-state.pt``, ``base-unet_more-state.pt``, ``qwen2vl-state.pt``, every 250 steps,
 exactly as if they had not stopped) and a stage from its last checkpoint (``easyref train
 --resume``); ``--steps multi=2400`` trains a finished constant-rate stage further; a decaying run
 (``anneal``) at another step count, or an edited :data:`STAGE_RUNS` entry, trains that run and those
@@ -78,6 +78,7 @@ STEPS = {
     "vae": 1600,
     "unet": 3000,
     "unet_place": 1000,
+    "unet_more": 3000,
     "mllm": 2500,
     "mllm_more": 1500,
     "align": 600,
@@ -373,34 +374,42 @@ def _build_base(
     _marker(work / "base-unet.done", {"unet": steps["unet"]} | dataclasses.asdict(base_loss))
 
 
-#: Step 3's second run: (learning rate, seed offset). It continues the base UNet with the pooled embedding
-#: of the caption without colour and shape, so the UNet reads both through cross-attention (docs/DEMO.md).
-PLACE_RUN = (5e-4, 1)
+#: Step 3's further runs, in order: (name, learning rate, seed offset). Each trains the base UNet and the text
+#: encoders on (a fresh cosine, new pictures) with the pooled embedding of the caption without colour and shape,
+#: so the UNet reads both through cross-attention; ``unet_more`` goes on where ``unet_place`` ended, for the small
+#: shapes (docs/DEMO.md).
+PLACE_RUNS = (("unet_place", 5e-4, 1), ("unet_more", 5e-4, 2))
+
+
+def _place_state(work: Path, name: str) -> Path:
+    return work / ("base-place-state.pt" if name == "unet_place" else f"base-{name}-state.pt")
 
 
 def _place_base(work: Path, ledger: Ledger, steps: dict[str, int], seed: int, base_loss: BaseLoss) -> None:
-    """Step 3b: the base UNet (and text encoders) trained further with ``pooled_from="placement"``
-    (:func:`~easyref_cli.demo.base.train_base_unet`), resumable, then checked from text with that pooled embedding."""
+    """Step 3b: the base UNet (and text encoders) trained further in the runs of :data:`PLACE_RUNS` with
+    ``pooled_from="placement"`` (:func:`~easyref_cli.demo.base.train_base_unet`), each resumable and
+    then checked from text with that pooled embedding."""
     from diffusers import StableDiffusionXLPipeline
 
-    done = work / "base-unet_place.done"
-    marker = {"unet_place": steps["unet_place"], "lr": PLACE_RUN[0]} | dataclasses.asdict(base_loss)
-    if done.exists():
-        _marker(done, marker)
-        return
     sdxl = work / "sdxl"
-    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
-    run = functools.partial(
-        base.train_base_unet, pipe, steps["unet_place"], seed=seed + PLACE_RUN[1], lr=PLACE_RUN[0],
-        state=work / "base-place-state.pt", pooled_from="placement", **dataclasses.asdict(base_loss),
-    )  # fmt: skip
-    record = ledger.record["unet_place"] = ledger.timed("unet_place", run, planned=steps["unet_place"])
-    check = functools.partial(base.from_text_accuracy, pipe, pooled_from="placement")
-    record["from_text"] = ledger.timed("unet_place_check", check)
-    _log(f"base model from text, pooled from the placement: {record['from_text']}")
-    _save_pipeline(pipe, sdxl)
-    ledger.save()
-    _marker(done, marker)
+    for name, lr, offset in PLACE_RUNS:
+        done = work / f"base-{name}.done"
+        marker = {name: steps[name], "lr": lr} | dataclasses.asdict(base_loss)
+        if done.exists():
+            _marker(done, marker)
+            continue
+        pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+        run = functools.partial(
+            base.train_base_unet, pipe, steps[name], seed=seed + offset, lr=lr, state=_place_state(work, name),
+            pooled_from="placement", **dataclasses.asdict(base_loss),
+        )  # fmt: skip
+        record = ledger.record[name] = ledger.timed(name, run, planned=steps[name])
+        check = functools.partial(base.from_text_accuracy, pipe, pooled_from="placement")
+        record["from_text"] = ledger.timed(f"{name}_check", check)
+        _log(f"base model from text after {name}, pooled from the placement: {record['from_text']}")
+        _save_pipeline(pipe, sdxl)
+        ledger.save()
+        _marker(done, marker)
 
 
 def _pretrain_mllm(work: Path, ledger: Ledger, steps: dict[str, int], seed: int) -> None:
@@ -438,10 +447,11 @@ def _built_on(work: Path, init: Path | None, mask_weight: float, run: StageRun, 
     constant rate just goes on)."""
     import hashlib
 
+    places = {name: work / f"base-{name}.done" for name, _, _ in PLACE_RUNS}
     runs = {name: work / f"base-{name}.done" for name, _, _ in MLLM_RUNS}
     return {
         "base": (work / "base-unet.done").read_text(),
-        **({"place": place.read_text()} if (place := work / "base-unet_place.done").exists() else {}),
+        **{name: done.read_text() for name, done in places.items() if done.exists()},
         "mllm": None,  # a folder built before step 4
         **{name: done.read_text() for name, done in runs.items() if done.exists()},
         "init": hashlib.sha256(init.read_bytes()).hexdigest() if init is not None else None,
