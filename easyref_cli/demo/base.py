@@ -586,6 +586,7 @@ def from_text_accuracy(
     placements = [f"a {size} shape {where}" for _, _, (where, _, size), _ in asked]
     pooled = prompts if pooled_from == "caption" else placements
     images = []
+    pipe.set_progress_bar_config(disable=True)  # a check inside a logged build: no bars in its log
     with torch.no_grad():
         for i in range(0, len(prompts), 48):
             images += pipe(

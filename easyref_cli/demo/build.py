@@ -34,12 +34,12 @@ The recipe (every step seeded; the defaults took 206 minutes on two CPU cores, s
 
 A build folder continues where it stopped: running the same command again (``kill`` or Ctrl-C
 first, if need be) keeps finished steps, resumes the base UNet and the Qwen2-VL from their last
-saved states (``base-state.pt``, ``base-place-state.pt``, ``base-unet_more-state.pt``, ``qwen2vl-state.pt``, every 250 steps,
-exactly as if they had not stopped) and a stage from its last checkpoint (``easyref train
---resume``); ``--steps multi=2400`` trains a finished constant-rate stage further; a decaying run
-(``anneal``) at another step count, or an edited :data:`STAGE_RUNS` entry, trains that run and those
-after it again. The time of every run,
-interrupted ones included, adds up in ``build.json`` (``seconds``; ``runs`` lists each).
+saved states (``base-state.pt``, ``base-place-state.pt``, ``base-unet_more-state.pt``,
+``qwen2vl-state.pt``, every 250 steps, exactly as if they had not stopped) and a stage from its last
+checkpoint (``easyref train --resume``); ``--steps multi=2400`` trains a finished constant-rate stage
+further; a decaying run (``anneal``) at another step count, or an edited :data:`STAGE_RUNS` entry,
+trains that run and those after it again. The time of every run, interrupted ones included, adds up
+in ``build.json`` (``seconds``; ``runs`` lists each).
 ``--base-from BUILD`` starts from a previous build's VAE, text encoders and Qwen2-VL with a new UNet.
 """
 
