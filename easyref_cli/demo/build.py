@@ -487,7 +487,8 @@ class StageRun:
 #: Step 5, in order, each starting from the one before. ``anneal`` continues ``multi`` (its data, a new
 #: data order) with the rate decayed to zero (cosine): a constant rate, then a decay, as warmup-stable-decay
 #: schedules do. The constant-rate run ends wherever its last steps left it; the decayed one settles
-#: (the held-out evidence: shape 36% → 62% with 2,400 steps, 74% with 7,200, docs/DEMO.md).
+#: (the held-out evidence: shape 36% → 62% with 2,400 steps, 74% with 7,200 on the base before ``unet_more``,
+#: docs/DEMO.md).
 STAGE_RUNS = (
     StageRun("align", "align", 16, 1e-3),
     StageRun("single", "single", 16, 5e-4),

@@ -1,7 +1,7 @@
 """The demo's canny ControlNet: the outline of a shape in → that shape drawn there.
 
 The demo model takes the colour from its references and the place from the prompt, and the
-references' shape in three pictures of four, not always (docs/DEMO.md). A ControlNet supplies the
+references' shape in most pictures, not always (85%: docs/DEMO.md). A ControlNet supplies the
 shape — the structure input the official EasyRef pairs with references. It is trained here on the
 demo's synthetic drawings: the control image is ``--control-preprocess canny`` of a drawing
 (:func:`easyref_cli.preprocess.canny`, the same numpy Canny a run applies), the target the drawing
