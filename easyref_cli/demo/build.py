@@ -1,6 +1,6 @@
 """Train the demo model from nothing: ``python -m easyref_cli.demo.build WORK_DIR [--install]``.
 
-The recipe (every step seeded; the defaults took 206 minutes on two CPU cores, see docs/DEMO.md):
+The recipe (every step seeded; the defaults took 233 minutes on two CPU cores, see docs/DEMO.md):
 
 1. **Base models.** A tiny SDXL-layout pipeline (UNet, VAE, two CLIP text encoders, Euler
    scheduler) and a tiny random Qwen2-VL, saved with ``save_pretrained``.
