@@ -382,6 +382,7 @@ PLACE_RUNS = (("unet_place", 5e-4, 1), ("unet_more", 5e-4, 2))
 
 
 def _place_state(work: Path, name: str) -> Path:
+    """A place run's state file; ``unet_place`` keeps the name it had alone, so its stopped runs resume."""
     return work / ("base-place-state.pt" if name == "unet_place" else f"base-{name}-state.pt")
 
 
@@ -447,12 +448,10 @@ def _built_on(work: Path, init: Path | None, mask_weight: float, run: StageRun, 
     constant rate just goes on)."""
     import hashlib
 
-    places = {name: work / f"base-{name}.done" for name, _, _ in PLACE_RUNS}
-    runs = {name: work / f"base-{name}.done" for name, _, _ in MLLM_RUNS}
+    runs = {name: work / f"base-{name}.done" for name, _, _ in (*PLACE_RUNS, *MLLM_RUNS)}
     return {
         "base": (work / "base-unet.done").read_text(),
-        **{name: done.read_text() for name, done in places.items() if done.exists()},
-        "mllm": None,  # a folder built before step 4
+        "mllm": None,  # a folder built before step 4 (the run's marker replaces it)
         **{name: done.read_text() for name, done in runs.items() if done.exists()},
         "init": hashlib.sha256(init.read_bytes()).hexdigest() if init is not None else None,
         "mask_weight": mask_weight,
